@@ -1,0 +1,35 @@
+# The few verbs a newcomer needs. Everything installs into .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint venv sysdeps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,speed]'
+
+## make run: install and run one node with the embedded broker on http://127.0.0.1:8080
+run: $(BIN)/python
+	$(BIN)/pip install -q -e '.[speed]'
+	$(BIN)/hubnode --host 127.0.0.1 --port 8080
+
+## make test: install what the tests need (system packages too) and run the suite
+test: sysdeps venv
+	$(BIN)/python -m pytest -q
+
+## system packages the integration tests start for real (idempotent)
+sysdeps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,76 @@
+"""Assembling a Node into an aiohttp application.
+
+`create_app(config)` builds a complete hub (WebSocket endpoint, HTTP API,
+static pages); `mount(app, node)` adds a hub to an application you already
+have, at any route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from aiohttp import web
+
+from hubnode.config import Config
+from hubnode.node import Node
+
+__all__ = ["NODE", "build_node", "create_app", "mount"]
+
+NODE = web.AppKey("hubnode.node", Node)
+
+
+def build_node(config: Config) -> Node:
+    """A Node with the broker and store the config asks for (Redis when redis_url is set)."""
+    if config.redis_url is None:
+        return Node(config)
+    from hubnode.cluster import redis_node
+
+    return redis_node(config)
+
+
+def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
+    """Serve `node`'s WebSocket endpoint at `path` and tie its life to the app's.
+
+    The node starts with the app and drains when the app shuts down.
+    """
+    from hubnode.ws import websocket_handler
+
+    app[NODE] = node
+    app.router.add_get(path, websocket_handler)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await node.start()
+        yield
+        await node.drain()
+
+    app.cleanup_ctx.append(lifecycle)
+
+
+def create_app(config: Config | None = None, node: Node | None = None) -> web.Application:
+    """A complete hub application: /ws, the HTTP API of PROTOCOL.md section 6, pages."""
+    from hubnode.http_api import add_routes, api_key_middleware
+
+    config = config or (node.config if node is not None else Config())
+    app = web.Application(middlewares=[api_key_middleware],
+                          client_max_size=max(config.max_message_bytes, 1024 * 1024))
+    mount(app, node or build_node(config))
+    add_routes(app)
+    _add_static(app)
+    return app
+
+
+def _add_static(app: web.Application) -> None:
+    static = resources.files("hubnode") / "static"
+
+    def page(name: str, content_type: str) -> web.Response:
+        return web.Response(body=(static / name).read_bytes(), content_type=content_type)
+
+    async def index(_request: web.Request) -> web.Response:
+        return page("index.html", "text/html")
+
+    async def hub_js(_request: web.Request) -> web.Response:
+        return page("hub.js", "application/javascript")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/hub.js", hub_js)

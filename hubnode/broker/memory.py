@@ -1,0 +1,56 @@
+"""In-process broker: the single-node default.
+
+`publish` calls the handler directly when the channel is subscribed, so a
+single node has exactly the same message path as a cluster, minus the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hubnode.broker.base import BrokerUnavailable, MessageHandler, ResyncHandler
+
+__all__ = ["MemoryBroker"]
+
+
+class MemoryBroker:
+    """A Broker for one node in one process."""
+
+    def __init__(self) -> None:
+        self._handler: MessageHandler | None = None
+        self._channels: set[str] = set()
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._handler is not None and not self._closed
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return frozenset(self._channels)
+
+    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None) -> None:
+        self._handler = handler
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        self._check()
+        self._channels.update(channels)
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        self._channels.difference_update(channels)
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        self._check()
+        if channel not in self._channels:
+            return 0
+        assert self._handler is not None
+        self._handler(channel, payload)
+        return 1
+
+    async def close(self) -> None:
+        self._closed = True
+        self._channels.clear()
+
+    def _check(self) -> None:
+        if not self.connected:
+            raise BrokerUnavailable("memory broker is not started or closed")

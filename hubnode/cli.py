@@ -1,0 +1,69 @@
+"""The `hubnode` console script: run one node until SIGTERM/SIGINT, then drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from hubnode.app import NODE, create_app
+from hubnode.config import Config, ConfigError, parse_args
+from hubnode.logs import setup_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("hubnode")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        config.check_exposure()
+    except ConfigError as exc:
+        print(f"hubnode: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
+
+
+async def serve(config: Config) -> int:
+    """Serve until a signal; returns the exit code."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=1.0)
+    try:
+        await runner.setup()
+    except Exception as exc:
+        log.error("could not start: %s", exc)
+        return 1
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("could not listen on %s:%d: %s", config.host, config.port, exc)
+        await runner.cleanup()
+        return 1
+    mode = f"redis {config.redis_url}" if config.redis_url else "embedded broker (single node)"
+    log.info("hubnode %s listening on http://%s:%d (ws path /ws, %s)",
+             config.node_id, config.host, config.port, mode)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await app[NODE].drain()
+    await runner.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Node configuration: one frozen dataclass, read from flags and `HUB_*` variables.
+
+Pure: no I/O besides reading the mapping of environment variables given to it.
+Every flag `--some-flag` also reads `HUB_SOME_FLAG`; a flag on the command line
+wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from publisher.keys import DEFAULT_PREFIX
+
+__all__ = ["Config", "ConfigError", "parse_args"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says what to change."""
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.urandom(3).hex()}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a node, with the defaults of PROTOCOL.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    node_id: str = field(default_factory=_default_node_id)
+    key_prefix: str = DEFAULT_PREFIX
+    auth: str = "none"
+    allow_anonymous: bool = False
+    allowed_origins: tuple[str, ...] | None = None
+    api_key: tuple[str, ...] = ()
+    client_broadcast: bool = True
+    client_private: bool = True
+    max_message_bytes: int = 65536
+    max_outbound_bytes: int = 4 * 1024 * 1024
+    max_rooms_per_conn: int = 100
+    max_connections: int = 0
+    rate: float = 50.0
+    burst: int = 100
+    max_errors: int = 10
+    heartbeat: float = 2.0
+    unsubscribe_grace: float = 2.0
+    drain_timeout: float = 10.0
+    ping_interval: float = 25.0
+    redis_timeout: float = 5.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.auth not in ("none",):
+            raise ConfigError(f"--auth {self.auth!r} is not supported (use 'none')")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("--log-format must be 'text' or 'json'")
+        if self.redis_url is not None and self.redis_url.startswith(("redis+cluster", "rediss+cluster")):
+            raise ConfigError("Redis Cluster URLs are not supported yet: point --redis-url "
+                              "at a single Redis primary (redis:// or rediss://)")
+        for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+    @property
+    def on_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def check_exposure(self) -> None:
+        """Refuse an anonymous node on a non-loopback address (PROTOCOL.md 1 and 6)."""
+        if self.on_loopback or self.allow_anonymous:
+            return
+        if self.auth == "none":
+            raise ConfigError(f"refusing to listen on {self.host} with --auth none: anyone could "
+                              "claim any user id; pass --allow-anonymous to accept that")
+        if not self.api_key:
+            raise ConfigError(f"refusing to serve the HTTP API on {self.host} without --api-key; "
+                              "pass --allow-anonymous to accept that")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "redis_url": "Redis URL for cluster mode; without it the node runs alone",
+    "node_id": "unique id of this node (default: hostname and random suffix)",
+    "key_prefix": "prefix of every Redis key and channel",
+    "auth": "identity mode: none (?user_id=)",
+    "allow_anonymous": "allow auth none / no API key on a non-loopback address",
+    "allowed_origins": "comma-separated browser origins allowed to connect, or *",
+    "api_key": "comma-separated keys required as Bearer on /broadcast and /api/*",
+    "client_broadcast": "let clients send 'broadcast' frames",
+    "client_private": "let clients send 'private_message' frames",
+    "max_message_bytes": "largest client frame; larger closes with 1009",
+    "max_outbound_bytes": "per-connection send buffer; past it the client is closed 1013",
+    "max_rooms_per_conn": "rooms one connection may join",
+    "max_connections": "connections this node accepts (0 = unlimited)",
+    "rate": "client frames per second per connection (0 = off)",
+    "burst": "token bucket size for --rate",
+    "max_errors": "errors in a row before close 1008",
+    "heartbeat": "seconds between node heartbeats in Redis",
+    "unsubscribe_grace": "seconds to keep an unused room/user channel subscribed",
+    "drain_timeout": "seconds a shutdown may take",
+    "ping_interval": "seconds between WebSocket pings to clients (0 = off)",
+    "redis_timeout": "timeout of every Redis command, seconds",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json",
+}
+
+
+def _to_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/true/yes or 0/false/no, got {text!r}")
+
+
+def _to_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _converter(name: str, default: Any) -> Any:
+    if name in ("allowed_origins", "api_key"):
+        return _to_list
+    if name == "redis_url":
+        return str
+    if isinstance(default, bool):
+        return _to_bool
+    return type(default)
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from command-line flags and HUB_* environment variables."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(prog="hubnode", description="Run a hubnode WebSocket hub node.")
+    base = Config(node_id="-")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(base, f.name)
+        conv = _converter(f.name, default)
+        env_value = env.get("HUB_" + f.name.upper())
+        if isinstance(default, bool):
+            parser.add_argument(flag, nargs="?", const=True, type=_to_bool, default=None,
+                                help=_HELP[f.name])
+        else:
+            parser.add_argument(flag, type=conv, default=None, help=_HELP[f.name])
+        parser.set_defaults(**{f"_env_{f.name}": env_value})
+    ns = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields(Config):
+        given = getattr(ns, f.name)
+        if given is None:
+            env_value = getattr(ns, f"_env_{f.name}")
+            if env_value is None:
+                continue
+            try:
+                given = _converter(f.name, getattr(base, f.name))(env_value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"HUB_{f.name.upper()}: {exc}")
+        values[f.name] = given
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,88 @@
+"""One client connection: identity, limits and a non-blocking outbound path.
+
+Fan-out calls `send(frame)` for every target socket without awaiting: the
+frame bytes (built once per message per node) go straight to the transport's
+write buffer. When that buffer passes `--max-outbound-bytes` the connection is
+a slow consumer: it is closed with 1013 and nothing else waits for it
+(the gorilla/centrifuge rule, in asyncio form).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from hubnode.errors import CloseCode
+from hubnode.policy import ErrorStreak, TokenBucket
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+# How long a close handshake may take before the socket is simply dropped; a
+# slow consumer may never read its close frame.
+CLOSE_TIMEOUT = 5.0
+
+_closers: set[asyncio.Task[None]] = set()
+
+
+class Connection:
+    """A WebSocket client as the node sees it."""
+
+    __slots__ = ("id", "user_id", "ws", "bucket", "streak", "closing", "slow",
+                 "_transport", "_limit")
+
+    def __init__(self, conn_id: str, user_id: str | None, ws: web.WebSocketResponse,
+                 transport: asyncio.Transport, *, max_outbound: int,
+                 bucket: TokenBucket, streak: ErrorStreak) -> None:
+        self.id = conn_id
+        self.user_id = user_id
+        self.ws = ws
+        self.bucket = bucket
+        self.streak = streak
+        self.closing = False
+        self.slow = False
+        self._transport = transport
+        self._limit = max_outbound
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a complete WebSocket frame; never blocks. False if not sent."""
+        if self.closing:
+            return False
+        transport = self._transport
+        if transport.is_closing():
+            return False
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self._limit:
+            self.slow = True
+            log.info("closing slow consumer %s: outbound buffer over %d bytes", self.id, self._limit)
+            self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+            return False
+        return True
+
+    @property
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def close_soon(self, code: CloseCode, reason: str = "") -> None:
+        """Start a close from any callback; later sends are dropped at once."""
+        if self.closing:
+            return
+        self.closing = True
+        task = asyncio.get_running_loop().create_task(self.close(code, reason))
+        _closers.add(task)
+        task.add_done_callback(_closers.discard)
+
+    async def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close with `code`, dropping the socket if the handshake stalls."""
+        self.closing = True
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            with contextlib.suppress(Exception):
+                self._transport.abort()

@@ -1,0 +1,116 @@
+"""The per-node HTTP API of PROTOCOL.md section 6.
+
+Any node answers for the whole cluster: reads go to the membership store
+(Redis in cluster mode), publishes go through the broker like every message.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from hubnode.broker.base import BrokerUnavailable
+from hubnode.node import Node
+from publisher.message import Message, MessageError
+from publisher.names import check_name
+from publisher.targets import target_of
+
+__all__ = ["add_routes", "api_key_middleware"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"ok": False, "error": {"code": code, "message": message}}, status)
+
+
+def _node(request: web.Request) -> Node:
+    from hubnode.app import NODE
+
+    return request.app[NODE]
+
+
+def _guarded(path: str) -> bool:
+    return path == "/broadcast" or path.startswith("/api/")
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require `Authorization: Bearer <key>` on /broadcast and /api/* when keys are set."""
+    keys = _node(request).config.api_key
+    if keys and _guarded(request.path):
+        given = request.headers.get("Authorization", "")
+        token = given[7:].encode() if given.startswith("Bearer ") else b""
+        # compare against every key so timing does not reveal which one matched
+        matched = [hmac.compare_digest(token, k.encode()) for k in keys]
+        if not any(matched):
+            return _error(401, "unauthorized", "missing or wrong API key")
+    return await handler(request)
+
+
+async def post_broadcast(request: web.Request) -> web.Response:
+    node = _node(request)
+    try:
+        raw = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "bad_json", "body is not valid JSON")
+    try:
+        msg = Message.from_wire(raw)
+    except MessageError as exc:
+        code = "bad_room" if "'room'" in str(exc) else "bad_message"
+        return _error(400, code, str(exc))
+    if not node.broker.connected:
+        return _error(503, "unavailable", "broker unreachable: nothing was published")
+    try:
+        await node.publish(target_of(msg), msg)
+    except BrokerUnavailable:
+        return _error(503, "unavailable", "broker unreachable: nothing was published")
+    return _json({"ok": True}, 202)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    stats = await _node(request).stats()
+    return _json({"clients": stats.clients, "rooms": stats.rooms, "nodes": stats.nodes})
+
+
+async def get_rooms(request: web.Request) -> web.Response:
+    return _json({"rooms": await _node(request).rooms()})
+
+
+async def get_room(request: web.Request) -> web.Response:
+    room = request.match_info["room"]
+    problem = check_name(room)
+    if problem:
+        return _error(400, "bad_room", f"room name {problem}")
+    members = await _node(request).room_clients(room)
+    return _json({"room": room, "members": [
+        {"conn_id": m.conn_id, "user_id": m.user_id, "node": m.node} for m in members]})
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return _json({"ok": True, "node": _node(request).id})
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    node = _node(request)
+    if node.ready:
+        return _json({"ready": True})
+    reason = "draining" if node.draining else "broker unreachable"
+    return _json({"ready": False, "reason": reason}, 503)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/broadcast", post_broadcast)
+    app.router.add_get("/api/stats", get_stats)
+    app.router.add_get("/api/rooms", get_rooms)
+    app.router.add_get("/api/rooms/{room}", get_room)
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/readyz", get_readyz)

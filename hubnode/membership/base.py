@@ -1,0 +1,76 @@
+"""The `MembershipStore` interface (after centrifuge's PresenceManager).
+
+A store records which connection is in which room and how many connections
+each user has, for every node of the hub, so that any node (or `hubctl`) can
+answer "who is in room R" without asking the others. Writes come from the
+node that owns the connection; reads may be served by any node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+__all__ = ["Member", "MembershipStore", "Snapshot", "Stats"]
+
+
+class Member(NamedTuple):
+    """One connection in a room; user_id is None for an anonymous connection."""
+
+    conn_id: str
+    user_id: str | None
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    clients: int
+    rooms: int
+    nodes: int
+
+
+Snapshot = Iterable[tuple[str, str | None, frozenset[str]]]
+"""(conn_id, user_id, rooms) of every local connection, for re-registration."""
+
+
+class MembershipStore(Protocol):
+    """Cluster membership; a memory and a Redis implementation exist."""
+
+    async def start(self) -> None:
+        """Register this node (before it accepts connections)."""
+        ...
+
+    async def add_connection(self, conn_id: str, user_id: str | None) -> None:
+        """Count a new connection (node clients, user online count)."""
+        ...
+
+    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Iterable[str]) -> None:
+        """Forget a closed connection and its memberships in one atomic change."""
+        ...
+
+    async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
+        """Record that `conn_id` joined `room` (call once per real join)."""
+        ...
+
+    async def remove_member(self, room: str, conn_id: str, user_id: str | None) -> None:
+        """Record that `conn_id` left `room`."""
+        ...
+
+    async def rooms(self) -> dict[str, int]:
+        """Room -> member count, cluster-wide."""
+        ...
+
+    async def members(self, room: str) -> list[Member]:
+        ...
+
+    async def stats(self) -> Stats:
+        ...
+
+    async def heartbeat(self, snapshot: Snapshot) -> None:
+        """Renew this node's liveness, sweep dead nodes, re-register if swept."""
+        ...
+
+    async def close(self) -> None:
+        """Remove this node's own entries (drain) and release connections."""
+        ...

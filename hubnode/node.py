@@ -1,0 +1,286 @@
+"""The Node: local connections, the broker, the membership store, and the Hub API.
+
+Every publish, local ones included, goes to the broker; the broker calls
+`on_message` on every node (this one too); `on_message` encodes the client
+frame once and writes the same bytes to each target connection without
+awaiting any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+from hubnode.broker.base import Broker, BrokerUnavailable
+from hubnode.broker.memory import MemoryBroker
+from hubnode.config import Config
+from hubnode.connection import Connection
+from hubnode.errors import CloseCode, ErrorCode
+from hubnode.membership.base import Member, MembershipStore, Stats
+from hubnode.membership.memory import MemoryMembershipStore
+from hubnode.protocol import encode_message
+from hubnode.routing import RoutingTable
+from hubnode.subscriptions import Subscriptions
+from publisher.envelope import EnvelopeError, unpack
+from publisher.keys import Keys
+from publisher.message import Message
+from publisher.targets import Target, coerce_message, envelope_for
+
+__all__ = ["Node", "NodeCounters"]
+
+log = logging.getLogger(__name__)
+
+ConnRef = Connection | str
+
+
+class NodeCounters:
+    """Plain counters the metrics module exposes; cheap enough for the hot path."""
+
+    __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published")
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.bytes_out = 0
+        self.dropped = 0
+        self.resyncs = 0
+        self.slow_closes = 0
+        self.published = 0
+
+
+class Node:
+    """One hub node. Construct, `await start()`, serve, `await drain()`."""
+
+    def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
+                 store: MembershipStore | None = None) -> None:
+        self.config = config or Config()
+        self.id = self.config.node_id
+        self.keys = Keys(self.config.key_prefix)
+        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.store: MembershipStore = store if store is not None else MemoryMembershipStore(self.id)
+        self.table = RoutingTable(self.keys)
+        self.conns: dict[str, Connection] = {}
+        self.counters = NodeCounters()
+        self.draining = False
+        self.started_at = time.time()
+        self._all = self.keys.all
+        self._own = self.keys.node_channel(self.id)
+        self._subs = Subscriptions(self.broker, self._needs, self.config.unsubscribe_grace)
+        self._seq = itertools.count(1)
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- life cycle ----------------------------------------------------------
+    async def start(self) -> None:
+        """Connect the broker and the store; afterwards the node can take clients."""
+        await self.broker.start(self.on_message, self.on_resync)
+        await self.broker.subscribe([self._all, self._own])
+        await self.store.start()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hubnode-heartbeat")
+        log.info("node %s started (%s broker)", self.id, type(self.broker).__name__)
+
+    @property
+    def ready(self) -> bool:
+        """True when new clients may connect: broker up and not draining."""
+        return not self.draining and self.broker.connected
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """PROTOCOL.md section 8: tell clients to reconnect, close 1001, remove our entries."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        deadline = time.monotonic() + (timeout if timeout is not None else self.config.drain_timeout)
+        log.info("node %s draining %d connections", self.id, len(self.conns))
+        frame = encode_message(Message("system_message", {"event": "reconnect"}).stamped())
+        conns = list(self.conns.values())
+        for conn in conns:
+            conn.send(frame)
+        closers = [asyncio.create_task(c.close(CloseCode.GOING_AWAY, "node shutting down"))
+                   for c in conns]
+        if closers:
+            await asyncio.wait(closers, timeout=max(0.1, deadline - time.monotonic() - 1.0))
+        await self._wait_for(lambda: not self.conns, deadline - 0.5)
+        await self._stop_services()
+
+    async def _stop_services(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self._subs.close()
+        try:
+            await self.store.close()
+        except Exception:
+            log.warning("could not remove this node's membership entries", exc_info=True)
+        await self.broker.close()
+        self._stopped.set()
+        log.info("node %s stopped", self.id)
+
+    async def _wait_for(self, predicate: Any, deadline: float) -> None:
+        while not predicate() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            try:
+                await self.store.heartbeat(self.table.connections())
+            except Exception as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    # -- connections ---------------------------------------------------------
+    def next_conn_id(self) -> str:
+        return f"{self.id}:{next(self._seq)}"
+
+    async def connect(self, conn: Connection) -> None:
+        """Make `conn` routable cluster-wide, then send it the `connected` frame.
+
+        Raises BrokerUnavailable (the connection is then not registered).
+        """
+        self.table.add(conn.id, conn.user_id)
+        self.conns[conn.id] = conn
+        try:
+            if conn.user_id is not None:
+                await self._subs.ensure(self.keys.user_channel(conn.user_id))
+            await self.store.add_connection(conn.id, conn.user_id)
+        except BaseException:
+            self._forget(conn)
+            raise
+        data = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
+        conn.send(encode_message(Message("connected", data).stamped()))
+
+    async def disconnect(self, conn: Connection) -> None:
+        """Forget a closed connection: it leaves all rooms, here and in the store."""
+        if conn.id not in self.conns:
+            return
+        if conn.slow:
+            self.counters.slow_closes += 1
+        rooms = self._forget(conn)
+        if self._stopped.is_set():
+            return
+        try:
+            await self.store.remove_connection(conn.id, conn.user_id, rooms)
+        except Exception:
+            log.warning("membership update for closed %s failed; the heartbeat reconciles it",
+                        conn.id, exc_info=True)
+
+    def _forget(self, conn: Connection) -> tuple[str, ...]:
+        self.conns.pop(conn.id, None)
+        change = self.table.remove(conn.id)
+        self._subs.release(change.release)
+        return change.rooms
+
+    def _needs(self, channel: str) -> bool:
+        return channel in (self._all, self._own) or self.table.in_use(channel)
+
+    # -- rooms ---------------------------------------------------------------
+    async def join(self, conn_id: str, room: str) -> ErrorCode | None:
+        """Join; returns once the room channel is confirmed subscribed, or an error code."""
+        joined = self.table.rooms_of(conn_id)
+        if room not in joined and len(joined) >= self.config.max_rooms_per_conn:
+            return ErrorCode.TOO_MANY_ROOMS
+        change = self.table.join(conn_id, room)
+        try:
+            await self._subs.ensure(self.keys.room_channel(room))
+            if change.changed:
+                await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
+        except BrokerUnavailable:
+            if change.changed:
+                self._subs.release(self.table.leave(conn_id, room).release)
+            return ErrorCode.UNAVAILABLE
+        return None
+
+    async def leave(self, conn_id: str, room: str) -> None:
+        change = self.table.leave(conn_id, room)
+        if not change.changed:
+            return
+        self._subs.release(change.release)
+        try:
+            await self.store.remove_member(room, conn_id, self.table.user_of(conn_id))
+        except Exception:
+            log.warning("membership update for %s leaving %s failed", conn_id, room, exc_info=True)
+
+    # -- publishing and fan-out ------------------------------------------------
+    async def publish(self, target: Target, msg: Message, exclude: str | None = None) -> int:
+        """Publish through the broker; returns how many nodes took it (BrokerUnavailable)."""
+        channel, payload = envelope_for(target, msg.stamped(), self.id, self.keys, exclude)
+        self.counters.published += 1
+        return await self.broker.publish(channel, payload)
+
+    def on_message(self, channel: str, payload: bytes) -> None:
+        """Broker callback: deliver one publication to the local connections it targets."""
+        try:
+            env = unpack(payload)
+        except EnvelopeError as exc:
+            self.counters.dropped += 1
+            log.debug("dropped a payload on %s: %s", channel, exc)
+            return
+        if channel == self._own:
+            return  # control channel: nothing for clients
+        frame = encode_message(env.msg)
+        exclude = env.exclude
+        sent = 0
+        if channel == self._all:
+            for conn in self.conns.values():
+                if conn.id != exclude and conn.send(frame):
+                    sent += 1
+        else:
+            conns = self.conns
+            for conn_id in self.table.subscribers(channel):
+                conn = conns.get(conn_id)
+                if conn is not None and conn_id != exclude and conn.send(frame):
+                    sent += 1
+        self.counters.delivered += sent
+        self.counters.bytes_out += sent * len(frame)
+
+    def on_resync(self) -> None:
+        """Broker callback after a lost subscription: messages may be gone, tell clients."""
+        self.counters.resyncs += 1
+        frame = encode_message(Message("system_message", {"event": "resync"}).stamped())
+        for conn in list(self.conns.values()):
+            conn.send(frame)
+
+    # -- the Hub API (mirrors the seed's Hub) -----------------------------------
+    async def broadcast_to_all(self, msg: Message | dict[str, Any]) -> int:
+        return await self.publish(Target("all"), coerce_message(msg))
+
+    async def broadcast_to_room(self, room: str, msg: Message | dict[str, Any]) -> int:
+        return await self.publish(Target("room", room), coerce_message(msg))
+
+    async def broadcast_to_user(self, user_id: str, msg: Message | dict[str, Any]) -> int:
+        return await self.publish(Target("user", user_id), coerce_message(msg))
+
+    async def join_room(self, conn: ConnRef, room: str) -> None:
+        """Join a local connection to a room; raises ValueError or BrokerUnavailable."""
+        Target("room", room)  # validates the name
+        error = await self.join(_conn_id(conn), room)
+        if error is ErrorCode.UNAVAILABLE:
+            raise BrokerUnavailable("broker unreachable")
+        if error is not None:
+            raise ValueError(error.value)
+
+    async def leave_room(self, conn: ConnRef, room: str) -> None:
+        await self.leave(_conn_id(conn), room)
+
+    async def client_count(self) -> int:
+        return (await self.store.stats()).clients
+
+    async def room_count(self) -> int:
+        return (await self.store.stats()).rooms
+
+    async def room_clients(self, room: str) -> list[Member]:
+        return await self.store.members(room)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self.store.rooms()
+
+    async def stats(self) -> Stats:
+        return await self.store.stats()
+
+
+def _conn_id(conn: ConnRef) -> str:
+    return conn if isinstance(conn, str) else conn.id

@@ -1,0 +1,175 @@
+"""Client frames: parsing, validation and encoding (PROTOCOL.md sections 2-4).
+
+Pure: no I/O. `parse_frame` turns the text of one WebSocket frame into a typed
+frame or a `ProtocolError` value; the encoders produce the exact bytes of a
+server WebSocket frame, so the node can build a message once and write the same
+bytes to every target socket (server frames are unmasked and uncompressed,
+hence identical for every connection).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hubnode.errors import ErrorCode
+from publisher.message import Message
+from publisher.names import check_name
+
+__all__ = [
+    "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PrivateMessage",
+    "ProtocolError", "RoomMessage", "encode_ack", "encode_error", "encode_message",
+    "parse_frame", "text_frame",
+]
+
+FrameId = int | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRoom:
+    room: str
+    id: FrameId = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveRoom:
+    room: str
+    id: FrameId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    data: Any
+    id: FrameId = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessage:
+    room: str
+    message: Any
+    id: FrameId = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateMessage:
+    user_id: str
+    message: Any
+    id: FrameId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    data: Any
+    id: FrameId = None
+
+
+ClientFrame = JoinRoom | LeaveRoom | Broadcast | RoomMessage | PrivateMessage | Ping
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """A frame the server rejects: sent back as an `error` frame."""
+
+    code: ErrorCode
+    message: str
+    id: FrameId = None
+
+
+def parse_frame(text: str | bytes) -> ClientFrame | ProtocolError:
+    """Parse one client text frame; never raises."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON")
+    if not isinstance(raw, dict):
+        return ProtocolError(ErrorCode.BAD_JSON, "frame must be a JSON object")
+    fid = raw.get("id")
+    if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int | str)):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "'id' must be an integer or a string")
+    ftype = raw.get("type")
+    if not isinstance(ftype, str):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "'type' is required and must be a string", fid)
+    parser = _PARSERS.get(ftype)
+    if parser is None:
+        return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {ftype[:64]!r}", fid)
+    return parser(raw.get("data"), fid)
+
+
+def _room_or_error(room: Any, fid: FrameId) -> str | ProtocolError:
+    problem = check_name(room)
+    if problem:
+        return ProtocolError(ErrorCode.BAD_ROOM, f"room name {problem}", fid)
+    return str(room)
+
+
+def _join(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    room = _room_or_error(data, fid)
+    return room if isinstance(room, ProtocolError) else JoinRoom(room, fid)
+
+
+def _leave(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    room = _room_or_error(data, fid)
+    return room if isinstance(room, ProtocolError) else LeaveRoom(room, fid)
+
+
+def _room_message(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    if not isinstance(data, dict) or "message" not in data or "room" not in data:
+        return ProtocolError(ErrorCode.BAD_MESSAGE,
+                             "room_message data must be {\"room\": R, \"message\": any}", fid)
+    room = _room_or_error(data["room"], fid)
+    return room if isinstance(room, ProtocolError) else RoomMessage(room, data["message"], fid)
+
+
+def _private_message(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    if not isinstance(data, dict) or "message" not in data:
+        return ProtocolError(ErrorCode.BAD_MESSAGE,
+                             "private_message data must be {\"user_id\": U, \"message\": any}", fid)
+    problem = check_name(data.get("user_id"))
+    if problem:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"user_id {problem}", fid)
+    return PrivateMessage(data["user_id"], data["message"], fid)
+
+
+_PARSERS = {
+    "join_room": _join,
+    "leave_room": _leave,
+    "broadcast": lambda data, fid: Broadcast(data, fid),
+    "room_message": _room_message,
+    "private_message": _private_message,
+    "ping": lambda data, fid: Ping(data, fid),
+}
+
+# -- encoding ----------------------------------------------------------------
+
+_LEN1 = struct.Struct("!BB").pack
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, final WebSocket text frame carrying `payload`."""
+    n = len(payload)
+    if n < 126:
+        return _LEN1(0x81, n) + payload
+    if n < 65536:
+        return _LEN2(0x81, 126, n) + payload
+    return _LEN3(0x81, 127, n) + payload
+
+
+def encode_message(msg: Message) -> bytes:
+    """The WebSocket frame of a message, built once and shared by all targets."""
+    return text_frame(orjson.dumps(msg.to_wire()))
+
+
+def encode_ack(fid: int | str) -> bytes:
+    return text_frame(orjson.dumps({"type": "ack", "id": fid}))
+
+
+def encode_error(code: ErrorCode, message: str, fid: FrameId = None) -> bytes:
+    out: dict[str, Any] = {"type": "error", "data": {"code": code.value, "message": message}}
+    if fid is not None:
+        out["id"] = fid
+    return text_frame(orjson.dumps(out))

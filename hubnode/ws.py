@@ -1,0 +1,172 @@
+"""The WebSocket endpoint: handshake checks, one reader task per connection, dispatch.
+
+Handshake refusals are HTTP errors before the upgrade, never a silent close
+(PROTOCOL.md section 1). After the upgrade, bad input is answered with an
+`error` frame and the connection stays open, until too many errors in a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from hubnode.broker.base import BrokerUnavailable
+from hubnode.connection import Connection
+from hubnode.errors import CloseCode, ErrorCode
+from hubnode.node import Node
+from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
+from hubnode.protocol import (
+    Broadcast,
+    ClientFrame,
+    JoinRoom,
+    LeaveRoom,
+    Ping,
+    PrivateMessage,
+    ProtocolError,
+    RoomMessage,
+    encode_ack,
+    encode_error,
+    encode_message,
+    parse_frame,
+)
+from publisher.message import Message
+from publisher.names import check_name
+from publisher.targets import Target
+
+__all__ = ["websocket_handler"]
+
+log = logging.getLogger(__name__)
+
+Outcome = tuple[ErrorCode, str] | None
+
+
+def _refuse(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+def _check_handshake(node: Node, request: web.Request) -> web.Response | str | None:
+    """The refusal to send, or the user id (None when anonymous)."""
+    cfg = node.config
+    if node.draining:
+        return _refuse(503, "node draining")
+    if cfg.max_connections and len(node.conns) >= cfg.max_connections:
+        return _refuse(503, "node over its connection limit")
+    local_default = cfg.auth == "none" and cfg.on_loopback
+    if not origin_allowed(request.headers.get("Origin"), cfg.allowed_origins, local_default):
+        return _refuse(403, "origin not allowed")
+    if not node.broker.connected:
+        return _refuse(503, "broker unreachable")
+    user_id = request.query.get("user_id")
+    if user_id is not None:
+        problem = check_name(user_id)
+        if problem:
+            return _refuse(400, f"user_id {problem}")
+    return user_id
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """`GET /ws`: mount on any route of an aiohttp app whose `app[NODE]` is a Node."""
+    from hubnode.app import NODE
+
+    node = request.app[NODE]
+    checked = _check_handshake(node, request)
+    if isinstance(checked, web.Response):
+        return checked
+    cfg = node.config
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False,
+                               heartbeat=cfg.ping_interval or None)
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:
+        return ws
+    conn = Connection(node.next_conn_id(), checked, ws, transport,  # type: ignore[arg-type]
+                      max_outbound=cfg.max_outbound_bytes,
+                      bucket=TokenBucket(cfg.rate, cfg.burst), streak=ErrorStreak(cfg.max_errors))
+    try:
+        await node.connect(conn)
+    except BrokerUnavailable:
+        await conn.close(CloseCode.TRY_AGAIN_LATER, "broker unreachable")
+        return ws
+    try:
+        await _read_loop(node, conn, ws)
+    finally:
+        await node.disconnect(conn)
+    return ws
+
+
+async def _read_loop(node: Node, conn: Connection, ws: web.WebSocketResponse) -> None:
+    loop = asyncio.get_running_loop()
+    async for msg in ws:
+        if conn.closing:
+            break
+        if msg.type is WSMsgType.TEXT:
+            await _on_text(node, conn, msg.data, loop.time())
+        elif msg.type is WSMsgType.BINARY:
+            await conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+            break
+        else:
+            break
+
+
+async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
+    frame = parse_frame(text)
+    if not conn.bucket.take(now):
+        _fail(conn, ErrorCode.RATE_LIMITED, "over the rate limit: frame ignored", frame.id)
+        return
+    if isinstance(frame, ProtocolError):
+        _fail(conn, frame.code, frame.message, frame.id)
+        return
+    try:
+        outcome = await _execute(node, conn, frame)
+    except BrokerUnavailable:
+        outcome = (ErrorCode.UNAVAILABLE, "broker unreachable: nothing was published")
+    if outcome is not None:
+        _fail(conn, outcome[0], outcome[1], frame.id)
+        return
+    conn.streak.ok()
+    if frame.id is not None and not isinstance(frame, Ping):
+        conn.send(encode_ack(frame.id))
+
+
+def _fail(conn: Connection, code: ErrorCode, message: str, fid: int | str | None) -> None:
+    conn.send(encode_error(code, message, fid))
+    if conn.streak.error():
+        conn.close_soon(CloseCode.POLICY, "too many errors in a row")
+
+
+async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
+    """Carry out one valid frame; returns the error to report, or None."""
+    sender = conn.user_id
+    match frame:
+        case JoinRoom(room=room):
+            code = await node.join(conn.id, room)
+            return None if code is None else (code, _JOIN_ERRORS[code])
+        case LeaveRoom(room=room):
+            await node.leave(conn.id, room)
+        case Ping(data=data, id=fid):
+            conn.send(encode_message(Message("pong", data, id=fid).stamped()))
+        case Broadcast(data=data):
+            if not node.config.client_broadcast:
+                return (ErrorCode.FORBIDDEN, "client broadcast is disabled on this hub")
+            await node.publish(Target("all"), Message("broadcast", data, user_id=sender))
+        case RoomMessage(room=room, message=message):
+            if room not in node.table.rooms_of(conn.id):
+                return (ErrorCode.NOT_IN_ROOM, f"join {room!r} before sending to it")
+            data = {"room": room, "message": message}
+            await node.publish(Target("room", room),
+                               Message("room_message", data, room=room, user_id=sender))
+        case PrivateMessage(user_id=to, message=message):
+            if not node.config.client_private:
+                return (ErrorCode.FORBIDDEN, "private messages are disabled on this hub")
+            data = {"to": to, "message": message}
+            await node.publish(Target("user", to), Message("private_message", data, user_id=sender))
+    return None
+
+
+_JOIN_ERRORS = {
+    ErrorCode.TOO_MANY_ROOMS: "room limit per connection reached",
+    ErrorCode.UNAVAILABLE: "broker unreachable: not joined",
+    ErrorCode.FORBIDDEN: "not allowed to join this room",
+}

@@ -1,0 +1,84 @@
+"""The msgpack envelope every node and publisher puts on a Redis channel.
+
+`{"v": 1, "id": str, "origin": str, "msg": {...}, "exclude"?: conn_id, "ts"?: float}`
+
+`ts` (publish time, Unix seconds as a float) is an optional field this
+implementation adds so nodes can measure publish-to-deliver latency; other
+publishers may leave it out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from publisher.message import Message, MessageError
+
+__all__ = ["VERSION", "Envelope", "EnvelopeError", "new_message_id", "pack", "unpack"]
+
+VERSION = 1
+_PREFIX = os.urandom(6).hex()
+_COUNTER = itertools.count(1)
+
+
+class EnvelopeError(ValueError):
+    """A payload from Redis that is not a valid envelope: count it and drop it."""
+
+
+def new_message_id() -> str:
+    """A message id unique across processes: a random process prefix and a counter."""
+    return f"{_PREFIX}-{next(_COUNTER)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One publication: a Message with routing and origin information."""
+
+    msg: Message
+    origin: str
+    id: str = ""
+    exclude: str | None = None
+    ts: float | None = None
+
+
+def pack(env: Envelope) -> bytes:
+    """Encode for PUBLISH; fills in `id` and `ts` when absent."""
+    out: dict[str, Any] = {
+        "v": VERSION,
+        "id": env.id or new_message_id(),
+        "origin": env.origin,
+        "msg": env.msg.to_wire(),
+        "ts": env.ts if env.ts is not None else time.time(),
+    }
+    if env.exclude is not None:
+        out["exclude"] = env.exclude
+    return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(payload: bytes) -> Envelope:
+    """Decode a payload from Redis, raising EnvelopeError on anything malformed."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise EnvelopeError(f"payload is not msgpack: {exc}") from None
+    if not isinstance(raw, dict):
+        raise EnvelopeError("envelope is not a map")
+    if raw.get("v") != VERSION:
+        raise EnvelopeError(f"unknown envelope version {raw.get('v')!r}")
+    try:
+        msg = Message.from_wire(raw.get("msg"))
+    except MessageError as exc:
+        raise EnvelopeError(f"bad msg: {exc}") from None
+    origin, mid, exclude, ts = raw.get("origin"), raw.get("id"), raw.get("exclude"), raw.get("ts")
+    if not isinstance(origin, str) or not isinstance(mid, str):
+        raise EnvelopeError("'origin' and 'id' must be strings")
+    if exclude is not None and not isinstance(exclude, str):
+        raise EnvelopeError("'exclude' must be a string")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
+        ts = None
+    return Envelope(msg=msg, origin=origin, id=mid, exclude=exclude, ts=ts)

@@ -1,0 +1,75 @@
+"""Every Redis channel and key name of PROTOCOL.md section 7, built in one place.
+
+Room and user names are wrapped in `{}` so that a room's channel and keys share
+one Redis Cluster hash slot (ready for sharded pub/sub).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_PREFIX", "Keys"]
+
+DEFAULT_PREFIX = "hub:"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Channel and key names under one `--key-prefix`."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    # -- pub/sub channels -------------------------------------------------
+    @property
+    def all(self) -> str:
+        return f"{self.prefix}all"
+
+    def node_channel(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    def room_channel(self, room: str) -> str:
+        return f"{self.prefix}room:{{{room}}}"
+
+    def user_channel(self, user_id: str) -> str:
+        return f"{self.prefix}user:{{{user_id}}}"
+
+    def parse_channel(self, channel: str) -> tuple[str, str] | None:
+        """('all'|'room'|'user'|'node', name) for one of our channels, else None."""
+        if not channel.startswith(self.prefix):
+            return None
+        rest = channel[len(self.prefix):]
+        if rest == "all":
+            return ("all", "")
+        kind, sep, name = rest.partition(":")
+        if not sep:
+            return None
+        if kind in ("room", "user") and name.startswith("{") and name.endswith("}"):
+            return (kind, name[1:-1])
+        if kind == "node":
+            return ("node", name)
+        return None
+
+    # -- membership keys ---------------------------------------------------
+    def members(self, room: str) -> str:
+        return f"{self.prefix}members:{{{room}}}"
+
+    @property
+    def rooms(self) -> str:
+        return f"{self.prefix}rooms"
+
+    @property
+    def online(self) -> str:
+        return f"{self.prefix}online"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    def node_rooms(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}:rooms"
+
+    def node_users(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}:users"

@@ -1,0 +1,77 @@
+"""Where a message goes: all, a room or a user, and the channel that reaches it.
+
+Pure functions shared by the node's HTTP API, the Hub API and both publishers,
+so every path validates and routes a message the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from publisher.envelope import Envelope, pack
+from publisher.keys import Keys
+from publisher.message import Message, MessageError
+from publisher.names import check_name
+
+__all__ = ["Target", "coerce_message", "envelope_for", "target_of"]
+
+Kind = Literal["all", "room", "user"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A publish target; `name` is the room or user id ('' for all)."""
+
+    kind: Kind
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("all", "room", "user"):
+            raise MessageError(f"unknown target kind {self.kind!r}")
+        if self.kind != "all":
+            problem = check_name(self.name)
+            if problem:
+                label = "room name" if self.kind == "room" else "user id"
+                raise MessageError(f"{label} {problem}")
+
+    def channel(self, keys: Keys) -> str:
+        if self.kind == "room":
+            return keys.room_channel(self.name)
+        if self.kind == "user":
+            return keys.user_channel(self.name)
+        return keys.all
+
+
+def target_of(msg: Message) -> Target:
+    """PROTOCOL.md section 6: `room` set -> room; else `user_id` -> user; else all."""
+    if msg.room is not None:
+        return Target("room", msg.room)
+    if msg.user_id is not None:
+        return Target("user", msg.user_id)
+    return Target("all")
+
+
+def coerce_message(msg: Message | Mapping[str, Any]) -> Message:
+    """Accept a Message or a dict with the seed's fields; stamp the time.
+
+    Raises MessageError (a ValueError) before anything is sent.
+    """
+    if isinstance(msg, Message):
+        checked = Message.from_wire(msg.to_wire())
+    elif isinstance(msg, Mapping):
+        checked = Message.from_wire(dict(msg))
+    else:
+        raise MessageError(f"expected a Message or a dict, got {type(msg).__name__}")
+    if not checked.timestamp:
+        checked = Message(checked.type, checked.data, checked.room, checked.user_id,
+                          int(time.time()), checked.metadata, checked.id)
+    return checked
+
+
+def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
+                 exclude: str | None = None) -> tuple[str, bytes]:
+    """(channel, payload) for one publish: the single place publishes are packed."""
+    return target.channel(keys), pack(Envelope(msg=msg, origin=origin, exclude=exclude))
