@@ -83,6 +83,6 @@ class Connection:
         self.closing = True
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        except (TimeoutError, ConnectionError, RuntimeError):
             with contextlib.suppress(Exception):
                 self._transport.abort()

@@ -1,0 +1,235 @@
+"""Shared test machinery: real redis-server and node processes, deadline waits.
+
+Nothing here sleeps to synchronise: every wait is for a condition, with a
+deadline scaled by HUB_TEST_TIMEOUT_SCALE on slow machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+SCALE = float(os.environ.get("HUB_TEST_TIMEOUT_SCALE", "1"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def deadline(seconds: float) -> float:
+    return time.monotonic() + seconds * SCALE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01,
+                     what: str = "condition") -> Any:
+    """Poll a sync or async predicate until it is truthy; fail after the deadline."""
+    end = deadline(timeout)
+    while True:
+        value = predicate()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout * SCALE:.1f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    end = deadline(timeout)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout * SCALE:.1f}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Client:
+    """A WebSocket test client with deadline-bound receives."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.connected: dict[str, Any] = {}
+
+    @classmethod
+    async def open(cls, session: aiohttp.ClientSession, url: str, **kw: Any) -> Client:
+        client = cls(await session.ws_connect(url, **kw))
+        first = await client.recv()
+        assert first["type"] == "connected", first
+        client.connected = first["data"]
+        return client
+
+    @property
+    def conn_id(self) -> str:
+        return str(self.connected["conn_id"])
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_json(frame)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout * SCALE)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise AssertionError(f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}")
+        import orjson
+
+        return orjson.loads(msg.data)  # type: ignore[no-any-return]
+
+    async def recv_type(self, mtype: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame of `mtype`, skipping others (acks of earlier requests, etc.)."""
+        end = deadline(timeout)
+        while True:
+            frame = await self.recv(max(0.01, end - time.monotonic()))
+            if frame["type"] == mtype:
+                return frame
+
+    async def request(self, mtype: str, data: Any, fid: int | str = 1, timeout: float = 5.0) -> dict[str, Any]:
+        """Send a frame with an id and return its ack/error/pong, skipping other frames."""
+        await self.send({"type": mtype, "data": data, "id": fid})
+        end = deadline(timeout)
+        while True:
+            frame = await self.recv(max(0.01, end - time.monotonic()))
+            if frame.get("id") == fid and frame["type"] in ("ack", "error", "pong"):
+                return frame
+
+    async def join(self, room: str, fid: int | str = "j") -> None:
+        reply = await self.request("join_room", room, fid)
+        assert reply["type"] == "ack", reply
+
+    async def expect_silence(self, timeout: float = 0.3) -> None:
+        """Assert no text frame arrives within `timeout` (used only for negatives)."""
+        try:
+            msg = await self.ws.receive(timeout=timeout)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {msg.type} {msg.data!r}")
+
+    async def closed_with(self, timeout: float = 5.0) -> int | None:
+        """Read until the close frame; return its code."""
+        end = deadline(timeout)
+        while True:
+            msg = await self.ws.receive(timeout=max(0.01, end - time.monotonic()))
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return self.ws.close_code if msg.type is not aiohttp.WSMsgType.CLOSE else int(msg.data)
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, restartable on the same port."""
+
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
+        self.exe = exe
+        self.port = port or free_port()
+        self.extra = extra
+        self.dir = tempfile.mkdtemp(prefix="hub-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--maxmemory-policy", "noeviction",
+             *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_sync(self.ping, 10, "redis-server to answer PING")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class NodeProcess:
+    """A real `hubnode` process (python -m hubnode.cli) on a free port."""
+
+    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="hubnode-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hubnode.cli", "--host", "127.0.0.1", "--port", str(self.port),
+             *self.args], stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        if wait:
+            wait_until_sync(self.healthy, 15, f"node on port {self.port} to be healthy")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                return b" 200 " in s.recv(64)
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout * SCALE)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
