@@ -1,0 +1,134 @@
+"""`AsyncPublisher`: `Publisher` for asyncio code (aiohttp, FastAPI, arq workers).
+
+The same methods as `Publisher`, awaited, over the same pure functions
+(`publisher.core`, `publisher.inspect`); only the driver differs.
+
+Order: one connection, and an asyncio.Lock around each round trip. The lock
+is fair (first come, first served) and a waiting task cannot be overtaken
+by a newcomer, so messages leave in the order the publish calls were made,
+even from concurrent tasks. Use one AsyncPublisher within one event loop.
+
+Delivery is at most once: nothing is resent automatically (see
+`publisher.sync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from publisher import core, inspect
+from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
+from publisher.keys import Keys
+from publisher.query import Query, Step, drive_async, pipeline_step
+from publisher.targets import Target
+
+__all__ = ["AsyncPublisher"]
+
+T = TypeVar("T")
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    """A lazily connecting client on one connection, with a timeout on every command."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=1, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis.from_pool(pool)
+
+
+class AsyncPublisher:
+    """Publish messages to a hub's nodes through Redis, and read its state, with asyncio.
+
+    Arguments as for `Publisher`; `client=` takes a redis.asyncio.Redis
+    that stays yours. Use `async with`, or `await close()`.
+    """
+
+    def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
+                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 client: aioredis.Redis | None = None) -> None:
+        self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
+        self.origin = core.make_origin(origin_id)
+        self._owns_client = client is None
+        self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
+        self._turn = asyncio.Lock()
+
+    # -- publishing ------------------------------------------------------------
+    async def broadcast_to_all(self, msg: MessageLike) -> int:
+        """Send to every connection of the hub; returns how many nodes took it."""
+        return await self._publish(Target("all"), msg)
+
+    async def broadcast_to_room(self, room: str, msg: MessageLike) -> int:
+        """Send to every member of `room`; returns how many nodes took it (0: no member)."""
+        return await self._publish(Target("room", room), msg)
+
+    async def broadcast_to_user(self, user_id: str, msg: MessageLike) -> int:
+        """Send to every connection of user `user_id`; returns how many nodes took it."""
+        return await self._publish(Target("user", user_id), msg)
+
+    async def publish_many(self, items: Iterable[Item]) -> list[int]:
+        """Publish (Target, message) pairs in order, pipelined; one node count per item.
+
+        Every item is validated before the first is sent.
+        """
+        batch = core.prepare_many(items, self.origin, self.keys)
+        return await self._run(core.publish_query(batch)) if batch else []
+
+    async def _publish(self, target: Target, msg: MessageLike) -> int:
+        outgoing = core.prepare(target, msg, self.origin, self.keys)
+        return (await self._run(core.publish_query([outgoing])))[0]
+
+    # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
+    async def rooms(self) -> dict[str, int]:
+        return await self._run(inspect.rooms(self.keys))
+
+    async def room_members(self, room: str) -> list[inspect.Member]:
+        return await self._run(inspect.room_members(self.keys, room))
+
+    async def room_count(self) -> int:
+        return await self._run(inspect.room_count(self.keys))
+
+    async def client_count(self) -> int:
+        return await self._run(inspect.client_count(self.keys))
+
+    async def nodes(self) -> list[inspect.NodeInfo]:
+        return await self._run(inspect.live_nodes(self.keys))
+
+    async def stats(self) -> inspect.HubStats:
+        return await self._run(inspect.stats(self.keys))
+
+    async def user_online(self, user_id: str) -> int:
+        return await self._run(inspect.user_online(self.keys, user_id))
+
+    # -- the I/O: the only part that differs from Publisher --------------------
+    async def _run(self, query: Query[T]) -> T:
+        return await drive_async(query, self._execute)
+
+    async def _execute(self, step: Step) -> Any:
+        async with self._turn:
+            if self._client is None:
+                raise RuntimeError(f"{self!r} is closed")
+            if isinstance(step, list):
+                return await pipeline_step(self._client, step).execute()
+            return await step.on(self._client)
+
+    async def close(self) -> None:
+        """Close the connection (unless the client was passed in). Idempotent."""
+        client, self._client = self._client, None
+        if self._owns_client and client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} origin={self.origin!r} prefix={self.keys.prefix!r}>"

@@ -1,0 +1,118 @@
+"""What every publisher shares: defaults, validation, packing and the PUBLISH query.
+
+`Publisher`, `AsyncPublisher` and `RecordingPublisher` are adapters over the
+functions here; none of them validates or packs a message by itself, so the
+three cannot disagree about what is sent. Nothing here does I/O or imports
+redis or asyncio.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from publisher.keys import DEFAULT_PREFIX, Keys
+from publisher.message import Message, MessageError
+from publisher.names import check_name
+from publisher.query import Call, Query
+from publisher.targets import Target, coerce_message, envelope_for
+
+__all__ = [
+    "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Outgoing",
+    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_query",
+]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_TIMEOUT = 5.0
+BATCH_SIZE = 1000
+"""publish_many sends at most this many PUBLISH commands per pipeline round trip,
+so a huge batch does not build one huge buffer."""
+
+MessageLike = Message | Mapping[str, Any]
+Item = tuple[Target, MessageLike]
+
+
+def default_url() -> str:
+    """HUB_REDIS_URL, as the node reads it (PROTOCOL.md section 9), else local Redis."""
+    return os.environ.get("HUB_REDIS_URL") or DEFAULT_URL
+
+
+def default_prefix() -> str:
+    """HUB_KEY_PREFIX, else "hub:".
+
+    Read from the environment like the node's `--key-prefix`, so a worker
+    deployed beside nodes with a custom prefix does not publish into a
+    namespace nobody listens to.
+    """
+    return os.environ.get("HUB_KEY_PREFIX") or DEFAULT_PREFIX
+
+
+def make_origin(origin_id: str | None = None) -> str:
+    """The envelope `origin` of a publisher: "pub:<id>", a random id by default.
+
+    Raises ValueError for an id that breaks the name rules (it appears in logs
+    and may one day appear in a channel name).
+    """
+    oid = os.urandom(6).hex() if origin_id is None else origin_id
+    problem = check_name(oid)
+    if problem:
+        raise ValueError(f"origin id {problem}")
+    return f"pub:{oid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One validated publish: what is sent, and what it means."""
+
+    target: Target
+    message: Message
+    channel: str
+    payload: bytes
+
+
+def prepare(target: Target, msg: MessageLike, origin: str, keys: Keys) -> Outgoing:
+    """Validate `msg` with the node's rules, stamp its time and pack the envelope.
+
+    Raises MessageError (a ValueError) with a sentence a human can act on;
+    nothing has been sent at that point.
+    """
+    if not isinstance(target, Target):
+        raise MessageError(f"expected a Target, got {type(target).__name__}")
+    message = coerce_message(msg)
+    try:
+        channel, payload = envelope_for(target, message, origin, keys)
+    except (TypeError, ValueError, OverflowError) as exc:  # msgpack's ways of refusing a value
+        raise MessageError(f"message cannot be encoded with msgpack: {exc}") from None
+    return Outgoing(target, message, channel, payload)
+
+
+def prepare_many(items: Iterable[Item], origin: str, keys: Keys) -> list[Outgoing]:
+    """Prepare a whole batch first, so one bad item means nothing of it is sent."""
+    batch: list[Outgoing] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise MessageError(f"item {index}: expected a (Target, message) pair")
+        try:
+            batch.append(prepare(item[0], item[1], origin, keys))
+        except MessageError as exc:
+            raise MessageError(f"item {index}: {exc}") from None
+    return batch
+
+
+def publish_query(batch: Sequence[Outgoing], batch_size: int = BATCH_SIZE) -> Query[list[int]]:
+    """PUBLISH every item in order; answers the node count of each.
+
+    One item is one plain command; more go in pipelines of `batch_size`.
+    Pipelines keep the order because one connection sends them in sequence.
+    """
+    if len(batch) == 1:
+        reply = yield Call("publish", (batch[0].channel, batch[0].payload))
+        return [int(reply)]
+    counts: list[int] = []
+    for start in range(0, len(batch), batch_size):
+        part = batch[start:start + batch_size]
+        replies = yield [Call("publish", (o.channel, o.payload)) for o in part]
+        counts.extend(int(r) for r in replies)
+    return counts

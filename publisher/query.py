@@ -1,0 +1,78 @@
+"""Redis conversations written once, run by a sync or an asyncio driver.
+
+A *query* is a generator that yields the Redis commands it needs and receives
+their answers, the way websockets' protocol core hands out bytes to send
+instead of sending them. It does no I/O and imports neither redis nor
+asyncio, so the same function serves `Publisher` (blocking redis-py),
+`AsyncPublisher` (redis.asyncio) and `RecordingPublisher` (no Redis at all),
+and a test can drive it by hand with canned answers.
+
+A step is either one `Call`, answered with its reply, or a list of calls,
+sent as one pipeline (no MULTI) and answered with the list of replies. Calls
+name redis-py client methods rather than raw commands, so replies arrive
+already parsed (HSCAN as `(cursor, dict)`, ZRANGEBYSCORE WITHSCORES as pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, NamedTuple, TypeVar
+
+__all__ = ["Call", "Query", "Step", "drive", "drive_async", "pipeline_step", "text"]
+
+T = TypeVar("T")
+
+
+class Call(NamedTuple):
+    """One redis-py client method call: `getattr(client, name)(*args, **kwargs)`."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+    def on(self, client: Any) -> Any:
+        """Issue this call on a client or a pipeline (returns whatever the method returns)."""
+        return getattr(client, self.name)(*self.args, **(self.kwargs or {}))
+
+
+Step = Call | list[Call]
+Query = Generator[Step, Any, T]
+
+
+def drive(query: Query[T], execute: Callable[[Step], Any]) -> T:
+    """Run a query to completion with a blocking `execute(step) -> reply`."""
+    try:
+        step = next(query)
+        while True:
+            step = query.send(execute(step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def drive_async(query: Query[T], execute: Callable[[Step], Awaitable[Any]]) -> T:
+    """Run a query to completion with an awaitable `execute(step) -> reply`."""
+    try:
+        step = next(query)
+        while True:
+            step = query.send(await execute(step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def pipeline_step(client: Any, step: list[Call]) -> Any:
+    """Queue a list of calls on a fresh non-transactional pipeline; return the pipeline.
+
+    The caller runs `pipe.execute()` (blocking or awaited): the one line in which
+    the sync and async drivers differ.
+    """
+    pipe = client.pipeline(transaction=False)
+    for call in step:
+        call.on(pipe)
+    return pipe
+
+
+def text(value: Any) -> str:
+    """A reply element as str, whether the client decodes responses or not."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

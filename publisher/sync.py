@@ -1,0 +1,148 @@
+"""`Publisher`: publish to the hub and inspect it from blocking code.
+
+For Celery and RQ tasks, Django views, cron scripts: anything without an
+event loop. It is a thin adapter: validation and packing live in
+`publisher.core`, the inspection queries in `publisher.inspect`; this module
+only runs them on a blocking redis-py client.
+
+Order: the publisher owns exactly one connection (a blocking pool of size
+one), so messages published one after another leave in that order, and a
+subscriber sees them in that order. Threads may share one Publisher: they
+take turns on the connection.
+
+Delivery is at most once, like Redis pub/sub: a command is never resent
+automatically, because after a timeout nobody knows whether the first try
+reached Redis. A failed call raises `redis.ConnectionError` or
+`redis.TimeoutError`; the next call reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from publisher import core, inspect
+from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
+from publisher.keys import Keys
+from publisher.query import Query, Step, drive, pipeline_step
+from publisher.targets import Target
+
+__all__ = ["Publisher"]
+
+T = TypeVar("T")
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    """A client on one dedicated connection, with a timeout on every command.
+
+    A pool of size one (rather than `single_connection_client`) connects
+    lazily, so constructing a Publisher at import time never touches the
+    network, and it checks the idle connection before each use, replacing
+    one the server has closed instead of failing the next publish.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=1, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    return redis.Redis.from_pool(pool)
+
+
+class Publisher:
+    """Publish messages to a hub's nodes through Redis, and read its state.
+
+    `url` defaults to HUB_REDIS_URL, else redis://127.0.0.1:6379/0;
+    `key_prefix` to HUB_KEY_PREFIX, else "hub:" (the nodes' `--key-prefix`);
+    `origin_id` names this publisher in envelopes as "pub:<origin_id>"
+    (random by default); `timeout` bounds every Redis command, in seconds.
+    Pass `client=` to reuse a redis.Redis you own: the publisher then never
+    closes it, and its timeouts and ordering are the client's.
+
+    Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
+                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 client: redis.Redis | None = None) -> None:
+        self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
+        self.origin = core.make_origin(origin_id)
+        self._owns_client = client is None
+        self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
+
+    # -- publishing ------------------------------------------------------------
+    def broadcast_to_all(self, msg: MessageLike) -> int:
+        """Send to every connection of the hub; returns how many nodes took it."""
+        return self._publish(Target("all"), msg)
+
+    def broadcast_to_room(self, room: str, msg: MessageLike) -> int:
+        """Send to every member of `room`; returns how many nodes took it (0: no member)."""
+        return self._publish(Target("room", room), msg)
+
+    def broadcast_to_user(self, user_id: str, msg: MessageLike) -> int:
+        """Send to every connection of user `user_id`; returns how many nodes took it."""
+        return self._publish(Target("user", user_id), msg)
+
+    def publish_many(self, items: Iterable[Item]) -> list[int]:
+        """Publish (Target, message) pairs in order, pipelined; one node count per item.
+
+        Every item is validated before the first is sent: a ValueError means
+        nothing of the batch went out.
+        """
+        batch = core.prepare_many(items, self.origin, self.keys)
+        return self._run(core.publish_query(batch)) if batch else []
+
+    def _publish(self, target: Target, msg: MessageLike) -> int:
+        outgoing = core.prepare(target, msg, self.origin, self.keys)
+        return self._run(core.publish_query([outgoing]))[0]
+
+    # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
+    def rooms(self) -> dict[str, int]:
+        return self._run(inspect.rooms(self.keys))
+
+    def room_members(self, room: str) -> list[inspect.Member]:
+        return self._run(inspect.room_members(self.keys, room))
+
+    def room_count(self) -> int:
+        return self._run(inspect.room_count(self.keys))
+
+    def client_count(self) -> int:
+        return self._run(inspect.client_count(self.keys))
+
+    def nodes(self) -> list[inspect.NodeInfo]:
+        return self._run(inspect.live_nodes(self.keys))
+
+    def stats(self) -> inspect.HubStats:
+        return self._run(inspect.stats(self.keys))
+
+    def user_online(self, user_id: str) -> int:
+        return self._run(inspect.user_online(self.keys, user_id))
+
+    # -- the I/O: the only part that differs from AsyncPublisher ---------------
+    def _run(self, query: Query[T]) -> T:
+        return drive(query, self._execute)
+
+    def _execute(self, step: Step) -> Any:
+        if self._client is None:
+            raise RuntimeError(f"{self!r} is closed")
+        if isinstance(step, list):
+            return pipeline_step(self._client, step).execute()
+        return step.on(self._client)
+
+    def close(self) -> None:
+        """Close the connection (unless the client was passed in). Idempotent."""
+        client, self._client = self._client, None
+        if self._owns_client and client is not None:
+            client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} origin={self.origin!r} prefix={self.keys.prefix!r}>"
