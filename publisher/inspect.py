@@ -1,0 +1,208 @@
+"""Read-only questions about a running hub, answered from Redis keys alone.
+
+The layout read here is PROTOCOL.md section 7; every answer is the one the
+nodes' HTTP API gives (section 6), so `hubctl stats` and `GET /api/stats`
+agree. Each question is a query (see `publisher.query`): written once, run by
+`Publisher` and `AsyncPublisher` alike. The parsing helpers are plain
+functions over plain values, testable without Redis.
+
+Clock: a node is live while its `hub:nodes` score (expiry, ms) is later than
+*this* machine's clock, so inspect from a host whose clock the nodes share
+(NTP), as the nodes themselves must for sweeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+from publisher.keys import Keys
+from publisher.message import MessageError
+from publisher.names import check_name
+from publisher.query import Call, Query, text
+
+__all__ = [
+    "HubStats", "Member", "NodeInfo", "client_count", "live_nodes", "member_of", "node_info",
+    "node_of", "now_ms", "room_count", "room_members", "rooms", "stats", "to_int", "user_online",
+]
+
+SCAN_COUNT = 1000
+"""HSCAN hint: big enough for few round trips, small enough not to stall Redis."""
+
+
+class Member(NamedTuple):
+    """One connection in a room; `user_id` is None for an anonymous connection."""
+
+    conn_id: str
+    user_id: str | None
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A live node as its Redis entries describe it.
+
+    `heartbeat_age` (seconds since its last heartbeat) is None for a node that
+    does not write the optional `heartbeat_at` field; `expires_in` (seconds
+    until it counts as dead unless it heartbeats again) is always known.
+    """
+
+    id: str
+    clients: int
+    expires_in: float
+    heartbeat_age: float | None = None
+    started_at: float | None = None
+    address: str | None = None
+    version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class HubStats:
+    """The numbers of `GET /api/stats`."""
+
+    clients: int
+    rooms: int
+    nodes: int
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# -- pure helpers ----------------------------------------------------------
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def to_int(value: Any, default: int = 0) -> int:
+    """A counter read from Redis; anything unreadable counts as `default`."""
+    if value is None:
+        return default
+    try:
+        return int(float(text(value)))
+    except ValueError:
+        return default
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(text(value))
+    except ValueError:
+        return None
+
+
+def node_of(conn_id: str) -> str:
+    """The node in a conn_id "<node>:<n>": everything before the last ':'."""
+    return conn_id.rpartition(":")[0]
+
+
+def member_of(conn_id: Any, user_id: Any) -> Member:
+    """One `hub:members:{room}` field and value; "" stands for anonymous."""
+    conn = text(conn_id)
+    user = text(user_id) if user_id is not None else ""
+    return Member(conn, user or None, node_of(conn))
+
+
+def _conn_order(member: Member) -> tuple[str, int, str]:
+    number = member.conn_id.rpartition(":")[2]
+    return (member.node, int(number) if number.isdigit() else -1, member.conn_id)
+
+
+def node_info(node_id: Any, expiry_ms: float, fields: Mapping[Any, Any], now: int) -> NodeInfo:
+    """Describe one node from its ZSET score and its `hub:node:<id>` hash.
+
+    Missing or unreadable fields degrade to None (0 clients) rather than fail:
+    a node may be older or newer than this client.
+    """
+    values = {text(k): v for k, v in fields.items()}
+    beat = _to_float(values.get("heartbeat_at"))
+    started = _to_float(values.get("started_at"))
+    if started is not None and started > 1e11:  # written in ms rather than seconds
+        started /= 1000
+    address, version = values.get("address"), values.get("version")
+    return NodeInfo(
+        id=text(node_id),
+        clients=to_int(values.get("clients")),
+        expires_in=round((expiry_ms - now) / 1000, 3),
+        heartbeat_age=None if beat is None else round(max(0.0, now - beat) / 1000, 3),
+        started_at=started,
+        address=None if address is None else text(address),
+        version=None if version is None else text(version),
+    )
+
+
+def _checked(label: str, name: str) -> str:
+    problem = check_name(name)
+    if problem:
+        raise MessageError(f"{label} {problem}")
+    return name
+
+
+# -- queries -----------------------------------------------------------------
+
+def _hscan_all(key: str) -> Query[dict[Any, Any]]:
+    """Every field of a hash, read with HSCAN so a big hash never blocks Redis."""
+    found: dict[Any, Any] = {}
+    cursor = 0
+    while True:
+        cursor, page = yield Call("hscan", (key,), {"cursor": cursor, "count": SCAN_COUNT})
+        found.update(page)
+        if int(cursor) == 0:
+            return found
+
+
+def rooms(keys: Keys) -> Query[dict[str, int]]:
+    """Room -> number of member connections, cluster-wide (`hub:rooms`)."""
+    raw = yield from _hscan_all(keys.rooms)
+    return {text(room): to_int(count) for room, count in sorted(raw.items())}
+
+
+def room_members(keys: Keys, room: str) -> Query[list[Member]]:
+    """The members of one room, ordered by node and connection number.
+
+    Raises ValueError for an invalid room name before asking Redis.
+    """
+    key = keys.members(_checked("room name", room))
+    raw = yield from _hscan_all(key)
+    return sorted((member_of(c, u) for c, u in raw.items()), key=_conn_order)
+
+
+def room_count(keys: Keys) -> Query[int]:
+    """How many rooms have at least one member (HLEN `hub:rooms`)."""
+    return to_int((yield Call("hlen", (keys.rooms,))))
+
+
+def user_online(keys: Keys, user_id: str) -> Query[int]:
+    """How many connections the user has cluster-wide; 0 when offline."""
+    return to_int((yield Call("hget", (keys.online, _checked("user id", user_id)))))
+
+
+def live_nodes(keys: Keys, now: int | None = None) -> Query[list[NodeInfo]]:
+    """Nodes whose heartbeat has not expired, in id order, with their hash fields."""
+    now = now_ms() if now is None else now
+    entries = yield Call("zrangebyscore", (keys.nodes, f"({now}", "+inf"), {"withscores": True})
+    ids = sorted((text(node), float(score)) for node, score in entries)
+    if not ids:
+        return []
+    hashes = yield [Call("hgetall", (keys.node(node),)) for node, _ in ids]
+    return [node_info(node, score, fields, now) for (node, score), fields in zip(ids, hashes, strict=True)]
+
+
+def client_count(keys: Keys, now: int | None = None) -> Query[int]:
+    """Connections cluster-wide: the sum of live nodes' `clients` (dead nodes do not count)."""
+    nodes = yield from live_nodes(keys, now)
+    return sum(n.clients for n in nodes)
+
+
+def stats(keys: Keys, now: int | None = None) -> Query[HubStats]:
+    """clients, rooms and nodes: the same numbers as `GET /api/stats`."""
+    nodes = yield from live_nodes(keys, now)
+    count = yield from room_count(keys)
+    return HubStats(clients=sum(n.clients for n in nodes), rooms=count, nodes=len(nodes))
