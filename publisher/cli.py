@@ -1,0 +1,223 @@
+"""`hubctl`: publish to a hub and look inside it from a shell (PROTOCOL.md section 9).
+
+    hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON]
+    hubctl rooms | hubctl members ROOM | hubctl nodes | hubctl stats
+
+Everything goes through `Publisher`, so hubctl validates, packs and reads
+exactly like a worker would. Output is an aligned table for people, or one
+line of JSON with `--json` (the same shapes as the nodes' HTTP API where one
+exists). Failures are one line on stderr and a non-zero exit, never a
+traceback: 2 for bad input (usage, JSON, message, URL), 1 when Redis cannot
+be reached or refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
+from publisher.inspect import NodeInfo
+from publisher.sync import Publisher
+
+__all__ = ["main"]
+
+Output = tuple[Any, list[str]]
+"""What a command returns: the JSON value and the human lines."""
+
+
+class UsageError(Exception):
+    """Bad input found by hubctl itself (exit 2)."""
+
+
+# -- commands -----------------------------------------------------------------
+
+def cmd_publish(pub: Publisher, args: argparse.Namespace) -> Output:
+    msg: dict[str, Any] = {"type": args.type, "data": _json_arg("--data", args.data)}
+    if args.metadata is not None:
+        msg["metadata"] = _json_arg("--metadata", args.metadata)
+    if args.room is not None:
+        channel, count = pub.keys.room_channel(args.room), pub.broadcast_to_room(args.room, msg)
+    elif args.user is not None:
+        channel, count = pub.keys.user_channel(args.user), pub.broadcast_to_user(args.user, msg)
+    else:
+        channel, count = pub.keys.all, pub.broadcast_to_all(msg)
+    return {"channel": channel, "nodes": count}, [f"published on {channel}: {_plural(count, 'node')} took it"]
+
+
+def cmd_rooms(pub: Publisher, args: argparse.Namespace) -> Output:
+    rooms = pub.rooms()
+    rows = [[room, count] for room, count in rooms.items()]
+    return {"rooms": rooms}, table(["ROOM", "MEMBERS"], rows) if rows else ["no rooms"]
+
+
+def cmd_members(pub: Publisher, args: argparse.Namespace) -> Output:
+    members = pub.room_members(args.room)
+    rows = [[m.conn_id, m.node, m.user_id or "-"] for m in members]
+    data = {"room": args.room, "members": [m._asdict() for m in members]}
+    return data, table(["CONN_ID", "NODE", "USER_ID"], rows) if rows else [f"no members in {args.room}"]
+
+
+def cmd_nodes(pub: Publisher, args: argparse.Namespace) -> Output:
+    nodes = pub.nodes()
+    rows = [_node_row(n) for n in nodes]
+    headers = ["NODE", "CLIENTS", "HEARTBEAT", "EXPIRES_IN", "UPTIME", "ADDRESS", "VERSION"]
+    return {"nodes": [n.to_json() for n in nodes]}, table(headers, rows) if rows else ["no live nodes"]
+
+
+def cmd_stats(pub: Publisher, args: argparse.Namespace) -> Output:
+    stats = pub.stats()
+    return stats.to_json(), table(None, [["clients", stats.clients], ["rooms", stats.rooms],
+                                         ["nodes", stats.nodes]])
+
+
+# -- formatting -----------------------------------------------------------------
+
+def table(headers: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Columns padded to their widest cell; numeric columns aligned right."""
+    cells = [[str(c) for c in row] for row in ([list(headers)] if headers else []) + list(rows)]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(cells[0]))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    def line(row: list[str]) -> str:
+        padded = (c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
+        return "  ".join(padded).rstrip()
+
+    return [line(row) for row in cells]
+
+
+def _node_row(n: NodeInfo) -> list[Any]:
+    age = "-" if n.heartbeat_age is None else f"{n.heartbeat_age:.1f}s ago"
+    uptime = "-" if n.started_at is None else _duration(time.time() - n.started_at)
+    return [n.id, n.clients, age, f"{n.expires_in:.1f}s", uptime, n.address or "-", n.version or "-"]
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _json_arg(flag: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} is not valid JSON: {exc}") from None
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, fit for an error message."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return url
+
+
+# -- arguments and main ---------------------------------------------------------
+
+COMMANDS: dict[str, tuple[Callable[[Publisher, argparse.Namespace], Output], str]] = {
+    "publish": (cmd_publish, "publish one message to all, a room or a user"),
+    "rooms": (cmd_rooms, "rooms and their member counts"),
+    "members": (cmd_members, "the connections in one room"),
+    "nodes": (cmd_nodes, "live nodes, their heartbeat and client counts"),
+    "stats": (cmd_stats, "clients, rooms and nodes (as GET /api/stats)"),
+}
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options accepted before and after the command (`hubctl --json rooms` or `hubctl rooms --json`)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--redis-url", default=default(None),
+                        help="Redis URL (env HUB_REDIS_URL, else redis://127.0.0.1:6379/0)")
+    parser.add_argument("--key-prefix", default=default(None),
+                        help='key prefix (env HUB_KEY_PREFIX, else "hub:")')
+    parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+                        help="seconds allowed for each Redis command")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubctl",
+                                     description="Publish to a hubnode cluster and inspect it.")
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    shared = argparse.ArgumentParser(add_help=False)
+    _global_options(shared, suppress=True)
+    sub = {name: commands.add_parser(name, parents=[shared], help=text, description=text)
+           for name, (_, text) in COMMANDS.items()}
+    where = sub["publish"].add_mutually_exclusive_group(required=True)
+    where.add_argument("--all", action="store_true", help="every connection")
+    where.add_argument("--room", metavar="R", help="the members of room R")
+    where.add_argument("--user", metavar="U", help="every connection of user U")
+    sub["publish"].add_argument("--type", required=True, metavar="T", help="message type")
+    sub["publish"].add_argument("--data", metavar="JSON", help="message data (JSON; default null)")
+    sub["publish"].add_argument("--metadata", metavar="JSON", help="message metadata (a JSON object)")
+    sub["members"].add_argument("room", metavar="ROOM")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one parsed command; raises on failure (main turns that into one line)."""
+    url = args.redis_url or default_url()
+    prefix = default_prefix() if args.key_prefix is None else args.key_prefix
+    try:
+        pub = Publisher(url, key_prefix=prefix, origin_id=f"hubctl-{os.getpid()}", timeout=args.timeout)
+    except ValueError as exc:
+        raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+    with pub:
+        try:
+            data, lines = COMMANDS[args.command][0](pub, args)
+        except redis.TimeoutError:
+            limit = f"{args.timeout:g}s"
+            raise redis.TimeoutError(f"Redis at {redact(url)} did not answer within {limit}") from None
+        except redis.ConnectionError as exc:
+            raise redis.ConnectionError(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    print(json.dumps(data, ensure_ascii=False) if args.json else "\n".join(lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hubctl` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError) as exc:  # MessageError is a ValueError
+        return _fail(str(exc), 2)
+    except redis.RedisError as exc:
+        return _fail(str(exc) or type(exc).__name__, 1)
+    except BrokenPipeError:  # `hubctl rooms | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"hubctl: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
