@@ -153,9 +153,19 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="Redis URL (env HUB_REDIS_URL, else redis://127.0.0.1:6379/0)")
     parser.add_argument("--key-prefix", default=default(None),
                         help='key prefix (env HUB_KEY_PREFIX, else "hub:")')
-    parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+    parser.add_argument("--timeout", type=_seconds, default=default(DEFAULT_TIMEOUT),
                         help="seconds allowed for each Redis command")
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not (0 < seconds < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
