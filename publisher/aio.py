@@ -83,7 +83,7 @@ class AsyncPublisher:
         outgoing = core.prepare(target, msg, self.origin, self.keys)
         return (await self._run(core.publish_query([outgoing])))[0]
 
-    # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
+    # -- inspection: as Publisher's (PROTOCOL.md section 7; publisher.inspect) --
     async def rooms(self) -> dict[str, int]:
         return await self._run(inspect.rooms(self.keys))
 

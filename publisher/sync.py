@@ -100,24 +100,31 @@ class Publisher:
 
     # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
     def rooms(self) -> dict[str, int]:
+        """Room -> member connections, cluster-wide (as GET /api/rooms)."""
         return self._run(inspect.rooms(self.keys))
 
     def room_members(self, room: str) -> list[inspect.Member]:
+        """(conn_id, user_id or None, node) of each connection in `room` (as GET /api/rooms/<room>)."""
         return self._run(inspect.room_members(self.keys, room))
 
     def room_count(self) -> int:
+        """How many rooms have members."""
         return self._run(inspect.room_count(self.keys))
 
     def client_count(self) -> int:
+        """Connections on live nodes, cluster-wide."""
         return self._run(inspect.client_count(self.keys))
 
     def nodes(self) -> list[inspect.NodeInfo]:
+        """Live nodes with their client counts and heartbeat age."""
         return self._run(inspect.live_nodes(self.keys))
 
     def stats(self) -> inspect.HubStats:
+        """clients, rooms, nodes: the numbers of GET /api/stats."""
         return self._run(inspect.stats(self.keys))
 
     def user_online(self, user_id: str) -> int:
+        """How many connections `user_id` has cluster-wide (0: offline)."""
         return self._run(inspect.user_online(self.keys, user_id))
 
     # -- the I/O: the only part that differs from AsyncPublisher ---------------
