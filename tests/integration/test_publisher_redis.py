@@ -134,9 +134,11 @@ async def test_thousand_concurrent_async_publishes_keep_call_order(
         redis_server: RedisServer, prefix: str, keys: Keys) -> None:
     """1,000 concurrent AsyncPublisher calls leave in the order they were made."""
     sub = aioredis.Redis.from_url(redis_server.url)
-    pubsub = sub.pubsub(ignore_subscribe_messages=True)
+    pubsub = sub.pubsub()
     await pubsub.subscribe(keys.room_channel("r"))
     try:
+        confirmed = await pubsub.get_message(timeout=5.0)  # PUBLISH counts only confirmed subscriptions
+        assert confirmed is not None and confirmed["type"] == "subscribe"
         async with AsyncPublisher(redis_server.url, key_prefix=prefix) as pub:
             counts = await asyncio.gather(
                 *(pub.broadcast_to_room("r", {"type": "n", "data": i}) for i in range(1000)))
