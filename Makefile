@@ -33,3 +33,15 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+.PHONY: bench bench-full
+
+## make bench: a short benchmark, hubnode vs python-socketio vs bare asyncio (bench/out/RESULTS-quick.md)
+bench: sysdeps $(BIN)/python
+	$(BIN)/pip install -q -e '.[speed,bench]'
+	$(BIN)/python -m bench
+
+## make bench-full: the full benchmark; rewrites bench/RESULTS.md (several minutes)
+bench-full: sysdeps $(BIN)/python
+	$(BIN)/pip install -q -e '.[speed,bench]'
+	$(BIN)/python -m bench --full

@@ -1,0 +1,1 @@
+"""hubnode benchmark suite: `python -m bench` (short) or `python -m bench --full`."""

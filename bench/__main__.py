@@ -1,0 +1,179 @@
+"""`python -m bench`: the short benchmark; `--full` for the figures in bench/RESULTS.md.
+
+Runs every scenario against every system in one invocation (hubnode,
+python-socketio, and the bare asyncio baseline), writes the JSON to
+bench/out/, a Markdown report (bench/RESULTS.md for --full, otherwise
+bench/out/RESULTS-quick.md) and, when matplotlib is installed, a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.loadgen import ensure_node_clients
+from bench.procs import ROOT
+from bench.report import environment, plot, write_markdown
+from bench.scenarios import Context
+from bench.systems import SYSTEMS, System, hub_cluster_available, make_systems
+
+SCENARIOS = ("fanout", "p2p", "latency", "idle", "storm")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes of one run."""
+
+    fanout: tuple[tuple[int, int], ...]  # (clients, messages)
+    p2p: tuple[int, int]  # (clients, messages)
+    latency: tuple[int, float, float]  # (clients, messages/s, seconds)
+    idle: tuple[int, ...]  # connections
+    storm: int  # clients
+
+
+QUICK = Plan(fanout=((1000, 100), (5000, 40)), p2p=(2000, 5000), latency=(1000, 20, 5),
+             idle=(10_000,), storm=5000)
+FULL = Plan(fanout=((1000, 1000), (5000, 200)), p2p=(2000, 20_000), latency=(1000, 20, 10),
+            idle=(10_000, 50_000), storm=10_000)
+
+Job = tuple[str, dict[str, Any], Callable[[System], Awaitable[dict[str, Any]]]]
+
+
+def jobs(plan: Plan, ctx: Context, only: set[str]) -> list[Job]:
+    """(scenario, parameters, run) in the order they run; every system runs each in turn."""
+    out: list[Job] = []
+    if "fanout" in only:
+        for clients, messages in plan.fanout:
+            out.append(("fanout", {"clients": clients, "messages": messages},
+                        lambda s, c=clients, m=messages: scenarios.fanout(s, ctx, c, m)))
+    if "p2p" in only:
+        clients, messages = plan.p2p
+        out.append(("p2p", {"clients": clients, "messages": messages},
+                    lambda s: scenarios.point_to_point(s, ctx, clients, messages)))
+    if "latency" in only:
+        n, rate, seconds = plan.latency
+        out.append(("latency", {"clients": n, "rate": rate, "duration_s": seconds},
+                    lambda s: scenarios.latency(s, ctx, n, rate, seconds)))
+    if "idle" in only:
+        for conns in plan.idle:
+            out.append(("idle", {"requested": conns, "clients": conns},
+                        lambda s, c=conns: scenarios.idle(s, ctx, c)))
+    if "storm" in only:
+        out.append(("storm", {"clients": plan.storm},
+                    lambda s: scenarios.storm(s, ctx, plan.storm)))
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="the full sizes (several minutes)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios, from {', '.join(SCENARIOS)}")
+    p.add_argument("--client", choices=("node", "python"), default="node",
+                   help="load generator: Node.js ws/socket.io-client (default) or aiohttp")
+    p.add_argument("--client-processes", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    p.add_argument("--results", type=Path, default=None,
+                   help="Markdown report (default: bench/RESULTS.md with --full, "
+                        "else bench/out/RESULTS-quick.md)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile hubnode with py-spy (separate runs, no figures)")
+    return p.parse_args(argv)
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def headline(scenario: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"FAILED: {r['error']}"
+    if scenario in ("fanout", "p2p", "latency"):
+        text = (f"{r['delivered']:,}/{r['expected']:,} delivered, {r['deliveries_per_s']:,.0f}/s, "
+                f"{r['cpu_per_100k']:.2f} CPU-s/100k, load-gen busiest {r['client_max_core']:.2f} cores")
+        if scenario == "latency":
+            text += f", p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms max {r['max_ms']:.0f} ms"
+        return text
+    if scenario == "idle":
+        return (f"{r['clients']:,} conns, {r['bytes_per_conn']:,.0f} B/conn, "
+                f"connect all {r['connect_all_s']:.1f} s")
+    return (f"all joined in {r['all_joined_s']:.1f} s, Redis CPU {r['redis_cpu_s']:.2f} s, "
+            f"{r['redis_commands']:,} commands")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = FULL if args.full else QUICK
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = (set(names) - set(SYSTEMS)) | (only - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown system or scenario: {', '.join(sorted(unknown))}")
+    if args.client == "node":
+        ensure_node_clients()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    ctx = Context(log_dir=args.out / "logs" / stamp, client=args.client,
+                  client_processes=args.client_processes)
+    systems = make_systems(names)
+    if "hubnode" in names and not hub_cluster_available():
+        log("hubnode has no cluster mode yet (hubnode/cluster.py): single node + POST /broadcast")
+    started = time.monotonic()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for scenario, params, job in jobs(plan, ctx, only):
+        for system in systems:
+            log(f"{scenario} {params} {system.label} ...")
+            try:
+                r = await job(system)
+            except Exception as exc:  # one failure must not lose the rest of the run
+                r = {"system": system.name, **params, "error": f"{type(exc).__name__}: {exc}"}
+            results.setdefault(scenario, []).append(r)
+            log(f"  {system.label}: {headline(scenario, r)}")
+    profile: list[str] = []
+    if args.profile:
+        log("profiling hubnode with py-spy ...")
+        from bench.profile import profile_hub
+
+        profile = await profile_hub(ctx, args.out)
+    return {
+        "command": "python -m bench " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "python -m bench",
+        "mode": "full" if args.full else "quick", "started": stamp,
+        "elapsed_s": time.monotonic() - started, "systems": names,
+        "hub_cluster": hub_cluster_available(), "plan": plan.__dict__,
+        "environment": environment(), "results": results, "profile": profile,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = asyncio.run(run(args))
+    mode = report["mode"]
+    json_path = args.out / f"results-{mode}-{report['started']}.json"
+    text = json.dumps(report, indent=1, default=str)
+    json_path.write_text(text)
+    (args.out / f"latest-{mode}.json").write_text(text)
+    md = args.results or (ROOT / "bench" / "RESULTS.md" if args.full
+                          else args.out / "RESULTS-quick.md")
+    png = md.with_suffix(".png")
+    if plot(png, report):
+        report["plot"] = png.name
+    write_markdown(md, report)
+    log(f"wrote {json_path}, {md}" + (f", {png}" if report.get("plot") else ""))
+    failed = [r for rows in report["results"].values() for r in rows if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

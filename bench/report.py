@@ -1,0 +1,375 @@
+"""Results: the JSON of a run, its Markdown report and an optional PNG.
+
+The Markdown opens with the targets of the issue and the ratio
+python-socketio / hubnode from the same run, then one table per scenario with
+every figure, then how the numbers were taken.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT, nofile_limit
+
+__all__ = ["environment", "plot", "write_markdown"]
+
+Row = dict[str, Any]
+
+TARGETS = {  # measure -> (limit, lower is better)
+    "fanout1000": 1.1, "fanout5000": 1.3, "p2p": 6.0, "latency_p99": 40.0, "idle_bytes": 12_000,
+}
+
+
+# -- where and with what ------------------------------------------------------------
+
+def _run(argv: Sequence[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=ROOT,
+                              check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _npm_version(pkg: str) -> str:
+    path = ROOT / "bench" / "node_modules" / pkg / "package.json"
+    if not path.exists():
+        return "-"
+    import json
+
+    return str(json.loads(path.read_text())["version"])
+
+
+def environment() -> dict[str, Any]:
+    """Machine, versions and revision: enough to say what the numbers belong to."""
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    redis = _run([shutil.which("redis-server") or "redis-server", "--version"])
+    dirty = bool(_run(["git", "status", "--porcelain", "--", "hubnode", "publisher"]))
+    return {
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": round(mem / 2**30, 1),
+                    "kernel": platform.release(), "nofile_limit": nofile_limit()},
+        "versions": {
+            "python": platform.python_version(), "hubnode": _version("hubnode"),
+            "aiohttp": _version("aiohttp"), "redis-py": _version("redis"),
+            "hiredis": _version("hiredis"), "uvloop": _version("uvloop"),
+            "orjson": _version("orjson"), "msgpack": _version("msgpack"),
+            "python-socketio": _version("python-socketio"),
+            "python-engineio": _version("python-engineio"),
+            "redis-server": redis.split()[2].removeprefix("v=") if redis else "-",
+            "node": _run(["node", "--version"]) or "-",
+            "ws (npm)": _npm_version("ws"), "socket.io-client (npm)": _npm_version("socket.io-client"),
+        },
+        "git": {"revision": _run(["git", "rev-parse", "--short", "HEAD"]),
+                "hubnode_dirty": dirty},
+    }
+
+
+# -- Markdown -------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _by_system(rows: Sequence[Row]) -> dict[str, Row]:
+    return {r["system"]: r for r in rows if "system" in r}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    return f"{a / b:.1f}x"
+
+
+def _get(rows: Sequence[Row], system: str, key: str, where: Callable[[Row], bool] | None = None
+         ) -> Any:
+    for r in rows:
+        if r.get("system") == system and (where is None or where(r)):
+            return r.get(key)
+    return None
+
+
+def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]:
+    fan = results.get("fanout", [])
+    lines = [
+        "| measure (hubnode target) | " + " | ".join(_LABELS.get(s, s) for s in systems)
+        + " | socketio / hubnode | hubnode target met |",
+        "|---" * (len(systems) + 3) + "|",
+    ]
+    specs: list[tuple[str, list[Row], str, Callable[[Row], bool] | None, float | None]] = [
+        ("fan-out 1k clients: server CPU-s per 100k deliveries (<= 1.1)", fan, "cpu_per_100k",
+         lambda r: r["clients"] == 1000, TARGETS["fanout1000"]),
+        ("fan-out 5k clients: server CPU-s per 100k deliveries (<= 1.3)", fan, "cpu_per_100k",
+         lambda r: r["clients"] == 5000, TARGETS["fanout5000"]),
+        ("point-to-point: server CPU-s per 100k deliveries (<= 6)", results.get("p2p", []),
+         "cpu_per_100k", None, TARGETS["p2p"]),
+        ("latency p99, ms (<= 40)", results.get("latency", []), "p99_ms", None,
+         TARGETS["latency_p99"]),
+        ("idle: bytes per connection (<= 12,000)", results.get("idle", []), "bytes_per_conn",
+         lambda r: r["requested"] == 10_000, TARGETS["idle_bytes"]),
+        ("storm: seconds to all joined", results.get("storm", []), "all_joined_s", None, None),
+    ]
+    for title, rows, key, where, limit in specs:
+        if not rows:
+            continue
+        values = [_get(rows, s, key, where) for s in systems]
+        hub = _get(rows, "hubnode", key, where)
+        sio = _get(rows, "socketio", key, where)
+        met = "-" if limit is None or hub is None else ("yes" if hub <= limit else "**no**")
+        lines.append(f"| {title} | " + " | ".join(_fmt(v) for v in values)
+                     + f" | {_ratio(sio, hub)} | {met} |")
+    lost = {s: sum(r.get("missing", 0) + r.get("duplicated", 0)
+                   for key in ("fanout", "p2p", "latency") for r in results.get(key, [])
+                   if r.get("system") == s) for s in systems}
+    lines.append("| messages lost or duplicated, all delivery runs (0) | "
+                 + " | ".join(_fmt(lost[s]) for s in systems)
+                 + " | - | " + ("yes" if lost.get("hubnode", 1) == 0 else "**no**") + " |")
+    return lines
+
+
+_LABELS = {"hubnode": "hubnode", "socketio": "python-socketio", "baseline": "bare asyncio"}
+
+_DELIVERY_COLUMNS = [
+    ("delivered / expected", lambda r: f"{r['delivered']:,} / {r['expected']:,}"),
+    ("missing + duplicated", lambda r: _fmt(r["missing"] + r["duplicated"])),
+    ("deliveries/s", lambda r: _fmt(r["deliveries_per_s"])),
+    ("server CPU-s per 100k", lambda r: _fmt(r["cpu_per_100k"])),
+    ("server CPU-s (user + sys)",
+     lambda r: f"{r['server_cpu_s']:.2f} ({r['server_user_s']:.2f} + {r['server_sys_s']:.2f})"),
+    ("Redis CPU-s", lambda r: _fmt(r["redis_cpu_s"])),
+    ("load-gen CPU-s per 100k", lambda r: _fmt(r["client_cpu_per_100k"])),
+    ("busiest load-gen process, cores", lambda r: _fmt(r["client_max_core"])),
+    ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
+    ("wall s", lambda r: _fmt(r["seconds"])),
+]
+
+_LATENCY_COLUMNS = [
+    ("p50 ms", lambda r: _fmt(r["p50_ms"])), ("p90 ms", lambda r: _fmt(r["p90_ms"])),
+    ("p99 ms", lambda r: _fmt(r["p99_ms"])), ("max ms", lambda r: _fmt(r["max_ms"])),
+    ("samples", lambda r: _fmt(r["latency_samples"])),
+]
+
+_IDLE_COLUMNS = [
+    ("connections (requested)", lambda r: f"{r['clients']:,} ({r['requested']:,})"),
+    ("bytes per connection", lambda r: _fmt(r["bytes_per_conn"])),
+    ("RSS before -> after, MiB", lambda r: f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f}"),
+    ("connect all, s", lambda r: _fmt(r["connect_all_s"])),
+    ("connects/s", lambda r: _fmt(r["connects_per_s"])),
+    ("connect p50 / p99 ms", lambda r: f"{_fmt(r['connect_p50_ms'])} / {_fmt(r['connect_p99_ms'])}"),
+    ("server CPU-s per 1k connects", lambda r: _fmt(r["cpu_per_1k_connects"])),
+    ("load-gen processes x source addresses",
+     lambda r: f"{r['client_processes']} x {r['source_addresses']}"),
+]
+
+_STORM_COLUMNS = [
+    ("clients x rooms each", lambda r: f"{r['clients']:,} x {r['rooms_per_client']}"),
+    ("all joined, s", lambda r: _fmt(r["all_joined_s"])),
+    ("clients/s", lambda r: _fmt(r["clients_per_s"])),
+    ("connect+join p50 / p99 ms", lambda r: f"{_fmt(r['join_p50_ms'])} / {_fmt(r['join_p99_ms'])}"),
+    ("Redis CPU-s", lambda r: _fmt(r["redis_cpu_s"])),
+    ("Redis commands", lambda r: _fmt(r["redis_commands"])),
+    ("server CPU-s", lambda r: _fmt(r["server_cpu_s"])),
+    ("load-gen CPU-s (busiest, cores)",
+     lambda r: f"{r['client_cpu_s']:.2f} ({r['client_max_core']:.2f})"),
+    ("lobby members in Redis", lambda r: _fmt(r["lobby_members_in_redis"])),
+]
+
+
+def _table(rows: Sequence[Row], systems: Sequence[str],
+           columns: Sequence[tuple[str, Callable[[Row], str]]]) -> list[str]:
+    present = [s for s in systems if any(r.get("system") == s for r in rows)]
+    out = ["| | " + " | ".join(_LABELS.get(s, s) for s in present) + " |",
+           "|---" * (len(present) + 1) + "|"]
+    by = _by_system(rows)
+    for title, cell in columns:
+        out.append(f"| {title} | " + " | ".join(cell(by[s]) if "error" not in by[s]
+                                                  else "failed" for s in present) + " |")
+    errors = [f"- {_LABELS.get(r['system'], r['system'])}: {r['error']}" for r in rows if "error" in r]
+    return out + ([""] + errors if errors else [])
+
+
+def write_markdown(path: Path, run: dict[str, Any]) -> None:
+    results: dict[str, list[Row]] = run["results"]
+    systems: list[str] = run["systems"]
+    env = run["environment"]
+    machine, versions = env["machine"], env["versions"]
+    lines = [
+        "# Benchmark results", "",
+        f"`{run['command']}`, {run['started']} ({run['mode']} run, {run['elapsed_s']:.0f} s); "
+        f"hubnode at `{env['git']['revision']}`"
+        + (" with uncommitted changes" if env["git"]["hubnode_dirty"] else "") + ".", "",
+        f"Machine: {machine['cpus']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
+        f"Linux {machine['kernel']}; open-files limit {machine['nofile_limit']:,} per process. "
+        "Everything (Redis, nodes, load generator, publisher) on this one machine, over loopback.", "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
+        "## Summary", "",
+        "Primary figure: CPU-seconds (utime + stime of the node processes, from /proc) per "
+        "100,000 deliveries. Lower is better; ratios are python-socketio / hubnode from this run.",
+        "",
+        *_summary(results, systems), "",
+    ]
+    if run.get("plot"):
+        lines += [f"![headline figures]({run['plot']})", ""]
+    if not run.get("hub_cluster", True):
+        lines += ["**hubnode ran as a single node with the embedded broker, published to by "
+                  "`POST /broadcast`** (cluster mode was not available): its figures include "
+                  "an HTTP request per published message and are not comparable with "
+                  "the two-node Redis set-ups.", ""]
+    sections = [
+        ("fanout", "Fan-out", "All clients in one room across 2 nodes; an external publisher "
+         "floods ~100-byte messages through Redis as fast as it can.", _DELIVERY_COLUMNS),
+        ("p2p", "Point-to-point", "Each client its own user across 2 nodes; messages to "
+         "random users (fixed seed), flooded.", _DELIVERY_COLUMNS),
+        ("latency", "Latency", "All clients in one room across 2 nodes; the publisher sends at "
+         "a fixed rate, each message carrying time.monotonic(); clients subtract it from "
+         "CLOCK_MONOTONIC at receipt (same host, same clock).",
+         [*_LATENCY_COLUMNS, *_DELIVERY_COLUMNS]),
+        ("idle", "Idle connections", "Idle connections (each its own user) on one node; "
+         "RSS delta / N from /proc.", _IDLE_COLUMNS),
+        ("storm", "Connection storm", "Clients connect at once to 2 nodes and each joins "
+         "`lobby` and one of 100 team rooms; hubnode writes membership to Redis "
+         "(python-socketio and the baseline keep rooms in process memory only).", _STORM_COLUMNS),
+    ]
+    for key, title, text, columns in sections:
+        rows = results.get(key)
+        if not rows:
+            continue
+        lines += [f"## {title}", "", text, ""]
+        groups: dict[Any, list[Row]] = {}
+        for r in rows:
+            groups.setdefault(_group_key(key, r), []).append(r)
+        for group, group_rows in groups.items():
+            if group:
+                lines += [f"### {group}", ""]
+            lines += [*_table(group_rows, systems, columns), ""]
+    if run.get("profile"):
+        lines += ["## Where hubnode's CPU goes", "", *run["profile"], ""]
+    lines += [*_METHOD, ""]
+    path.write_text("\n".join(lines))
+
+
+def _group_key(key: str, r: Row) -> str:
+    if key == "fanout":
+        return f"{r.get('clients', 0):,} clients, {r.get('messages', 0):,} messages"
+    if key == "p2p":
+        return f"{r.get('clients', 0):,} clients, {r.get('messages', 0):,} messages"
+    if key == "latency":
+        return (f"{r.get('clients', 0):,} clients, {r.get('rate', 0):g} msg/s for "
+                f"{r.get('duration_s', 0):g} s")
+    if key == "idle":
+        return f"{r.get('requested', 0):,} connections requested"
+    return ""
+
+
+_METHOD = [
+    "## How the numbers were taken", "",
+    "- `python -m bench` starts, for each scenario and each system, a private `redis-server` "
+    "and fresh nodes on 127.0.0.1, then the load generator: Node.js processes "
+    "(`bench/client/load.js`; npm `ws` for hubnode and the baseline, `socket.io-client` over "
+    "the websocket transport for python-socketio), two by default. Its CPU is measured like "
+    "the servers' and reported per scenario (\"busiest load-gen process, cores\": 1.0 would "
+    "mean a saturated client).",
+    "- The same settings for every server: no per-message compression (clients do not offer "
+    "permessage-deflate), no application pings (`--ping-interval 0` for hubnode, "
+    "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop.",
+    "- hubnode: `hubnode --redis-url ... --node-id nodeA|nodeB` (cluster mode); the publisher "
+    "PUBLISHes the msgpack envelope of PROTOCOL.md section 7 (`publisher.targets.envelope_for`). "
+    "python-socketio: `AsyncServer(client_manager=AsyncRedisManager(url), async_mode='aiohttp')` "
+    "(`bench/servers/sio_server.py`), published to with a write-only `AsyncRedisManager`'s "
+    "payloads; users are rooms `user:<id>` entered on connect. Bare asyncio: "
+    "`bench/servers/baseline.py`, an aiohttp server with one redis-py subscriber that writes "
+    "one pre-built frame to every member's transport.",
+    "- Before each window, a warm-up message to everyone is repeated until every client got "
+    "one. The window opens just before the first publish and closes at the last delivery; "
+    "flooded messages are built before it opens. Delivered counts are per client and compared "
+    "with what each client should have got (missing and duplicated are counted separately).",
+    "- The machine has 2 cores shared by everything: deliveries/s and latency are what this "
+    "box does with the load generator competing for the same cores; CPU-seconds per delivery "
+    "are the figure that carries over to other machines.",
+    "- Idle connections on one node are capped by the per-process open-files limit (hard "
+    "limit here, not raisable without CAP_SYS_RESOURCE): a larger request is clamped and the "
+    "table says so. Several client processes and source addresses 127.0.0.x avoid the "
+    "client-side limits (file descriptors, ~28k ephemeral ports per address pair).",
+]
+
+
+# -- PNG -------------------------------------------------------------------------------
+
+def plot(path: Path, run: dict[str, Any]) -> bool:
+    """A small PNG of the headline figures; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    results: dict[str, list[Row]] = run["results"]
+    systems: list[str] = run["systems"]
+    panels: list[tuple[str, list[tuple[str, list[Row], str, Callable[[Row], bool] | None]]]] = [
+        ("server CPU-s per 100k deliveries", [
+            ("fan-out 1k", results.get("fanout", []), "cpu_per_100k", lambda r: r["clients"] == 1000),
+            ("fan-out 5k", results.get("fanout", []), "cpu_per_100k", lambda r: r["clients"] == 5000),
+            ("p2p", results.get("p2p", []), "cpu_per_100k", None)]),
+        ("latency, ms (20 msg/s x 1k)", [
+            ("p50", results.get("latency", []), "p50_ms", None),
+            ("p99", results.get("latency", []), "p99_ms", None)]),
+        ("idle KiB per connection", [
+            ("10k", results.get("idle", []), "bytes_per_conn", lambda r: r["requested"] == 10_000)]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.4))
+    colours = {"hubnode": "#2a7ab0", "socketio": "#d9822b", "baseline": "#8a8a8a"}
+    for ax, (title, groups) in zip(axes, panels, strict=True):
+        width = 0.8 / max(1, len(systems))
+        for k, system in enumerate(systems):
+            values = []
+            for _label, rows, key, where in groups:
+                v = _get(rows, system, key, where)
+                if v is not None and key == "bytes_per_conn":
+                    v = v / 1024
+                values.append(v if v is not None else 0.0)
+            xs = [g + k * width for g in range(len(groups))]
+            ax.bar(xs, values, width, label=_LABELS.get(system, system),
+                   color=colours.get(system))
+        ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))])
+        ax.set_xticklabels([g[0] for g in groups])
+        ax.set_title(title, fontsize=10)
+        if title.startswith("latency") and any(
+                (_get(rows, s, key, where) or 0) > 0 for s in systems for _l, rows, key, where in groups):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

@@ -1,0 +1,366 @@
+"""The five measurements of the benchmark, each run against one System.
+
+Every scenario starts its own Redis and nodes, connects a fleet of clients,
+warms up, then measures over a window that opens just before the first
+publish and closes when the last expected delivery arrived (or progress
+stalled). CPU is read from /proc for the nodes, Redis, the client processes
+and this controller (the publisher), so each figure comes with the proof that
+the load generator was not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from bench.loadgen import Fleet, Ready, Stats
+from bench.procs import Cpu, cpu_of, nofile_limit
+from bench.publish import Publisher
+from bench.systems import Deployment, Item, System
+
+__all__ = ["Context", "fanout", "idle", "latency", "point_to_point", "storm"]
+
+PAD = 60  # data {"seq":..,"t":..,"pad":"x"*PAD} is about 100 bytes of JSON
+CONNECTS_IN_FLIGHT = 64  # per client process: the nodes listen with a backlog of 128
+
+
+@dataclass
+class Context:
+    """What every scenario needs besides its System."""
+
+    log_dir: Path
+    client: str = "node"  # or "python"
+    client_processes: int = 2
+    timeout: float = 180.0  # upper bound on one wait for deliveries or connects
+
+    def tag(self, scenario: str, system: System) -> str:
+        return f"{scenario}-{system.name}"
+
+
+class Probe(Protocol):
+    """Something attached to the nodes while the measuring window is open (a profiler)."""
+
+    async def start(self, dep: Deployment) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def bench_data(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "t": time.monotonic(), "pad": "x" * PAD}
+
+
+class Meter:
+    """CPU of the nodes, Redis, the clients and the publisher over one window."""
+
+    def __init__(self, dep: Deployment, fleet: Fleet) -> None:
+        self.dep, self.fleet = dep, fleet
+        self.start = self._read()
+        self.t0 = time.monotonic()
+
+    def _read(self) -> dict[str, Any]:
+        nodes = Cpu()
+        for pid in self.dep.node_pids:
+            nodes = nodes + cpu_of(pid)
+        return {"nodes": nodes,
+                "redis": cpu_of(self.dep.redis.pid) if self.dep.redis else Cpu(),
+                "clients": [p.cpu() for p in self.fleet.procs],
+                "publisher": cpu_of(os.getpid())}
+
+    def stop(self, end: float | None = None) -> dict[str, Any]:
+        """The window's figures; `end` is when the last delivery arrived (default now)."""
+        now = self._read()
+        seconds = max(1e-9, (end or time.monotonic()) - self.t0)
+        nodes = now["nodes"] - self.start["nodes"]
+        clients = [b - a for a, b in zip(self.start["clients"], now["clients"], strict=True)]
+        return {
+            "seconds": seconds,
+            "server_cpu_s": nodes.total, "server_user_s": nodes.user, "server_sys_s": nodes.system,
+            "redis_cpu_s": (now["redis"] - self.start["redis"]).total,
+            "client_cpu_s": sum(c.total for c in clients),
+            "client_max_core": max((c.total for c in clients), default=0.0) / seconds,
+            "publisher_cpu_s": (now["publisher"] - self.start["publisher"]).total,
+        }
+
+
+# -- shared steps ---------------------------------------------------------------
+
+async def _start(system: System, ctx: Context, scenario: str, nodes: int, clients: int,
+                 rooms: dict[str, Any] | None = None, latency: bool = False,
+                 processes: int | None = None, addresses: list[str] | None = None
+                 ) -> tuple[Deployment, Fleet]:
+    tag = ctx.tag(scenario, system)
+    dep = await asyncio.to_thread(system.start, nodes, ctx.log_dir, tag)
+    try:
+        fleet = await Fleet.start(kind=ctx.client, proto=system.proto, urls=dep.urls, total=clients,
+                                  processes=processes or ctx.client_processes, log_dir=ctx.log_dir,
+                                  tag=tag, rooms=rooms, local_addresses=addresses,
+                                  concurrency=CONNECTS_IN_FLIGHT, latency=latency,
+                                  timeout=ctx.timeout)
+    except BaseException:
+        await asyncio.to_thread(dep.stop)
+        raise
+    return dep, fleet
+
+
+async def _stop(dep: Deployment, fleet: Fleet) -> None:
+    await fleet.close()
+    await asyncio.to_thread(dep.stop)
+
+
+def _check_ready(ready: Ready, expected: int) -> None:
+    if ready.connected != expected:
+        raise RuntimeError(f"only {ready.connected}/{expected} clients connected: {ready.errors[:5]}")
+
+
+async def warm_up(fleet: Fleet, pub: Publisher, system: System, timeout: float = 30.0) -> None:
+    """Publish to everyone until every client got one; then wait for quiet."""
+    end = time.monotonic() + timeout
+    k = 0
+    while True:
+        await pub.publish([system.everyone({"w": k})])
+        k += 1
+        await asyncio.sleep(0.2)
+        stats = await fleet.stats()
+        if stats.warm_min >= 1:
+            break
+        if time.monotonic() > end:
+            raise TimeoutError(f"warm-up: some clients got nothing in {timeout:.0f}s")
+    previous = -1
+    while stats.warm_total != previous:
+        previous = stats.warm_total
+        await asyncio.sleep(0.3)
+        stats = await fleet.stats()
+    await fleet.reset()
+
+
+async def wait_delivered(fleet: Fleet, expected: int, timeout: float, stall: float = 15.0) -> Stats:
+    """Poll the clients until `expected` deliveries, `stall` s without progress, or timeout."""
+    end = time.monotonic() + timeout
+    previous, progressed = -1, time.monotonic()
+    while True:
+        stats = await fleet.stats()
+        now = time.monotonic()
+        if stats.received >= expected:
+            return stats
+        if stats.received != previous:
+            previous, progressed = stats.received, now
+        if now - progressed > stall or now > end:
+            return stats
+        await asyncio.sleep(0.1)
+
+
+def _compare(counts: Sequence[int], expected: Callable[[int], int]) -> tuple[int, int]:
+    """(missing, duplicated) deliveries, client by client."""
+    missing = duplicated = 0
+    for i, got in enumerate(counts):
+        want = expected(i)
+        missing += max(0, want - got)
+        duplicated += max(0, got - want)
+    return missing, duplicated
+
+
+async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, clients: int,
+                   rooms: dict[str, Any] | None, build: Callable[[int], Item], count: int,
+                   expected: Callable[[int], int], rate: float = 0.0,
+                   latency: bool = False, probe: Probe | None = None) -> dict[str, Any]:
+    """Connect, warm up, publish `count` items (flood, or `rate` per second), count deliveries.
+
+    A flood is built before the window opens; a paced item is built (and so
+    timestamped) right when it is sent.
+    """
+    dep, fleet = await _start(system, ctx, scenario, nodes, clients, rooms, latency)
+    pub = Publisher(dep)
+    try:
+        ready = await fleet.connect(ctx.timeout)
+        _check_ready(ready, clients)
+        await warm_up(fleet, pub, system)
+        total = sum(expected(i) for i in range(clients))
+        batch = [] if rate else [build(k) for k in range(count)]
+        if probe is not None:
+            await probe.start(dep)
+        meter = Meter(dep, fleet)
+        if rate:
+            await _paced(pub, build, count, rate)
+        else:
+            await pub.publish(batch)
+        stats = await wait_delivered(fleet, total, ctx.timeout)
+        window = meter.stop(stats.last or None)
+        if probe is not None:
+            await probe.stop()
+        full = await fleet.stats(full=True)
+        dep.check()
+    finally:
+        await pub.close()
+        await _stop(dep, fleet)
+    assert full.counts is not None
+    missing, duplicated = _compare(full.counts, expected)
+    delivered = full.received
+    out: dict[str, Any] = {
+        "system": system.name, "cluster": system.cluster, "nodes": len(dep.nodes),
+        "clients": clients, "expected": total, "delivered": delivered,
+        "missing": missing, "duplicated": duplicated,
+        "deliveries_per_s": delivered / window["seconds"],
+        "cpu_per_100k": window["server_cpu_s"] / max(1, delivered) * 1e5,
+        "client_cpu_per_100k": window["client_cpu_s"] / max(1, delivered) * 1e5,
+        "closed_during_run": full.closed, "errors": full.errors[:5], **window,
+    }
+    if latency:
+        out.update({"p50_ms": full.latency_ms(0.50), "p90_ms": full.latency_ms(0.90),
+                    "p99_ms": full.latency_ms(0.99), "max_ms": full.lat_max,
+                    "latency_samples": full.lat_count})
+    return out
+
+
+async def _paced(pub: Publisher, build: Callable[[int], Item], count: int, rate: float) -> None:
+    """Publish one item per 1/rate seconds on a fixed schedule (no drift)."""
+    t0 = time.monotonic()
+    for k in range(count):
+        delay = t0 + k / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await pub.publish([build(k)])
+
+
+# -- the scenarios ----------------------------------------------------------------
+
+async def fanout(system: System, ctx: Context, clients: int, messages: int,
+                 nodes: int = 2, probe: Probe | None = None) -> dict[str, Any]:
+    """All clients in one room; `messages` published as fast as possible."""
+    result = await _deliver(system, ctx, f"fanout{clients}", nodes=nodes, clients=clients,
+                            rooms={"shared": ["room1"]},
+                            build=lambda k: system.room("room1", bench_data(k)), count=messages,
+                            expected=lambda i: messages, probe=probe)
+    result["messages"] = messages
+    return result
+
+
+async def point_to_point(system: System, ctx: Context, clients: int, messages: int,
+                         nodes: int = 2, seed: int = 6, probe: Probe | None = None
+                         ) -> dict[str, Any]:
+    """Each client its own user; `messages` sent to random users as fast as possible."""
+    rng = random.Random(seed)
+    targets = [rng.randrange(clients) for _ in range(messages)]
+    per_user = [0] * clients
+    for t in targets:
+        per_user[t] += 1
+
+    result = await _deliver(system, ctx, "p2p", nodes=nodes, clients=clients, rooms=None,
+                            build=lambda k: system.user(f"u{targets[k]}", bench_data(k)),
+                            count=messages, expected=lambda i: per_user[i], probe=probe)
+    result["messages"] = messages
+    return result
+
+
+async def latency(system: System, ctx: Context, clients: int, rate: float, seconds: float,
+                  nodes: int = 2) -> dict[str, Any]:
+    """All clients in one room; `rate` messages/s for `seconds`, each stamped when sent."""
+    messages = int(rate * seconds)
+    result = await _deliver(system, ctx, "latency", nodes=nodes, clients=clients,
+                            rooms={"shared": ["room1"]},
+                            build=lambda k: system.room("room1", bench_data(k)), count=messages,
+                            expected=lambda i: messages, rate=rate, latency=True)
+    result.update({"messages": messages, "rate": rate, "duration_s": seconds})
+    return result
+
+
+def idle_capacity(requested: int) -> int:
+    """How many connections one node process can hold under this machine's open-files limit."""
+    return min(requested, nofile_limit() - 300)
+
+
+async def idle(system: System, ctx: Context, clients: int) -> dict[str, Any]:
+    """`clients` idle connections on one node: RSS per connection and connect time."""
+    n = idle_capacity(clients)
+    per_process = 12_000  # each client process is under the same open-files limit
+    processes = max(ctx.client_processes, math.ceil(n / per_process))
+    # about 28k ephemeral ports per (source, destination) pair: past that, spread the
+    # clients over 127.0.0.x (an explicit bind, so only when one address is not enough)
+    sources = math.ceil(n / 25_000)
+    addresses = [f"127.0.0.{k + 1}" for k in range(sources)] if sources > 1 else []
+    dep, fleet = await _start(system, ctx, f"idle{clients}", 1, n, processes=processes,
+                              addresses=addresses)
+    try:
+        await asyncio.sleep(1.0)  # let the node finish starting (imports, Redis pools)
+        node = dep.nodes[0]
+        rss0 = node.rss()
+        meter = Meter(dep, fleet)
+        ready = await fleet.connect(ctx.timeout * 2)
+        window = meter.stop(ready.finished)
+        _check_ready(ready, n)
+        await asyncio.sleep(2.0)  # settle: late allocations, Redis replies
+        rss1 = node.rss()
+        stats = await fleet.stats()
+        dep.check()
+    finally:
+        await _stop(dep, fleet)
+    ms = sorted(ready.connect_ms)
+    return {
+        "system": system.name, "cluster": system.cluster, "requested": clients, "clients": n,
+        "clamped": n < clients, "nofile_limit": nofile_limit(),
+        "client_processes": processes, "source_addresses": max(1, len(addresses)),
+        "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+        "bytes_per_conn": (rss1 - rss0) / n,
+        "connect_all_s": ready.seconds,
+        "connects_per_s": n / ready.seconds,
+        "connect_p50_ms": _pct(ms, 0.5), "connect_p99_ms": _pct(ms, 0.99),
+        "server_cpu_s": window["server_cpu_s"],
+        "cpu_per_1k_connects": window["server_cpu_s"] / n * 1000,
+        "redis_cpu_s": window["redis_cpu_s"], "client_cpu_s": window["client_cpu_s"],
+        "client_max_core": window["client_max_core"], "closed_during_run": stats.closed,
+    }
+
+
+async def storm(system: System, ctx: Context, clients: int, nodes: int = 2,
+                rooms: int = 100) -> dict[str, Any]:
+    """`clients` connect at once and each joins "lobby" and one of `rooms` team rooms."""
+    spec = {"shared": ["lobby"], "mod": rooms, "modPrefix": "team"}
+    dep, fleet = await _start(system, ctx, "storm", nodes, clients, rooms=spec)
+    try:
+        if dep.redis is None:
+            raise RuntimeError("the storm needs cluster mode (membership in Redis)")
+        r = aioredis.from_url(dep.redis.url)
+        commands0 = (await r.info("stats"))["total_commands_processed"]
+        meter = Meter(dep, fleet)
+        ready = await fleet.connect(ctx.timeout * 2)
+        window = meter.stop(ready.finished)
+        commands = (await r.info("stats"))["total_commands_processed"] - commands0
+        _check_ready(ready, clients)
+        members = await _lobby_members(r, system)
+        await r.aclose()
+        dep.check()
+    finally:
+        await _stop(dep, fleet)
+    ms = sorted(ready.connect_ms)
+    return {
+        "system": system.name, "cluster": system.cluster, "nodes": nodes, "clients": clients,
+        "rooms_per_client": 2, "all_joined_s": ready.seconds,
+        "clients_per_s": clients / ready.seconds,
+        "join_p50_ms": _pct(ms, 0.5), "join_p99_ms": _pct(ms, 0.99),
+        "redis_cpu_s": window["redis_cpu_s"], "redis_commands": commands,
+        "redis_cpu_per_1k_clients": window["redis_cpu_s"] / clients * 1000,
+        "server_cpu_s": window["server_cpu_s"],
+        "client_cpu_s": window["client_cpu_s"], "client_max_core": window["client_max_core"],
+        "lobby_members_in_redis": members,
+    }
+
+
+async def _lobby_members(r: aioredis.Redis, system: System) -> int | None:
+    """HLEN of the lobby's members hash (hubnode cluster mode keeps membership in Redis)."""
+    if system.name != "hubnode" or not system.cluster:
+        return None
+    return int(await r.hlen("hub:members:{lobby}"))
+
+
+def _pct(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
