@@ -1,9 +1,33 @@
-"""hubnode: a horizontally scalable WebSocket hub on aiohttp and Redis pub/sub."""
+"""hubnode: a horizontally scalable WebSocket hub on aiohttp and Redis pub/sub.
 
-from hubnode.app import create_app, mount
-from hubnode.config import Config
-from hubnode.node import Node
-from publisher.message import Message
+The public names are imported lazily so that the pure core (config, protocol,
+routing, policy) can be imported without pulling in asyncio or aiohttp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hubnode.app import create_app, mount
+    from hubnode.config import Config
+    from hubnode.node import Node
+    from publisher.message import Message
 
 __all__ = ["Config", "Message", "Node", "create_app", "mount"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Config": "hubnode.config",
+    "Message": "publisher.message",
+    "Node": "hubnode.node",
+    "create_app": "hubnode.app",
+    "mount": "hubnode.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

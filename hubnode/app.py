@@ -32,7 +32,9 @@ def build_node(config: Config) -> Node:
 def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
     """Serve `node`'s WebSocket endpoint at `path` and tie its life to the app's.
 
-    The node starts with the app and drains when the app shuts down.
+    The node starts with the app and drains in `on_shutdown`, which aiohttp runs
+    before it waits for open handlers (a WebSocket handler only returns once
+    its socket is closed).
     """
     from hubnode.ws import websocket_handler
 
@@ -42,9 +44,13 @@ def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await node.start()
         yield
+        await node.drain()  # no-op when on_shutdown already drained
+
+    async def on_shutdown(_app: web.Application) -> None:
         await node.drain()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
 
 
 def create_app(config: Config | None = None, node: Node | None = None) -> web.Application:

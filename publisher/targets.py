@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from publisher.envelope import Envelope, pack
@@ -73,5 +73,10 @@ def coerce_message(msg: Message | Mapping[str, Any]) -> Message:
 
 def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
                  exclude: str | None = None) -> tuple[str, bytes]:
-    """(channel, payload) for one publish: the single place publishes are packed."""
+    """(channel, payload) for one publish: the single place publishes are packed.
+
+    A message to a room carries the room's name, as the seed's BroadcastToRoom did.
+    """
+    if target.kind == "room" and msg.room is None:
+        msg = replace(msg, room=target.name)
     return target.channel(keys), pack(Envelope(msg=msg, origin=origin, exclude=exclude))

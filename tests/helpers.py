@@ -233,3 +233,52 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def raw_ws_connect(port: int, path: str = "/ws", rcvbuf: int = 4096) -> socket.socket:
+    """A WebSocket client on a plain socket with a tiny receive buffer that reads nothing.
+
+    Used to play a slow consumer: aiohttp's own client would keep reading
+    into user space.
+    """
+    import base64
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError("handshake failed")
+        head += chunk
+    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    return sock
+
+
+def read_frames(sock: socket.socket, timeout: float = 10.0) -> list[tuple[int, bytes]]:
+    """Read (opcode, payload) server frames until a close frame or EOF."""
+    sock.settimeout(timeout * SCALE)
+    buf = b""
+    frames: list[tuple[int, bytes]] = []
+    while True:
+        while len(buf) >= 2:
+            n, off = buf[1] & 0x7F, 2
+            if n == 126:
+                n, off = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, off = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < off + n:
+                break
+            frames.append((buf[0] & 0x0F, buf[off:off + n]))
+            buf = buf[off + n:]
+            if frames[-1][0] == 0x8:
+                return frames
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return frames
+        buf += chunk

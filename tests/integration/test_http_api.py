@@ -1,0 +1,112 @@
+"""The HTTP API of PROTOCOL.md section 6 on a single node."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import node_config, start_server
+from tests.helpers import Client
+
+
+async def _client(session: aiohttp.ClientSession, hub: TestServer, user: str) -> Client:
+    return await Client.open(session, str(hub.make_url("/ws")) + f"?user_id={user}")
+
+
+async def test_post_broadcast_targets(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """room set -> that room; else user_id -> that user; else everybody. 202 {"ok": true}."""
+    a, b = await _client(session, hub, "a"), await _client(session, hub, "b")
+    await a.join("r")
+    resp = await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 1, "room": "r"})
+    assert resp.status == 202 and await resp.json() == {"ok": True}
+    assert (await a.recv_type("n"))["room"] == "r"
+    await b.expect_silence()
+    await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 2, "user_id": "b"})
+    assert (await b.recv_type("n"))["data"] == 2
+    await a.expect_silence()
+    await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 3, "metadata": {"k": "v"}})
+    for c in (a, b):
+        got = await c.recv_type("n")
+        assert got["data"] == 3 and got["metadata"] == {"k": "v"}
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"nope", "bad_json"), (b'{"data": 1}', "bad_message"), (b'[1]', "bad_message"),
+    (b'{"type": "t", "room": "a b"}', "bad_room"), (b'{"type": "t", "user_id": ""}', "bad_message"),
+])
+async def test_post_broadcast_bad_input_400(hub: TestServer, session: aiohttp.ClientSession,
+                                            body: bytes, code: str) -> None:
+    """Bad bodies get 400 with a JSON error naming the problem."""
+    resp = await session.post(hub.make_url("/broadcast"), data=body)
+    assert resp.status == 400
+    err = await resp.json()
+    assert err["ok"] is False and err["error"]["code"] == code and err["error"]["message"]
+
+
+async def test_stats_rooms_and_members(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """/api/stats, /api/rooms and /api/rooms/<room> describe the node's clients."""
+    a, b = await _client(session, hub, "a"), await _client(session, hub, "b")
+    await a.join("r1")
+    await b.join("r1")
+    await b.join("r2")
+    assert await (await session.get(hub.make_url("/api/stats"))).json() == {"clients": 2, "rooms": 2, "nodes": 1}
+    assert await (await session.get(hub.make_url("/api/rooms"))).json() == {"rooms": {"r1": 2, "r2": 1}}
+    room = await (await session.get(hub.make_url("/api/rooms/r1"))).json()
+    assert room["room"] == "r1"
+    assert sorted((m["conn_id"], m["user_id"], m["node"]) for m in room["members"]) == sorted(
+        [(a.conn_id, "a", "n1"), (b.conn_id, "b", "n1")])
+    empty = await (await session.get(hub.make_url("/api/rooms/none"))).json()
+    assert empty == {"room": "none", "members": []}
+
+
+async def test_health_and_readiness(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """/healthz is 200 while serving; /readyz is 200 when the broker is up."""
+    assert (await session.get(hub.make_url("/healthz"))).status == 200
+    assert (await session.get(hub.make_url("/readyz"))).status == 200
+
+
+async def test_api_key_guards_api(session: aiohttp.ClientSession) -> None:
+    """With --api-key, /broadcast and /api/* need the Bearer key; health stays open."""
+    server = await start_server(node_config(api_key=("s3cret", "other")))
+    try:
+        url = server.make_url
+        assert (await session.get(url("/api/stats"))).status == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert (await session.post(url("/broadcast"), json={"type": "t"}, headers=bad)).status == 401
+        good = {"Authorization": "Bearer other"}
+        assert (await session.get(url("/api/stats"), headers=good)).status == 200
+        assert (await session.post(url("/broadcast"), json={"type": "t"}, headers=good)).status == 202
+        assert (await session.get(url("/healthz"))).status == 200
+    finally:
+        await server.close()
+
+
+async def test_origin_check_at_handshake(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """A browser Origin other than localhost is refused with 403 by default on loopback."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await session.ws_connect(hub.make_url("/ws"), headers={"Origin": "http://evil.example"})
+    assert err.value.status == 403
+    ok = await session.ws_connect(hub.make_url("/ws"), headers={"Origin": "http://localhost:3000"})
+    await ok.close()
+
+
+async def test_max_connections_503(session: aiohttp.ClientSession) -> None:
+    """Over --max-connections the handshake gets 503."""
+    server = await start_server(node_config(max_connections=1))
+    try:
+        first = await Client.open(session, str(server.make_url("/ws")))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+            await session.ws_connect(server.make_url("/ws"))
+        assert err.value.status == 503
+        await first.close()
+    finally:
+        await server.close()
+
+
+async def test_demo_page_and_client_served(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """/ serves the demo page and /hub.js the browser client."""
+    page = await session.get(hub.make_url("/"))
+    assert page.status == 200 and "hub.js" in await page.text()
+    js = await session.get(hub.make_url("/hub.js"))
+    assert js.status == 200 and "class HubClient" in await js.text()
