@@ -133,6 +133,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     for scenario, params, job in jobs(plan, ctx, only):
         for system in systems:
+            if scenario not in system.scenarios:
+                continue
             log(f"{scenario} {params} {system.label} ...")
             try:
                 r = await job(system)

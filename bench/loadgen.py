@@ -160,7 +160,7 @@ class Fleet:
     async def start(cls, *, kind: str, proto: str, urls: list[str], total: int, processes: int,
                     log_dir: Path, tag: str, rooms: dict[str, Any] | None = None,
                     user_prefix: str = "u", local_addresses: list[str] | None = None,
-                    concurrency: int = 64, latency: bool = False,
+                    concurrency: int = 64, latency: bool = False, deflate: bool = False,
                     timeout: float = 120.0) -> Fleet:
         """Spawn `processes` client processes holding `total` clients (not yet connected)."""
         if kind == "python" and proto != "hub":
@@ -175,7 +175,7 @@ class Fleet:
                 cfg = {"proto": proto, "urls": urls, "start": start, "count": count,
                        "userPrefix": user_prefix, "rooms": rooms or {},
                        "localAddresses": local_addresses or [], "concurrency": concurrency,
-                       "latency": latency, "timeoutMs": int(timeout * 1000)}
+                       "latency": latency, "deflate": deflate, "timeoutMs": int(timeout * 1000)}
                 argv = (["node", str(LOAD_JS), json.dumps(cfg)] if kind == "node"
                         else [python(), "-m", "bench.pyclient", json.dumps(cfg)])
                 name = f"{tag}-client{k}"

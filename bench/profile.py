@@ -78,6 +78,9 @@ def summarise(paths: list[Path], top: int = 14) -> tuple[int, list[tuple[str, in
             leaf = stack.split(";")[-1]
             match = _FRAME.match(leaf)
             name = f"{match['func']} ({match['file']})" if match else leaf
+            if match and match["func"] == "Runner.run":
+                # no Python frame above the loop: uvloop's own C code (epoll, socket reads)
+                name = "event loop itself (uvloop C code: epoll, reads, callbacks)"
             own[name] += int(count)
             total += int(count)
     return total, own.most_common(top)

@@ -158,7 +158,8 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
     return lines
 
 
-_LABELS = {"hubnode": "hubnode", "socketio": "python-socketio", "baseline": "bare asyncio"}
+_LABELS = {"hubnode": "hubnode", "socketio": "python-socketio",
+           "socketio-deflate": "python-socketio, deflate", "baseline": "bare asyncio"}
 
 _DELIVERY_COLUMNS = [
     ("delivered / expected", lambda r: f"{r['delivered']:,} / {r['expected']:,}"),
@@ -349,7 +350,8 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
             ("10k", results.get("idle", []), "bytes_per_conn", lambda r: r["requested"] == 10_000)]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.4))
-    colours = {"hubnode": "#2a7ab0", "socketio": "#d9822b", "baseline": "#8a8a8a"}
+    colours = {"hubnode": "#2a7ab0", "socketio": "#d9822b", "socketio-deflate": "#f0b27a",
+               "baseline": "#8a8a8a"}
     for ax, (title, groups) in zip(axes, panels, strict=True):
         width = 0.8 / max(1, len(systems))
         for k, system in enumerate(systems):

@@ -104,7 +104,7 @@ async def _start(system: System, ctx: Context, scenario: str, nodes: int, client
                                   processes=processes or ctx.client_processes, log_dir=ctx.log_dir,
                                   tag=tag, rooms=rooms, local_addresses=addresses,
                                   concurrency=CONNECTS_IN_FLIGHT, latency=latency,
-                                  timeout=ctx.timeout)
+                                  deflate=system.deflate, timeout=ctx.timeout)
     except BaseException:
         await asyncio.to_thread(dep.stop)
         raise

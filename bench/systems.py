@@ -12,6 +12,9 @@ puts on Redis, exactly as a real worker process would.
 - `socketio`: python-socketio AsyncServer + AsyncRedisManager
   (bench/servers/sio_server.py); the publisher emits through a write-only
   AsyncRedisManager, capturing the JSON it would PUBLISH.
+- `socketio-deflate`: the same server with clients that offer permessage-deflate,
+  as browsers and socket.io-client do by default (aiohttp then compresses
+  every frame).
 - `baseline`: bench/servers/baseline.py, the bare asyncio floor.
 """
 
@@ -73,6 +76,8 @@ class System:
     label = ""
     proto = "hub"  # the load client's protocol
     cluster = True  # False: one node, published to over HTTP
+    deflate = False  # whether the load clients offer permessage-deflate
+    scenarios = frozenset({"fanout", "p2p", "latency", "idle", "storm"})
 
     def start(self, nodes: int, log_dir: Path, tag: str) -> Deployment:
         redis = RedisServer(log_dir, f"{tag}-redis")
@@ -208,6 +213,20 @@ class SocketIOSystem(System):
         return self._emit(mtype, data, None)
 
 
+class SocketIODeflateSystem(SocketIOSystem):
+    """python-socketio as a browser meets it: the client offers permessage-deflate.
+
+    socket.io-client (like every browser) offers the extension and aiohttp
+    accepts it, so the server compresses every frame. Only the delivery
+    scenarios: an idle socket gets its compressor lazily, a storm says nothing new.
+    """
+
+    name = "socketio-deflate"
+    label = "python-socketio, deflate"
+    deflate = True
+    scenarios = frozenset({"fanout", "p2p", "latency"})
+
+
 class BaselineSystem(System):
     name = "baseline"
     label = "bare asyncio"
@@ -232,7 +251,8 @@ class BaselineSystem(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    "hubnode": HubSystem, "socketio": SocketIOSystem, "baseline": BaselineSystem,
+    "hubnode": HubSystem, "socketio": SocketIOSystem, "socketio-deflate": SocketIODeflateSystem,
+    "baseline": BaselineSystem,
 }
 
 

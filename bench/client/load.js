@@ -13,7 +13,8 @@
 //
 // Protocols: "hub" (hubnode, and the bare baseline server, which speaks the
 // same frames) uses `ws`; "sio" uses socket.io-client over the websocket
-// transport only. No client offers permessage-deflate, so no server compresses.
+// transport only. Clients offer permessage-deflate only when `deflate` is set
+// (the socketio-deflate system), so otherwise no server compresses.
 //
 // Latency: the publisher puts time.monotonic() (CLOCK_MONOTONIC, seconds) in
 // data.t; process.hrtime is the same clock, so receive - t is the
@@ -166,7 +167,8 @@ function openSio(i) {
       query: { user_id: userOf(i) },
       forceNew: true,
       reconnection: false,
-      perMessageDeflate: false,
+      // socket.io-client's own default offers the extension (threshold 1024 is its default)
+      perMessageDeflate: cfg.deflate ? { threshold: 1024 } : false,
       localAddress: localAddressOf(i),
       timeout: cfg.timeoutMs,
     });
