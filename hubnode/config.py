@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from publisher.keys import DEFAULT_PREFIX
 
 __all__ = ["Config", "ConfigError", "parse_args"]
 
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -28,7 +30,8 @@ class ConfigError(ValueError):
 
 
 def _default_node_id() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.urandom(3).hex()}"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:40] or "node"
+    return f"{host}-{os.urandom(3).hex()}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Config:
         if self.redis_url is not None and self.redis_url.startswith(("redis+cluster", "rediss+cluster")):
             raise ConfigError("Redis Cluster URLs are not supported yet: point --redis-url "
                               "at a single Redis primary (redis:// or rediss://)")
+        if not _NODE_ID.fullmatch(self.node_id):
+            raise ConfigError("--node-id may use only letters, digits, '.', '_' and '-' (1-64 characters)")
         for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -154,7 +159,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     """Build a Config from command-line flags and HUB_* environment variables."""
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(prog="hubnode", description="Run a hubnode WebSocket hub node.")
-    base = Config(node_id="-")
+    base = Config(node_id="x")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(base, f.name)

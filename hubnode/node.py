@@ -23,7 +23,7 @@ from hubnode.errors import CloseCode, ErrorCode
 from hubnode.membership.base import Member, MembershipStore, Stats
 from hubnode.membership.memory import MemoryMembershipStore
 from hubnode.protocol import encode_message
-from hubnode.routing import RoutingTable
+from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from publisher.envelope import EnvelopeError, unpack
 from publisher.keys import Keys
@@ -77,8 +77,11 @@ class Node:
     async def start(self) -> None:
         """Connect the broker and the store; afterwards the node can take clients."""
         await self.broker.start(self.on_message, self.on_resync)
-        await self.broker.subscribe([self._all, self._own])
-        await self.store.start()
+        try:
+            await self.broker.subscribe([self._all, self._own])
+        except BrokerUnavailable:
+            log.warning("broker unreachable at start: serving, not ready, until it connects")
+        await self.store.start(self.table.connections)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hubnode-heartbeat")
         log.info("node %s started (%s broker)", self.id, type(self.broker).__name__)
 
@@ -128,7 +131,7 @@ class Node:
         while True:
             await asyncio.sleep(self.config.heartbeat)
             try:
-                await self.store.heartbeat(self.table.connections())
+                await self.store.heartbeat()
             except Exception as exc:
                 log.debug("heartbeat failed: %s", exc)
 
@@ -159,20 +162,20 @@ class Node:
             return
         if conn.slow:
             self.counters.slow_closes += 1
-        rooms = self._forget(conn)
+        change = self._forget(conn)
         if self._stopped.is_set():
             return
         try:
-            await self.store.remove_connection(conn.id, conn.user_id, rooms)
+            await self.store.remove_connection(conn.id, conn.user_id, change.rooms, change.emptied)
         except Exception:
             log.warning("membership update for closed %s failed; the heartbeat reconciles it",
                         conn.id, exc_info=True)
 
-    def _forget(self, conn: Connection) -> tuple[str, ...]:
+    def _forget(self, conn: Connection) -> Change:
         self.conns.pop(conn.id, None)
         change = self.table.remove(conn.id)
         self._subs.release(change.release)
-        return change.rooms
+        return change
 
     def _needs(self, channel: str) -> bool:
         return channel in (self._all, self._own) or self.table.in_use(channel)
@@ -180,6 +183,8 @@ class Node:
     # -- rooms ---------------------------------------------------------------
     async def join(self, conn_id: str, room: str) -> ErrorCode | None:
         """Join; returns once the room channel is confirmed subscribed, or an error code."""
+        if not self.broker.connected:
+            return ErrorCode.UNAVAILABLE
         joined = self.table.rooms_of(conn_id)
         if room not in joined and len(joined) >= self.config.max_rooms_per_conn:
             return ErrorCode.TOO_MANY_ROOMS
@@ -200,7 +205,7 @@ class Node:
             return
         self._subs.release(change.release)
         try:
-            await self.store.remove_member(room, conn_id, self.table.user_of(conn_id))
+            await self.store.remove_member(room, conn_id, self.table.user_of(conn_id), bool(change.emptied))
         except Exception:
             log.warning("membership update for %s leaving %s failed", conn_id, room, exc_info=True)
 
@@ -231,8 +236,8 @@ class Node:
         else:
             conns = self.conns
             for conn_id in self.table.subscribers(channel):
-                conn = conns.get(conn_id)
-                if conn is not None and conn_id != exclude and conn.send(frame):
+                target = conns.get(conn_id)
+                if target is not None and conn_id != exclude and target.send(frame):
                     sent += 1
         self.counters.delivered += sent
         self.counters.bytes_out += sent * len(frame)

@@ -10,6 +10,7 @@ hence identical for every connection).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,13 +134,21 @@ def _private_message(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
     return PrivateMessage(data["user_id"], data["message"], fid)
 
 
-_PARSERS = {
+def _broadcast(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    return Broadcast(data, fid)
+
+
+def _ping(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    return Ping(data, fid)
+
+
+_PARSERS: dict[str, Callable[[Any, FrameId], ClientFrame | ProtocolError]] = {
     "join_room": _join,
     "leave_room": _leave,
-    "broadcast": lambda data, fid: Broadcast(data, fid),
+    "broadcast": _broadcast,
     "room_message": _room_message,
     "private_message": _private_message,
-    "ping": lambda data, fid: Ping(data, fid),
+    "ping": _ping,
 }
 
 # -- encoding ----------------------------------------------------------------

@@ -9,6 +9,7 @@ changed), the way a sans-I/O protocol returns the bytes to send. Fan-out reads
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from publisher.keys import Keys
@@ -26,13 +27,16 @@ class Change:
     `release`: channels that lost their last local member (unsubscribe later).
     `changed`: the membership record actually changed (False for a repeated
     join or a leave of a room the connection was not in).
-    `rooms`: rooms the connection left (only set by `remove`).
+    `rooms`: rooms the connection left.
+    `emptied`: rooms of `rooms` in which this node has no member left (the
+    node's crash-clean-up index in the store drops them).
     """
 
     subscribe: tuple[str, ...] = ()
     release: tuple[str, ...] = ()
     changed: bool = False
     rooms: tuple[str, ...] = ()
+    emptied: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -78,9 +82,9 @@ class RoutingTable:
         if conn is None or room not in conn.rooms:
             return Change()
         conn.rooms.discard(room)
-        _discard(self._rooms, room, conn_id)
+        emptied = (room,) if _discard(self._rooms, room, conn_id) else ()
         return Change(release=self._detach(self.keys.room_channel(room), conn_id),
-                      changed=True, rooms=(room,))
+                      changed=True, rooms=(room,), emptied=emptied)
 
     def remove(self, conn_id: str) -> Change:
         """Forget a closed connection: it leaves every room and its user."""
@@ -88,18 +92,21 @@ class RoutingTable:
         if conn is None:
             return Change()
         release: list[str] = []
-        for room in conn.rooms:
-            _discard(self._rooms, room, conn_id)
+        emptied: list[str] = []
+        for room in sorted(conn.rooms):
+            if _discard(self._rooms, room, conn_id):
+                emptied.append(room)
             release.extend(self._detach(self.keys.room_channel(room), conn_id))
         if conn.user_id is not None:
             _discard(self._users, conn.user_id, conn_id)
             release.extend(self._detach(self.keys.user_channel(conn.user_id), conn_id))
-        return Change(release=tuple(release), changed=True, rooms=tuple(sorted(conn.rooms)))
+        return Change(release=tuple(release), changed=True, rooms=tuple(sorted(conn.rooms)),
+                      emptied=tuple(emptied))
 
     # -- queries -------------------------------------------------------------
-    def subscribers(self, channel: str) -> set[str]:
+    def subscribers(self, channel: str) -> AbstractSet[str]:
         """Conn ids that a publication on `channel` reaches (empty if none)."""
-        return self._channels.get(channel, _EMPTY)  # type: ignore[return-value]
+        return self._channels.get(channel, _EMPTY)
 
     def in_use(self, channel: str) -> bool:
         """True while some local connection needs `channel` (all/node always)."""
@@ -115,8 +122,8 @@ class RoutingTable:
         conn = self._conns.get(conn_id)
         return frozenset(conn.rooms) if conn else _EMPTY
 
-    def room_members(self, room: str) -> set[str]:
-        return self._rooms.get(room, _EMPTY)  # type: ignore[return-value]
+    def room_members(self, room: str) -> AbstractSet[str]:
+        return self._rooms.get(room, _EMPTY)
 
     def rooms(self) -> dict[str, int]:
         return {room: len(conns) for room, conns in self._rooms.items()}

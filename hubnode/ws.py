@@ -81,7 +81,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     if transport is None:
         return ws
-    conn = Connection(node.next_conn_id(), checked, ws, transport,  # type: ignore[arg-type]
+    conn = Connection(node.next_conn_id(), checked, ws, transport,
                       max_outbound=cfg.max_outbound_bytes,
                       bucket=TokenBucket(cfg.rate, cfg.burst), streak=ErrorStreak(cfg.max_errors))
     try:

@@ -8,11 +8,11 @@ node that owns the connection; reads may be served by any node.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-__all__ = ["Member", "MembershipStore", "Snapshot", "Stats"]
+__all__ = ["Member", "MembershipStore", "Snapshot", "SnapshotSource", "Stats"]
 
 
 class Member(NamedTuple):
@@ -33,28 +33,40 @@ class Stats:
 Snapshot = Iterable[tuple[str, str | None, frozenset[str]]]
 """(conn_id, user_id, rooms) of every local connection, for re-registration."""
 
+SnapshotSource = Callable[[], Snapshot]
+
 
 class MembershipStore(Protocol):
     """Cluster membership; a memory and a Redis implementation exist."""
 
-    async def start(self) -> None:
-        """Register this node (before it accepts connections)."""
+    async def start(self, snapshot: SnapshotSource) -> None:
+        """Register this node (before it accepts connections).
+
+        `snapshot()` lists the node's local connections; the store calls it
+        whenever it must re-register them (its entry was swept, Redis lost its
+        data, or an update failed and must be reconciled).
+        """
         ...
 
     async def add_connection(self, conn_id: str, user_id: str | None) -> None:
         """Count a new connection (node clients, user online count)."""
         ...
 
-    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Iterable[str]) -> None:
-        """Forget a closed connection and its memberships in one atomic change."""
+    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
+                                emptied: Collection[str] = ()) -> None:
+        """Forget a closed connection and its memberships in one atomic change.
+
+        `emptied`: rooms in which this node has no local member left.
+        """
         ...
 
     async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
         """Record that `conn_id` joined `room` (call once per real join)."""
         ...
 
-    async def remove_member(self, room: str, conn_id: str, user_id: str | None) -> None:
-        """Record that `conn_id` left `room`."""
+    async def remove_member(self, room: str, conn_id: str, user_id: str | None,
+                            emptied: bool = False) -> None:
+        """Record that `conn_id` left `room` (`emptied`: no local member left in it)."""
         ...
 
     async def rooms(self) -> dict[str, int]:
@@ -67,7 +79,7 @@ class MembershipStore(Protocol):
     async def stats(self) -> Stats:
         ...
 
-    async def heartbeat(self, snapshot: Snapshot) -> None:
+    async def heartbeat(self) -> None:
         """Renew this node's liveness, sweep dead nodes, re-register if swept."""
         ...
 

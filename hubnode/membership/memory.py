@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Sequence
 
-from hubnode.membership.base import Member, Snapshot, Stats
+from hubnode.membership.base import Member, SnapshotSource, Stats
 
 __all__ = ["MemoryMembershipStore"]
 
@@ -18,7 +18,7 @@ class MemoryMembershipStore:
         self._clients = 0
         self._online: dict[str, int] = {}
 
-    async def start(self) -> None:
+    async def start(self, snapshot: SnapshotSource) -> None:
         return None
 
     async def add_connection(self, conn_id: str, user_id: str | None) -> None:
@@ -26,7 +26,8 @@ class MemoryMembershipStore:
         if user_id is not None:
             self._online[user_id] = self._online.get(user_id, 0) + 1
 
-    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Iterable[str]) -> None:
+    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
+                                emptied: Collection[str] = ()) -> None:
         for room in rooms:
             await self.remove_member(room, conn_id, user_id)
         self._clients = max(0, self._clients - 1)
@@ -38,7 +39,8 @@ class MemoryMembershipStore:
     async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
         self._members.setdefault(room, {})[conn_id] = user_id
 
-    async def remove_member(self, room: str, conn_id: str, user_id: str | None) -> None:
+    async def remove_member(self, room: str, conn_id: str, user_id: str | None,
+                            emptied: bool = False) -> None:
         members = self._members.get(room)
         if members is None:
             return
@@ -58,7 +60,7 @@ class MemoryMembershipStore:
     async def online(self, user_id: str) -> int:
         return self._online.get(user_id, 0)
 
-    async def heartbeat(self, snapshot: Snapshot) -> None:
+    async def heartbeat(self) -> None:
         return None
 
     async def close(self) -> None:

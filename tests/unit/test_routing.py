@@ -54,9 +54,10 @@ def test_leave_last_member_releases_channel(table: RoutingTable) -> None:
     for c in ("n:1", "n:2"):
         table.add(c, None)
         table.join(c, "r")
-    assert table.leave("n:1", "r").release == ()
+    first = table.leave("n:1", "r")
+    assert first.release == () and first.emptied == ()
     change = table.leave("n:2", "r")
-    assert change.release == ("hub:room:{r}",) and change.rooms == ("r",)
+    assert change.release == ("hub:room:{r}",) and change.rooms == ("r",) and change.emptied == ("r",)
     assert table.rooms() == {}
     assert not table.in_use("hub:room:{r}")
 
@@ -77,7 +78,7 @@ def test_remove_leaves_every_room_and_user(table: RoutingTable) -> None:
     table.join("n:2", "b")
     change = table.remove("n:1")
     assert set(change.release) == {"hub:room:{a}", "hub:user:{alice}"}
-    assert change.rooms == ("a", "b")
+    assert change.rooms == ("a", "b") and change.emptied == ("a",)
     assert table.rooms() == {"b": 1}
     assert "n:1" not in table and len(table) == 1
     assert table.remove("n:1").changed is False

@@ -1,0 +1,105 @@
+"""A minimal Redis subscriber connection: RESP over an asyncio Protocol, parsed by hiredis.
+
+Why not redis-py's PubSub: the node must (1) know exactly when Redis confirmed
+each SUBSCRIBE, (2) drain the socket the moment bytes arrive, whatever the
+rest of the loop is doing, so Redis never cuts us for a full output buffer,
+and (3) own reconnection, to resubscribe and announce `resync` itself.
+`data_received` gives all three in a few lines; hiredis does the parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+__all__ = ["SubscriberConnection", "connect_subscriber", "encode_command"]
+
+
+def encode_command(*args: str | bytes) -> bytes:
+    """A RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class SubscriberConnection(asyncio.Protocol):
+    """One subscriber socket; pushes go to `on_push`, the loss to `on_lost`."""
+
+    def __init__(self, on_push: Callable[[Any], None], on_lost: Callable[[Exception | None], None]) -> None:
+        self._reader = hiredis.Reader()
+        self._on_push = on_push
+        self._on_lost = on_lost
+        self._replies: list[asyncio.Future[Any]] = []  # answers expected before subscribe mode
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        while (reply := reader.gets()) is not False:
+            if self._replies:
+                future = self._replies.pop(0)
+                if not future.done():
+                    future.set_result(reply)
+            else:
+                self._on_push(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future in self._replies:
+            if not future.done():
+                future.set_exception(ConnectionError("connection lost"))
+        self._replies.clear()
+        self._on_lost(exc)
+
+    def send(self, *args: str | bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_command(*args))
+
+    async def call(self, *args: str | bytes) -> Any:
+        """Send a command and await its reply (only before the first SUBSCRIBE)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies.append(future)
+        self.send(*args)
+        return await future
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def connect_subscriber(url: str, on_push: Callable[[Any], None],
+                             on_lost: Callable[[Exception | None], None],
+                             timeout: float) -> SubscriberConnection:
+    """Open and authenticate a subscriber connection for a redis:// or rediss:// URL."""
+    parsed = urlparse(url)
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context() if parsed.scheme == "rediss" else None
+
+    def factory() -> SubscriberConnection:
+        return SubscriberConnection(on_push, on_lost)
+
+    if parsed.scheme == "unix":
+        coro = loop.create_unix_connection(factory, parsed.path)
+    else:
+        coro = loop.create_connection(factory, parsed.hostname or "127.0.0.1", parsed.port or 6379,
+                                      ssl=context)
+    _transport, conn = await asyncio.wait_for(coro, timeout)
+    try:
+        if parsed.password:
+            auth = [unquote(parsed.username)] if parsed.username else []
+            reply = await asyncio.wait_for(conn.call("AUTH", *auth, unquote(parsed.password)), timeout)
+            if isinstance(reply, hiredis.ReplyError):
+                raise ConnectionError(f"Redis AUTH failed: {reply}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -1,0 +1,9 @@
+-- A connection joined a room. KEYS: nodes, members, rooms, node rooms.
+-- ARGV: prefix, node, room, conn, user.
+local prefix, node, room, conn, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if not registered(prefix, node) then return -1 end
+if redis.call('HSETNX', KEYS[2], conn, user) == 1 then
+  room_count(prefix, room)
+end
+redis.call('SADD', KEYS[4], room)
+return 1

@@ -1,0 +1,227 @@
+"""Membership in Redis, readable with redis-cli (PROTOCOL.md section 7).
+
+Every change is one Lua script, so the room hash, the room counts, the online
+counts and the node's own clean-up index move together. An update that fails
+(timeout, Redis restart) is never silently lost: it is counted and the node
+re-registers its whole local state on the next heartbeat, which rebuilds its
+entries exactly. A script that finds the node unregistered (it was swept while
+paused, or Redis lost its data) triggers the same re-registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection, Sequence
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from hubnode.membership.base import Member, SnapshotSource, Stats
+from publisher.keys import Keys
+
+__all__ = ["RedisMembershipStore"]
+
+log = logging.getLogger(__name__)
+
+_SCRIPTS = ("connect", "disconnect", "join", "leave", "heartbeat", "register", "sweep", "unregister")
+
+
+def _load_scripts() -> dict[str, str]:
+    folder = resources.files("hubnode.membership") / "lua"
+    common = (folder / "common.lua").read_text()
+    return {name: common + "\n" + (folder / f"{name}.lua").read_text() for name in _SCRIPTS}
+
+
+def node_of(conn_id: str) -> str:
+    """The node part of a conn id `<node>:<n>`."""
+    return conn_id.rsplit(":", 1)[0]
+
+
+class RedisMembershipStore:
+    """A MembershipStore on one Redis (or Sentinel-managed primary)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, node_id: str, *, heartbeat: float = 2.0,
+                 address: str = "", version: str = "") -> None:
+        self.redis = client
+        self.keys = keys
+        self.node_id = node_id
+        self.heartbeat_interval = heartbeat
+        self.address = address
+        self.version = version
+        self.started_at = int(time.time())
+        self.failed_updates = 0
+        self.reregistrations = 0
+        self.swept_nodes = 0
+        self._dirty = True  # not registered yet
+        # Updates are readers, a registration is the writer: a registration
+        # waits for updates in flight and holds new ones back, so no update
+        # can land on either side of the snapshot it rebuilds from.
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight = 0
+        self._snapshot: SnapshotSource = lambda: ()
+        self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
+        k = keys
+        self._node_key = k.node(node_id)
+        self._node_keys = [k.nodes, self._node_key, k.node_users(node_id), k.online]
+
+    # -- life cycle ------------------------------------------------------------
+    async def start(self, snapshot: SnapshotSource) -> None:
+        self._snapshot = snapshot
+        await self._warn_on_eviction()
+        try:
+            await self._register()
+        except RedisError as exc:
+            log.warning("could not register node in Redis (%s); retrying on each heartbeat", exc)
+
+    async def close(self) -> None:
+        """Remove this node's entries without waiting for a sweep (drain)."""
+        try:
+            await self._run("unregister", [], [])
+        finally:
+            await self.redis.aclose()
+
+    async def heartbeat(self) -> None:
+        """Renew liveness; re-register when swept or after a failed update; sweep the dead."""
+        now = _now_ms()
+        if self._dirty:
+            await self._register()
+        elif await self._run("heartbeat", [self.keys.nodes, self._node_key],
+                             [self._expiry(now), now]) == 0:
+            log.warning("node %s found its registry entry gone (swept or Redis data lost): "
+                        "re-registering", self.node_id)
+            await self._register()
+        await self.sweep(now)
+
+    async def sweep(self, now: int | None = None) -> list[str]:
+        """Remove every node whose heartbeat expired; returns those this call swept."""
+        now = _now_ms() if now is None else now
+        dead = await self.redis.zrangebyscore(self.keys.nodes, "-inf", now)
+        swept = []
+        for raw in dead:
+            node = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if node != self.node_id and await self._run("sweep", [self.keys.nodes], [node, now]) == 1:
+                swept.append(node)
+                log.warning("swept dead node %s", node)
+        self.swept_nodes += len(swept)
+        return swept
+
+    # -- updates -----------------------------------------------------------------
+    async def add_connection(self, conn_id: str, user_id: str | None) -> None:
+        await self._update("connect", self._node_keys, [user_id or ""])
+
+    async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
+                                emptied: Collection[str] = ()) -> None:
+        k = self.keys
+        keys = [*self._node_keys, k.node_rooms(self.node_id), k.rooms, *(k.members(r) for r in rooms)]
+        flags = ["1" if r in emptied else "0" for r in rooms]
+        await self._update("disconnect", keys, [conn_id, user_id or "", len(rooms), *rooms, *flags])
+
+    async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
+        await self._update("join", self._room_keys(room), [room, conn_id, user_id or ""])
+
+    async def remove_member(self, room: str, conn_id: str, user_id: str | None,
+                            emptied: bool = False) -> None:
+        await self._update("leave", self._room_keys(room), [room, conn_id, "1" if emptied else "0"])
+
+    # -- reads -------------------------------------------------------------------
+    async def rooms(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        async for room, count in self.redis.hscan_iter(self.keys.rooms, count=1000):
+            out[_s(room)] = int(count)
+        return out
+
+    async def members(self, room: str) -> list[Member]:
+        out = []
+        async for conn, user in self.redis.hscan_iter(self.keys.members(room), count=1000):
+            conn_id, user_id = _s(conn), _s(user)
+            out.append(Member(conn_id, user_id or None, node_of(conn_id)))
+        return out
+
+    async def live_nodes(self) -> list[str]:
+        return [_s(n) for n in await self.redis.zrangebyscore(self.keys.nodes, f"({_now_ms()}", "+inf")]
+
+    async def stats(self) -> Stats:
+        nodes = await self.live_nodes()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.hget(self.keys.node(node), "clients")
+            pipe.hlen(self.keys.rooms)
+            *clients, rooms = await pipe.execute()
+        return Stats(clients=sum(int(c or 0) for c in clients), rooms=int(rooms), nodes=len(nodes))
+
+    async def online(self, user_id: str) -> int:
+        return int(await self.redis.hget(self.keys.online, user_id) or 0)
+
+    # -- internals ---------------------------------------------------------------
+    def _room_keys(self, room: str) -> list[str]:
+        k = self.keys
+        return [k.nodes, k.members(room), k.rooms, k.node_rooms(self.node_id)]
+
+    def _expiry(self, now: int) -> int:
+        return now + int(3 * self.heartbeat_interval * 1000)
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._scripts[name](keys=keys, args=[self.keys.prefix, self.node_id, *args])
+
+    async def _update(self, name: str, keys: list[str], args: list[Any]) -> None:
+        """Run one change; on failure count it and reconcile on the next heartbeat."""
+        await self._gate.wait()
+        if self._dirty:
+            return  # the coming re-registration reads the table, this change included
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            result = await self._run(name, keys, args)
+        except RedisError as exc:
+            self.failed_updates += 1
+            self._dirty = True
+            log.warning("membership update %s failed (%s): reconciling on next heartbeat", name, exc)
+            return
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+        if result == -1:
+            self._dirty = True
+
+    async def _register(self) -> None:
+        self._gate.clear()
+        try:
+            await self._idle.wait()
+            snapshot = [[conn, user or "", sorted(rooms)] for conn, user, rooms in self._snapshot()]
+            info = {"started_at": self.started_at, "address": self.address, "version": self.version,
+                    "heartbeat_at": _now_ms(), "heartbeat_interval": self.heartbeat_interval}
+            self._dirty = False
+            await self._run("register", [self.keys.nodes, self._node_key],
+                            [self._expiry(_now_ms()), orjson.dumps(info), orjson.dumps(snapshot)])
+        except BaseException:
+            self._dirty = True
+            raise
+        finally:
+            self._gate.set()
+        self.reregistrations += 1
+
+    async def _warn_on_eviction(self) -> None:
+        try:
+            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except RedisError:
+            return  # CONFIG may be disabled on managed Redis
+        if policy and _s(policy) != "noeviction":
+            log.warning("Redis maxmemory-policy is %r: membership keys may be evicted; "
+                        "set it to 'noeviction'", _s(policy))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
