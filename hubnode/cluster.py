@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from hubnode import __version__
 from hubnode.broker.redis import RedisBroker
@@ -17,12 +18,19 @@ __all__ = ["redis_client", "redis_node"]
 
 
 def redis_client(config: Config) -> aioredis.Redis:
-    """A bounded pool: a connection storm queues for connections instead of opening thousands."""
+    """A bounded pool: a connection storm queues for connections instead of opening thousands.
+
+    A command is retried once only when the connection was already broken
+    (a pooled socket from before a Redis restart), never after a timeout: a
+    PUBLISH whose answer timed out may have gone through, and resending it
+    could deliver twice (PROTOCOL.md section 5 promises at most once).
+    """
     assert config.redis_url is not None
     pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url, max_connections=32, timeout=config.redis_timeout,
         socket_timeout=config.redis_timeout, socket_connect_timeout=config.redis_timeout,
-        retry=Retry(NoBackoff(), 1))
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_timeout=False)
     return aioredis.Redis(connection_pool=pool)
 
 

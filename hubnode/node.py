@@ -13,6 +13,8 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hubnode.broker.base import Broker, BrokerUnavailable
@@ -40,9 +42,12 @@ ConnRef = Connection | str
 class NodeCounters:
     """Plain counters the metrics module exposes; cheap enough for the hot path."""
 
-    __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published")
+    __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published",
+                 "frames", "errors")
 
     def __init__(self) -> None:
+        self.frames: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
         self.delivered = 0
         self.bytes_out = 0
         self.dropped = 0
@@ -72,6 +77,7 @@ class Node:
         self._seq = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.latency_observer: Callable[[float], None] | None = None
 
     # -- life cycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -241,6 +247,8 @@ class Node:
                     sent += 1
         self.counters.delivered += sent
         self.counters.bytes_out += sent * len(frame)
+        if sent and env.ts is not None and self.latency_observer is not None:
+            self.latency_observer(max(0.0, time.time() - env.ts))
 
     def on_resync(self) -> None:
         """Broker callback after a lost subscription: messages may be gone, tell clients."""

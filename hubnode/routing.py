@@ -128,6 +128,9 @@ class RoutingTable:
     def rooms(self) -> dict[str, int]:
         return {room: len(conns) for room, conns in self._rooms.items()}
 
+    def room_count(self) -> int:
+        return len(self._rooms)
+
     def connections(self) -> Iterator[tuple[str, str | None, frozenset[str]]]:
         """(conn_id, user_id, rooms) for every connection: for re-registration."""
         for conn_id, conn in self._conns.items():

@@ -113,16 +113,20 @@ async def _read_loop(node: Node, conn: Connection, ws: web.WebSocketResponse) ->
 async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
     frame = parse_frame(text)
     if not conn.bucket.take(now):
+        node.counters.errors[ErrorCode.RATE_LIMITED] += 1
         _fail(conn, ErrorCode.RATE_LIMITED, "over the rate limit: frame ignored", frame.id)
         return
     if isinstance(frame, ProtocolError):
+        node.counters.errors[frame.code] += 1
         _fail(conn, frame.code, frame.message, frame.id)
         return
+    node.counters.frames[_FRAME_TYPES[type(frame)]] += 1
     try:
         outcome = await _execute(node, conn, frame)
     except BrokerUnavailable:
         outcome = (ErrorCode.UNAVAILABLE, "broker unreachable: nothing was published")
     if outcome is not None:
+        node.counters.errors[outcome[0]] += 1
         _fail(conn, outcome[0], outcome[1], frame.id)
         return
     conn.streak.ok()
@@ -164,6 +168,11 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
             await node.publish(Target("user", to), Message("private_message", data, user_id=sender))
     return None
 
+
+_FRAME_TYPES: dict[type, str] = {
+    JoinRoom: "join_room", LeaveRoom: "leave_room", Broadcast: "broadcast",
+    RoomMessage: "room_message", PrivateMessage: "private_message", Ping: "ping",
+}
 
 _JOIN_ERRORS = {
     ErrorCode.TOO_MANY_ROOMS: "room limit per connection reached",

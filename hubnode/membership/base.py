@@ -9,26 +9,15 @@ node that owns the connection; reads may be served by any node.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+from publisher.inspect import HubStats, Member
 
 __all__ = ["Member", "MembershipStore", "Snapshot", "SnapshotSource", "Stats"]
 
 
-class Member(NamedTuple):
-    """One connection in a room; user_id is None for an anonymous connection."""
-
-    conn_id: str
-    user_id: str | None
-    node: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    clients: int
-    rooms: int
-    nodes: int
-
+Stats = HubStats
+"""clients, rooms, nodes: the numbers of `GET /api/stats` (one type with hubctl's)."""
 
 Snapshot = Iterable[tuple[str, str | None, frozenset[str]]]
 """(conn_id, user_id, rooms) of every local connection, for re-registration."""

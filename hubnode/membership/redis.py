@@ -15,14 +15,18 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from hubnode.membership.base import Member, SnapshotSource, Stats
+from publisher import inspect
 from publisher.keys import Keys
+from publisher.query import Query, Step, drive_async, pipeline_step, text
+
+T = TypeVar("T")
 
 __all__ = ["RedisMembershipStore"]
 
@@ -35,11 +39,6 @@ def _load_scripts() -> dict[str, str]:
     folder = resources.files("hubnode.membership") / "lua"
     common = (folder / "common.lua").read_text()
     return {name: common + "\n" + (folder / f"{name}.lua").read_text() for name in _SCRIPTS}
-
-
-def node_of(conn_id: str) -> str:
-    """The node part of a conn id `<node>:<n>`."""
-    return conn_id.rsplit(":", 1)[0]
 
 
 class RedisMembershipStore:
@@ -106,7 +105,7 @@ class RedisMembershipStore:
         dead = await self.redis.zrangebyscore(self.keys.nodes, "-inf", now)
         swept = []
         for raw in dead:
-            node = raw.decode() if isinstance(raw, bytes) else str(raw)
+            node = text(raw)
             if node != self.node_id and await self._run("sweep", [self.keys.nodes], [node, now]) == 1:
                 swept.append(node)
                 log.warning("swept dead node %s", node)
@@ -132,33 +131,26 @@ class RedisMembershipStore:
         await self._update("leave", self._room_keys(room), [room, conn_id, "1" if emptied else "0"])
 
     # -- reads -------------------------------------------------------------------
+    # Reads are publisher.inspect's queries, so the HTTP API and hubctl give one answer.
     async def rooms(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        async for room, count in self.redis.hscan_iter(self.keys.rooms, count=1000):
-            out[_s(room)] = int(count)
-        return out
+        return await self._query(inspect.rooms(self.keys))
 
     async def members(self, room: str) -> list[Member]:
-        out = []
-        async for conn, user in self.redis.hscan_iter(self.keys.members(room), count=1000):
-            conn_id, user_id = _s(conn), _s(user)
-            out.append(Member(conn_id, user_id or None, node_of(conn_id)))
-        return out
-
-    async def live_nodes(self) -> list[str]:
-        return [_s(n) for n in await self.redis.zrangebyscore(self.keys.nodes, f"({_now_ms()}", "+inf")]
+        return await self._query(inspect.room_members(self.keys, room))
 
     async def stats(self) -> Stats:
-        nodes = await self.live_nodes()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for node in nodes:
-                pipe.hget(self.keys.node(node), "clients")
-            pipe.hlen(self.keys.rooms)
-            *clients, rooms = await pipe.execute()
-        return Stats(clients=sum(int(c or 0) for c in clients), rooms=int(rooms), nodes=len(nodes))
+        return await self._query(inspect.stats(self.keys))
 
     async def online(self, user_id: str) -> int:
-        return int(await self.redis.hget(self.keys.online, user_id) or 0)
+        return await self._query(inspect.user_online(self.keys, user_id))
+
+    async def _query(self, query: Query[T]) -> T:
+        return await drive_async(query, self._execute)
+
+    async def _execute(self, step: Step) -> Any:
+        if isinstance(step, list):
+            return await pipeline_step(self.redis, step).execute()
+        return await step.on(self.redis)
 
     # -- internals ---------------------------------------------------------------
     def _room_keys(self, room: str) -> list[str]:
@@ -214,14 +206,10 @@ class RedisMembershipStore:
             policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
         except RedisError:
             return  # CONFIG may be disabled on managed Redis
-        if policy and _s(policy) != "noeviction":
+        if policy and text(policy) != "noeviction":
             log.warning("Redis maxmemory-policy is %r: membership keys may be evicted; "
-                        "set it to 'noeviction'", _s(policy))
+                        "set it to 'noeviction'", text(policy))
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
