@@ -282,3 +282,47 @@ def read_frames(sock: socket.socket, timeout: float = 10.0) -> list[tuple[int, b
         if not chunk:
             return frames
         buf += chunk
+
+
+class Cluster:
+    """2-3 real node processes sharing one Redis, with quick heartbeats for fault tests."""
+
+    def __init__(self, redis_url: str, prefix: str, n: int = 2, heartbeat: float = 0.5,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.heartbeat = heartbeat
+        self.nodes = [NodeProcess("--redis-url", redis_url, "--key-prefix", prefix, "--node-id", f"n{i + 1}",
+                                  "--heartbeat", str(heartbeat), "--unsubscribe-grace", "0.2", "--rate", "0",
+                                  "--redis-timeout", "1", *extra) for i in range(n)]
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start(wait=False)
+        for node in self.nodes:
+            wait_until_sync(node.healthy, 15, f"node on port {node.port} to be healthy")
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def redis_state(client: Any, prefix: str) -> dict[str, Any]:
+    """Every membership key under `prefix`, as plain Python values (decode_responses client)."""
+    state: dict[str, Any] = {}
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        kind = client.type(key)
+        if kind == "hash":
+            state[key] = client.hgetall(key)
+        elif kind == "set":
+            state[key] = client.smembers(key)
+        elif kind == "zset":
+            state[key] = client.zrange(key, 0, -1)
+    return state
+
+
+def membership_of(state: dict[str, Any], prefix: str) -> dict[str, dict[str, str]]:
+    """room -> {conn_id: user_id} from a redis_state() snapshot."""
+    head = f"{prefix}members:{{"
+    return {key[len(head):-1]: value for key, value in state.items() if key.startswith(head)}

@@ -1,0 +1,91 @@
+"""The Broker contract, run over the memory broker and the Redis broker (real redis-server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from hubnode.broker import Broker, BrokerUnavailable, MemoryBroker
+from hubnode.broker.redis import RedisBroker
+from publisher.keys import Keys
+from tests.helpers import RedisServer, wait_until
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    def __call__(self, channel: str, payload: bytes) -> None:
+        self.got.append((channel, payload))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str) -> AsyncIterator[Broker]:
+    if request.param == "memory":
+        b: Broker = MemoryBroker()
+    else:
+        b = RedisBroker(redis_server.url, aioredis.Redis.from_url(redis_server.url), Keys(prefix), "n1",
+                        timeout=2, probe_interval=0.5)
+    yield b
+    await b.close()
+
+
+async def test_publish_reaches_subscribed_handler(broker: Broker) -> None:
+    """A publish on a subscribed channel reaches the handler with its exact bytes."""
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe(["c1"])
+    assert await broker.publish("c1", b"\x00\xffpayload") == 1
+    await wait_until(lambda: rec.got, what="delivery")
+    assert rec.got == [("c1", b"\x00\xffpayload")]
+
+
+async def test_unsubscribed_channel_is_not_delivered(broker: Broker) -> None:
+    """A publish on a channel nobody subscribed reaches nobody and counts 0."""
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe(["c1"])
+    assert await broker.publish("other", b"x") == 0
+    await broker.publish("c1", b"marker")
+    await wait_until(lambda: rec.got, what="marker")
+    assert rec.got == [("c1", b"marker")]
+
+
+async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
+    """After unsubscribe, publishes on the channel are no longer taken."""
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe(["c1", "c2"])
+    await broker.unsubscribe(["c1"])
+    await wait_until(lambda: _publish_count(broker, "c1", 0), what="unsubscribe to take effect")
+    await broker.publish("c2", b"still")
+    await wait_until(lambda: ("c2", b"still") in rec.got, what="c2 delivery")
+    assert all(ch != "c1" for ch, _ in rec.got)
+
+
+async def _publish_count(broker: Broker, channel: str, expected: int) -> bool:
+    return await broker.publish(channel, b"probe") == expected
+
+
+async def test_order_is_kept(broker: Broker) -> None:
+    """Publications from one publisher arrive in publish order."""
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe(["c"])
+    for i in range(300):
+        await broker.publish("c", str(i).encode())
+    await wait_until(lambda: len(rec.got) == 300, what="300 deliveries")
+    assert [int(p) for _, p in rec.got] == list(range(300))
+
+
+async def test_closed_broker_refuses(broker: Broker) -> None:
+    """After close, publish and subscribe raise BrokerUnavailable."""
+    await broker.start(Recorder())
+    await broker.close()
+    assert not broker.connected
+    with pytest.raises(BrokerUnavailable):
+        await broker.publish("c", b"x")
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe(["c"])
