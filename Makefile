@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: run test lint venv sysdeps clean
+.PHONY: cluster
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +27,15 @@ sysdeps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light || \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }; }
+
+## make cluster: redis-server, three nodes and nginx on http://127.0.0.1:8080, no Docker; Ctrl-C stops them
+## (options: make cluster CLUSTER_ARGS="--port 9000 --nodes 5 -- --heartbeat 1")
+cluster: sysdeps venv
+	$(BIN)/python -m deploy.cluster $(CLUSTER_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""Deployment files for hubnode, and `deploy.cluster`: the local cluster of `make cluster`."""
