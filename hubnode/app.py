@@ -7,7 +7,7 @@ have, at any route.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
@@ -70,16 +70,27 @@ def create_app(config: Config | None = None, node: Node | None = None) -> web.Ap
 
 
 def _add_static(app: web.Application) -> None:
+    """The demo chat at /, the dashboard at /dashboard, and the hub.js client.
+
+    Pages and scripts are plain files in hubnode/static, served as they are
+    (no build step), with `no-cache` so browsers pick up a node upgrade at once.
+    """
     static = resources.files("hubnode") / "static"
+    routes = {  # path -> (file, content type)
+        "/": ("index.html", "text/html"),
+        "/dashboard": ("dashboard.html", "text/html"),
+        "/hub.js": ("hub.js", "application/javascript"),
+        "/hub.mjs": ("hub.mjs", "application/javascript"),
+        "/demo.js": ("demo.js", "application/javascript"),
+        "/dashboard.js": ("dashboard.js", "application/javascript"),
+        "/hub.css": ("hub.css", "text/css"),
+    }
 
-    def page(name: str, content_type: str) -> web.Response:
-        return web.Response(body=(static / name).read_bytes(), content_type=content_type)
+    def file_route(name: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def serve(_request: web.Request) -> web.Response:
+            return web.Response(body=(static / name).read_bytes(), content_type=content_type,
+                                headers={"Cache-Control": "no-cache"})
+        return serve
 
-    async def index(_request: web.Request) -> web.Response:
-        return page("index.html", "text/html")
-
-    async def hub_js(_request: web.Request) -> web.Response:
-        return page("hub.js", "application/javascript")
-
-    app.router.add_get("/", index)
-    app.router.add_get("/hub.js", hub_js)
+    for path, (name, content_type) in routes.items():
+        app.router.add_get(path, file_route(name, content_type))

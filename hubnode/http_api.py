@@ -107,10 +107,27 @@ async def get_readyz(request: web.Request) -> web.Response:
     return _json({"ready": False, "reason": reason}, 503)
 
 
+async def get_nodes(request: web.Request) -> web.Response:
+    """Live nodes with clients and heartbeat age; `self` is the node answering."""
+    from hubnode.dashboard_api import live_nodes
+
+    node = _node(request)
+    return _json({"self": node.id, "nodes": await live_nodes(node)})
+
+
+async def get_metrics_json(request: web.Request) -> web.Response:
+    """This node's cumulative counters and latency histogram (rates: diff two samples)."""
+    from hubnode.dashboard_api import metrics_snapshot
+
+    return _json(metrics_snapshot(_node(request)))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/broadcast", post_broadcast)
     app.router.add_get("/api/stats", get_stats)
     app.router.add_get("/api/rooms", get_rooms)
     app.router.add_get("/api/rooms/{room}", get_room)
+    app.router.add_get("/api/nodes", get_nodes)
+    app.router.add_get("/api/metrics", get_metrics_json)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)

@@ -1,0 +1,124 @@
+"""The JSON the dashboard reads: live nodes, and this node's counters and latency.
+
+`GET /api/nodes` lists the live nodes of the cluster (from Redis, with the same
+query `hubctl nodes` runs) or, on a single node, just this one.
+`GET /api/metrics` is this node's own counters and delivery-latency histogram,
+cumulative since it started: a reader computes rates and recent latency from
+the difference of two samples, the way Prometheus does. Numbers are per node;
+nothing here sums across the cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import Histogram
+
+from hubnode import __version__
+from hubnode.membership.redis import RedisMembershipStore
+from hubnode.node import Node
+from publisher import inspect
+from publisher.query import Step, drive_async, pipeline_step
+
+__all__ = ["Buckets", "latency_snapshot", "live_nodes", "metrics_snapshot", "quantile"]
+
+Buckets = Sequence[tuple[float, float]]
+"""Cumulative histogram buckets: (upper bound in seconds, count of observations <= it), +Inf last."""
+
+
+async def live_nodes(node: Node) -> list[dict[str, Any]]:
+    """Every live node as JSON: the Redis registry in cluster mode, else this node alone."""
+    store = node.store
+    if not isinstance(store, RedisMembershipStore):
+        return [_local_info(node)]
+
+    async def execute(step: Step) -> Any:
+        if isinstance(step, list):
+            return await pipeline_step(store.redis, step).execute()
+        return await step.on(store.redis)
+
+    found = await drive_async(inspect.live_nodes(node.keys), execute)
+    return [info.to_json() for info in found]
+
+
+def _local_info(node: Node) -> dict[str, Any]:
+    """A single node has no registry entry: no heartbeat, nothing that expires."""
+    cfg = node.config
+    return {"id": node.id, "clients": len(node.conns), "expires_in": None, "heartbeat_age": None,
+            "started_at": node.started_at, "address": f"{cfg.host}:{cfg.port}", "version": __version__}
+
+
+def metrics_snapshot(node: Node) -> dict[str, Any]:
+    """This node's cumulative counters and latency histogram, stamped with the time read."""
+    c = node.counters
+    return {
+        "node": node.id,
+        "time": round(time.time(), 3),
+        "uptime": round(time.time() - node.started_at, 3),
+        "clients": len(node.conns),
+        "rooms_local": node.table.room_count(),
+        "published": c.published,
+        "delivered": c.delivered,
+        "bytes_out": c.bytes_out,
+        "dropped": c.dropped,
+        "resyncs": c.resyncs,
+        "slow_closes": c.slow_closes,
+        "frames": dict(c.frames),
+        "errors": {str(code): n for code, n in c.errors.items()},
+        "latency": latency_snapshot(node.latency_observer),
+    }
+
+
+def latency_snapshot(observer: Callable[[float], None] | None) -> dict[str, Any] | None:
+    """The delivery-latency histogram behind `node.latency_observer`, or None without one.
+
+    hubnode.metrics installs a prometheus Histogram's bound `observe` as the
+    observer; its buckets are read back from that Histogram.
+    """
+    histogram = getattr(observer, "__self__", None)
+    if not isinstance(histogram, Histogram):
+        return None
+    buckets: list[tuple[float, float]] = []
+    count = total = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return {
+        "count": int(count),
+        "sum": total,
+        "buckets": [[_le_json(le), int(n)] for le, n in buckets],
+        "p50": quantile(buckets, 0.5),
+        "p99": quantile(buckets, 0.99),
+    }
+
+
+def _le_json(le: float) -> float | str:
+    return "+Inf" if math.isinf(le) else le
+
+
+def quantile(buckets: Buckets, q: float) -> float | None:
+    """Estimate the q-quantile from cumulative buckets (Prometheus' histogram_quantile).
+
+    Linear interpolation inside the bucket holding the rank; an answer in the
+    +Inf bucket is reported as the last finite bound. None without observations.
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, cumulative in buckets:
+        if cumulative >= rank:
+            if math.isinf(le):
+                return lower
+            inside = cumulative - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, cumulative
+    return lower
