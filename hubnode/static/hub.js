@@ -1,89 +1,302 @@
-// hub.js: a dependency-free client for hubnode (PROTOCOL.md sections 1-4).
-// Works as a plain <script> (window.HubClient) and as an ES module import.
+// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4).
+//
+//   <script src="/hub.js"></script>            -> window.HubClient
+//   import { HubClient } from "/hub.mjs";      -> the same class as an ES module
+//
+//   const hub = new HubClient("/ws", { userId: "alice" });
+//   hub.on("room_message", (msg) => console.log(msg.user_id, msg.data.message));
+//   await hub.join("lobby");                   // resolves on the server's ack
+//   await hub.sendToRoom("lobby", "hello");    // rejects with err.code, e.g. "not_in_room"
+//
+// What it does for you:
+// - every request carries an id; its Promise settles on the matching `ack` or
+//   `error` frame (err.code is the protocol's error code, or one of hub.js's
+//   own: "timeout", "disconnected", "closed", "left");
+// - calls made while disconnected wait for the next connection (up to
+//   `timeout`); a request in flight when the connection drops is rejected
+//   with "disconnected" (it may or may not have been delivered: at most once);
+// - reconnects with jittered exponential backoff, reset once a connection has
+//   been stable for a while; on close 1001 (node draining) it reconnects at
+//   once, to the next URL when several are given; all joined rooms are
+//   re-joined on every new connection;
+// - `resync` (the node lost Redis for a while: messages may be missing) and
+//   `reconnect` (the node is going away) system messages become events;
+// - while the tab is hidden it pings the server, and drops a connection whose
+//   pong does not come back, because that is where connections die silently
+//   (laptop sleep, mobile background, NAT timeouts) with nobody typing to notice.
 (function (root) {
   "use strict";
 
+  const DEFAULTS = {
+    userId: null, // ?user_id= for a node in auth mode "none"
+    token: null, // JWT string, or a function returning one (or a Promise of one), asked on every connect
+    reconnect: true,
+    minDelay: 500, // ms: first reconnect delay; doubles per failed attempt...
+    maxDelay: 15000, // ...up to this; each delay is jittered to 50-100 % of its value
+    stableAfter: 10000, // ms a connection must last before the backoff starts over
+    timeout: 10000, // ms a request waits for its answer (or for a connection to be sent on)
+    pingInterval: 25000, // ms between pings while the tab is hidden; 0 turns liveness pings off
+    pingTimeout: 10000, // ms a liveness ping waits for its pong before the connection is dropped
+  };
+
+  // Requests that may safely be sent again on a new connection (idempotent).
+  const RESENDABLE = new Set(["join_room", "leave_room"]);
+
+  function hubError(code, message) {
+    return Object.assign(new Error(message || code), { code });
+  }
+
+  // "/ws", "http://host/ws" or "ws://host/ws" -> an absolute ws:// or wss:// URL.
+  function wsUrl(url) {
+    const base = typeof location !== "undefined" ? location.href : undefined;
+    const u = new URL(url, base);
+    if (u.protocol === "http:") u.protocol = "ws:";
+    if (u.protocol === "https:") u.protocol = "wss:";
+    return u;
+  }
+
   class HubClient {
-    // url: ws://host/ws; options: {userId, token, reconnect: true}
-    constructor(url, options = {}) {
-      this.url = url;
-      this.options = Object.assign({ reconnect: true, maxBackoff: 10000 }, options);
-      this.handlers = {};
-      this.pending = new Map();
-      this.rooms = new Set();
-      this.nextId = 1;
-      this.attempt = 0;
-      this.info = null;
-      this.closedByUser = false;
-      this.connect();
+    // url: one WebSocket URL (behind a load balancer) or a list of node URLs,
+    // tried in turn: each reconnect goes to the next one. Default: "/ws".
+    constructor(url = "/ws", options = {}) {
+      this.urls = (Array.isArray(url) ? url : [url]).map(String);
+      if (!this.urls.length) throw new Error("HubClient needs at least one URL");
+      this.options = Object.assign({}, DEFAULTS, options);
+      this.rooms = new Set(); // rooms to be in: re-joined after every reconnect
+      this.info = null; // data of the last `connected` frame: {conn_id, user_id, node}
+      this.url = null; // the URL of the current (or last) connection
+      this._handlers = new Map();
+      this._pending = new Map(); // id -> {type, data, resolve, reject, timer, sent}
+      this._nextId = 1;
+      this._urlIndex = 0;
+      this._attempt = 0;
+      this._ws = null;
+      this._open = false; // true between the `connected` frame and the close
+      this._closed = false; // true after close(): no more reconnects
+      this._goingAway = false; // the node announced it is draining
+      this._timers = { retry: null, stable: null, ping: null };
+      this._onVisibility = () => this._visibilityChanged();
+      if (typeof document !== "undefined") document.addEventListener("visibilitychange", this._onVisibility);
+      this._connect();
     }
 
+    // -- public API -----------------------------------------------------------
+    get connected() { return this._open; }
+    get node() { return this.info ? this.info.node : null; }
+
+    // Listen to a message type ("room_message", "private_message", "broadcast",
+    // "connected", any type the server publishes, "*" for every message) or to
+    // a client event: "disconnected" {code, reason, delay}, "resync",
+    // "reconnect", "error" (an error frame not tied to a request).
     on(type, fn) {
-      (this.handlers[type] = this.handlers[type] || []).push(fn);
+      if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+      this._handlers.get(type).add(fn);
       return this;
     }
 
-    emit(type, msg) {
-      for (const fn of this.handlers[type] || []) fn(msg);
-      for (const fn of this.handlers["*"] || []) fn(msg);
+    off(type, fn) {
+      const set = this._handlers.get(type);
+      if (set) set.delete(fn);
+      return this;
     }
 
-    connect() {
-      const u = new URL(this.url, location.href);
-      if (this.options.userId) u.searchParams.set("user_id", this.options.userId);
-      if (this.options.token) u.searchParams.set("token", this.options.token);
-      const ws = (this.ws = new WebSocket(u.toString()));
-      ws.onmessage = (ev) => this.onFrame(JSON.parse(ev.data));
-      ws.onclose = (ev) => this.onClose(ev);
-    }
-
-    onFrame(msg) {
-      if (msg.type === "connected") {
-        this.info = msg.data;
-        // Re-join what we were in before a reconnect.
-        for (const room of this.rooms) this.request("join_room", room).catch(() => {});
-        setTimeout(() => { if (this.ws.readyState === 1) this.attempt = 0; }, 5000);
-      }
-      if ((msg.type === "ack" || msg.type === "error" || msg.type === "pong") && msg.id != null
-          && this.pending.has(msg.id)) {
-        const { resolve, reject } = this.pending.get(msg.id);
-        this.pending.delete(msg.id);
-        if (msg.type === "error") reject(Object.assign(new Error(msg.data.message), { code: msg.data.code }));
-        else resolve(msg);
-        return;
-      }
-      if (msg.type === "system_message" && msg.data && msg.data.event) this.emit(msg.data.event, msg);
-      this.emit(msg.type, msg);
-    }
-
-    onClose(ev) {
-      for (const { reject } of this.pending.values()) reject(Object.assign(new Error("closed"), { code: "closed" }));
-      this.pending.clear();
-      this.emit("disconnected", { code: ev.code });
-      if (this.closedByUser || !this.options.reconnect) return;
-      // 1001: the node is draining, reconnect at once (the load balancer picks another).
-      const base = ev.code === 1001 ? 0 : Math.min(this.options.maxBackoff, 250 * 2 ** this.attempt++);
-      setTimeout(() => this.connect(), base * (0.5 + Math.random() / 2));
-    }
-
-    request(type, data) {
-      const id = this.nextId++;
-      return new Promise((resolve, reject) => {
-        if (!this.ws || this.ws.readyState !== 1) return reject(Object.assign(new Error("not connected"), { code: "closed" }));
-        this.pending.set(id, { resolve, reject });
-        this.ws.send(JSON.stringify({ type, data, id }));
+    join(room) {
+      this.rooms.add(room);
+      return this._request("join_room", room).catch((err) => {
+        if (!["timeout", "disconnected", "left", "closed"].includes(err.code)) this.rooms.delete(room);
+        throw err;
       });
     }
 
-    join(room) { this.rooms.add(room); return this.request("join_room", room); }
-    leave(room) { this.rooms.delete(room); return this.request("leave_room", room); }
-    sendToRoom(room, message) { return this.request("room_message", { room, message }); }
-    sendPrivate(userId, message) { return this.request("private_message", { user_id: userId, message }); }
-    broadcast(data) { return this.request("broadcast", data); }
-    ping(data) { return this.request("ping", data); }
-    close() { this.closedByUser = true; this.ws.close(1000); }
+    leave(room) {
+      this.rooms.delete(room);
+      for (const [id, req] of this._pending) {
+        if (!req.sent && req.type === "join_room" && req.data === room) this._settle(id, hubError("left"));
+      }
+      // A new connection starts in no room: while disconnected there is nothing to leave.
+      if (!this._open) return Promise.resolve({ type: "ack" });
+      return this._request("leave_room", room);
+    }
+
+    sendToRoom(room, message) { return this._request("room_message", { room, message }); }
+    sendPrivate(userId, message) { return this._request("private_message", { user_id: userId, message }); }
+    broadcast(data) { return this._request("broadcast", data); }
+    ping(data = null, timeout) { return this._request("ping", data, timeout); } // resolves with the pong
+
+    // Close for good: pending requests reject with "closed", no reconnect.
+    close() {
+      this._closed = true;
+      this._clearTimers();
+      if (typeof document !== "undefined") document.removeEventListener("visibilitychange", this._onVisibility);
+      for (const id of [...this._pending.keys()]) this._settle(id, hubError("closed"));
+      const ws = this._ws;
+      this._ws = null;
+      this._open = false;
+      if (ws) ws.close(1000);
+    }
+
+    // -- connection -----------------------------------------------------------
+    async _connect() {
+      this._timers.retry = null;
+      const u = wsUrl(this.urls[this._urlIndex % this.urls.length]);
+      const { userId, token } = this.options;
+      if (userId) u.searchParams.set("user_id", userId);
+      try {
+        const t = typeof token === "function" ? await token() : token;
+        if (t) u.searchParams.set("token", t);
+      } catch (err) {
+        return this._closedWith(null, 4001, "token: " + err.message);
+      }
+      if (this._closed) return;
+      this.url = u.toString();
+      const ws = (this._ws = new WebSocket(this.url));
+      ws.onmessage = (ev) => this._onFrame(ws, ev.data);
+      ws.onclose = (ev) => this._closedWith(ws, ev.code, ev.reason);
+    }
+
+    _onFrame(ws, text) {
+      if (ws !== this._ws) return;
+      let msg;
+      try { msg = JSON.parse(text); } catch { return; }
+      const id = msg.id;
+      if (id != null && ["ack", "error", "pong"].includes(msg.type) && this._pending.has(id)) {
+        const d = msg.data || {};
+        this._settle(id, msg.type === "error" ? hubError(d.code, d.message) : null, msg);
+        return;
+      }
+      if (msg.type === "connected") this._onConnected(msg.data);
+      if (msg.type === "system_message" && msg.data && msg.data.event) {
+        if (msg.data.event === "reconnect") this._goingAway = true;
+        this._emit(msg.data.event, msg);
+      }
+      this._emit(msg.type, msg);
+      this._emit("*", msg);
+    }
+
+    // The connection is routable: re-join rooms, then send what waited.
+    _onConnected(info) {
+      this.info = info;
+      this._open = true;
+      this._goingAway = false;
+      const waiting = [...this._pending.entries()].filter(([, req]) => !req.sent);
+      const joining = new Set(waiting.filter(([, r]) => r.type === "join_room").map(([, r]) => r.data));
+      for (const room of this.rooms) {
+        if (!joining.has(room)) this._rejoin(room);
+      }
+      for (const [id, req] of waiting) this._transmit(id, req);
+      this._timers.stable = setTimeout(() => { this._attempt = 0; }, this.options.stableAfter);
+      this._schedulePing();
+    }
+
+    _rejoin(room) {
+      this._request("join_room", room).catch((err) => {
+        if (["timeout", "disconnected", "left", "closed"].includes(err.code)) return;
+        this.rooms.delete(room); // e.g. forbidden: the app learns it through "error"
+        this._emit("error", { type: "error", room, data: { code: err.code, message: err.message } });
+      });
+    }
+
+    _closedWith(ws, code, reason) {
+      if (ws !== this._ws || this._closed) return;
+      this._ws = null;
+      this._open = false;
+      this._clearTimers();
+      // In flight on the dead connection: joins and leaves are sent again, others fail.
+      for (const [id, req] of this._pending) {
+        if (!req.sent) continue;
+        if (RESENDABLE.has(req.type)) req.sent = false;
+        else this._settle(id, hubError("disconnected", "connection lost before the answer"));
+      }
+      const delay = this.options.reconnect ? this._nextDelay(code) : null;
+      this._goingAway = false; // only the close that follows the announcement is special
+      this._emit("disconnected", { type: "disconnected", code, reason, delay });
+      if (delay === null) return;
+      this._urlIndex++; // the next attempt goes to the next node (when there are several)
+      this._timers.retry = setTimeout(() => this._connect(), delay);
+    }
+
+    // Draining node (close 1001, or the `reconnect` announcement): go now, with a
+    // little jitter so a node's clients do not all arrive in the same millisecond.
+    // Anything else: exponential backoff with jitter.
+    _nextDelay(code) {
+      if (code === 1001 || this._goingAway) return Math.random() * 100;
+      const { minDelay, maxDelay } = this.options;
+      const delay = Math.min(maxDelay, minDelay * 2 ** this._attempt++);
+      return delay * (0.5 + Math.random() / 2);
+    }
+
+    // A connection that stopped answering: give up on it without waiting for
+    // the browser's close handshake, which on a dead network takes minutes.
+    _drop(ws, reason) {
+      if (ws !== this._ws) return;
+      ws.onclose = ws.onmessage = null;
+      try { ws.close(); } catch { /* already closing */ }
+      this._closedWith(ws, 1006, reason);
+    }
+
+    // -- liveness ---------------------------------------------------------------
+    _visibilityChanged() {
+      if (document.visibilityState === "visible") this._probe(); // did it survive the sleep?
+      this._schedulePing();
+    }
+
+    _schedulePing() {
+      clearTimeout(this._timers.ping);
+      this._timers.ping = null;
+      const hidden = typeof document !== "undefined" && document.visibilityState === "hidden";
+      if (!hidden || !this._open || !this.options.pingInterval) return;
+      this._timers.ping = setTimeout(() => { this._probe(); this._schedulePing(); }, this.options.pingInterval);
+    }
+
+    _probe() {
+      if (!this._open || !this.options.pingInterval) return;
+      const ws = this._ws;
+      this.ping("hub.js liveness", this.options.pingTimeout).catch((err) => {
+        if (err.code === "timeout") this._drop(ws, "no pong within " + this.options.pingTimeout + " ms");
+      });
+    }
+
+    // -- requests ---------------------------------------------------------------
+    _request(type, data, timeout = this.options.timeout) {
+      if (this._closed) return Promise.reject(hubError("closed", "the client was closed"));
+      const id = this._nextId++;
+      return new Promise((resolve, reject) => {
+        const req = { type, data, resolve, reject, sent: false };
+        req.timer = setTimeout(() => this._settle(id, hubError("timeout", type + " got no answer")), timeout);
+        this._pending.set(id, req);
+        if (this._open) this._transmit(id, req);
+      });
+    }
+
+    _transmit(id, req) {
+      req.sent = true;
+      this._ws.send(JSON.stringify({ type: req.type, data: req.data, id }));
+    }
+
+    _settle(id, error, msg) {
+      const req = this._pending.get(id);
+      if (!req) return;
+      this._pending.delete(id);
+      clearTimeout(req.timer);
+      if (error) req.reject(error);
+      else req.resolve(msg);
+    }
+
+    _emit(type, msg) {
+      for (const fn of this._handlers.get(type) || []) {
+        try { fn(msg); } catch (err) { console.error("hub.js: a '" + type + "' handler threw", err); }
+      }
+    }
+
+    _clearTimers() {
+      for (const name of Object.keys(this._timers)) {
+        clearTimeout(this._timers[name]);
+        this._timers[name] = null;
+      }
+    }
   }
 
+  HubClient.DEFAULTS = DEFAULTS;
   root.HubClient = HubClient;
-  if (typeof module !== "undefined") module.exports = { HubClient };
-})(typeof window !== "undefined" ? window : globalThis);
+  if (typeof module === "object" && module && module.exports) module.exports = { HubClient };
+})(typeof globalThis !== "undefined" ? globalThis : window);
