@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -225,8 +226,7 @@ class Cluster:
                                       "--port", str(self.node_ports[node_id]), "--redis-url", self.redis_url,
                                       "--node-id", node_id, *self.node_args])
             for node_id in self.node_ids:
-                self._wait(lambda n=node_id: http_status(self.node_url(n) + "/readyz") == 200, end,
-                           f"{node_id} to be ready")
+                self._wait(functools.partial(self._node_ready, node_id), end, f"{node_id} to be ready")
             self._spawn("nginx", self._nginx_command())
             self._wait(lambda: http_status(self.url + "/readyz") == 200, end, "nginx to proxy /readyz")
             self._wait(self._all_registered, end, "every node to register in Redis")
@@ -287,6 +287,9 @@ class Cluster:
             if time.monotonic() > end:
                 raise ClusterError(f"timed out waiting for {what}\n{self.logs()}")
             time.sleep(0.05)
+
+    def _node_ready(self, node_id: str) -> bool:
+        return http_status(self.node_url(node_id) + "/readyz") == 200
 
     def _redis_answers(self) -> bool:
         try:

@@ -1,0 +1,345 @@
+"""The `make cluster` topology for real: redis-server, three hubnode processes, nginx in front.
+
+Clients reach the nodes only through nginx (deploy/nginx.conf rendered by
+deploy/cluster.py), the way a browser would. Absence is proven without
+waiting: a message that must not reach a client is followed by a broadcast
+marker, published after the message was acknowledged (so after Redis took
+it), and a client that was not a target sees the marker first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from deploy.cluster import Cluster
+from tests.helpers import SCALE, Client, wait_until
+
+HEARTBEAT = 0.5
+NODES = {"node1", "node2", "node3"}
+CLIENTS = 30
+
+
+def boot() -> Cluster:
+    """The cluster of `make cluster` on free ports, with quick heartbeats."""
+    return Cluster(port=0, nodes=3, node_args=("--heartbeat", str(HEARTBEAT))).start(timeout=30 * SCALE)
+
+
+def shutdown(cluster: Cluster, killed: tuple[str, ...] = ()) -> None:
+    """Stop the cluster; fail if a process other than those the test killed had died."""
+    dead = [p.name for p in cluster.dead() if p.name not in killed]
+    logs = cluster.logs() if dead else ""
+    cluster.stop()
+    assert not dead, f"cluster processes died during the test: {dead}\n{logs}"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """One cluster for the tests that do not break it; each uses its own rooms and users."""
+    c = boot()
+    yield c
+    shutdown(c)
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[Cluster]:
+    """A cluster of its own, for a test that kills node2."""
+    c = boot()
+    yield c
+    shutdown(c, killed=("node2",))
+
+
+class HubClient:
+    """A WebSocket client through nginx that reconnects on close, like hubnode/static/hub.js.
+
+    After close 1001 (node draining) it reconnects at once, after any other
+    close after 250 ms * 2^attempt with jitter; then it re-joins its rooms.
+    Acks, errors and pongs answer `request()`; every other frame is queued.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, user: str, rooms: tuple[str, ...]) -> None:
+        self.session, self.url, self.user, self.rooms = session, f"{url}?user_id={user}", user, rooms
+        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ready = asyncio.Event()  # connected and every room joined
+        self.conn: Client | None = None
+        self.nodes: list[str] = []  # node of each connection, in order
+        self.down_at: float | None = None  # when the last connection was seen closed
+        self.retry_at: float | None = None  # when the first attempt after it began (after the backoff)
+        self.up_at: float | None = None  # when the client was ready again after it
+        self._answers: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def node(self) -> str:
+        return self.nodes[-1]
+
+    @property
+    def conn_id(self) -> str:
+        assert self.conn is not None
+        return self.conn.conn_id
+
+    async def start(self) -> HubClient:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self.ready.wait(), 10 * SCALE)
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def request(self, mtype: str, data: Any) -> dict[str, Any]:
+        """Send a frame with an id; its ack, error or pong."""
+        assert self.conn is not None and self.ready.is_set()
+        answer = await self._send_with_id(self.conn, mtype, data)
+        return await asyncio.wait_for(answer, 5 * SCALE)
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next queued frame (not an answer to a request)."""
+        return await asyncio.wait_for(self.frames.get(), timeout * SCALE)
+
+    async def _send_with_id(self, conn: Client, mtype: str, data: Any) -> asyncio.Future[dict[str, Any]]:
+        self._next_id += 1
+        fid = f"{self.user}-{self._next_id}"
+        answer = self._answers[fid] = asyncio.get_running_loop().create_future()
+        await conn.send({"type": mtype, "data": data, "id": fid})
+        return answer
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            if self.down_at is not None and self.retry_at is None:
+                self.retry_at = time.monotonic()
+            try:
+                conn = await Client.open(self.session, self.url)
+            except (aiohttp.ClientError, AssertionError, TimeoutError):
+                await asyncio.sleep(_backoff(attempt))  # the client's own behaviour, not a test wait
+                attempt += 1
+                continue
+            attempt = 0
+            self.conn = conn
+            self.nodes.append(str(conn.connected["node"]))
+            joins = [await self._send_with_id(conn, "join_room", room) for room in self.rooms]
+            code = await self._read(conn, joins)
+            self.ready.clear()
+            self.down_at, self.retry_at, self.up_at = time.monotonic(), None, None
+            await asyncio.sleep(0 if code == 1001 else _backoff(attempt))
+            attempt += 1
+
+    async def _read(self, conn: Client, joins: list[asyncio.Future[dict[str, Any]]]) -> int | None:
+        """Read until the connection closes; returns its close code."""
+        if not joins:
+            self._up()
+        while True:
+            msg = await conn.ws.receive()
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                return conn.ws.close_code
+            frame = orjson.loads(msg.data)
+            answer = self._answers.pop(frame.get("id"), None)
+            if answer is None:
+                self.frames.put_nowait(frame)
+                continue
+            answer.set_result(frame)
+            if joins and all(j.done() for j in joins) and not self.ready.is_set():
+                assert all(j.result()["type"] == "ack" for j in joins), [j.result() for j in joins]
+                self._up()
+
+    def _up(self) -> None:
+        if self.down_at is not None:
+            self.up_at = time.monotonic()
+        self.ready.set()
+
+
+def _backoff(attempt: int) -> float:
+    return min(10.0, 0.25 * 2.0 ** attempt) * (0.5 + random.random() / 2)
+
+
+@contextlib.asynccontextmanager
+async def open_clients(session: aiohttp.ClientSession, cluster: Cluster, tag: str,
+                       rooms_of: Any = lambda i: ()) -> AsyncIterator[list[HubClient]]:
+    """CLIENTS clients through nginx, two per user (`<tag>-u0` … ), opened one after the other."""
+    clients: list[HubClient] = []
+    try:
+        for i in range(CLIENTS):
+            user = f"{tag}-u{i // 2}"
+            clients.append(await HubClient(session, cluster.ws_url, user, tuple(rooms_of(i))).start())
+        yield clients
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def expect_each(clients: list[HubClient], predicate: Any, what: str) -> None:
+    """Every client's next frame satisfies `predicate`."""
+    frames = await asyncio.gather(*(c.next() for c in clients))
+    bad = [(c.user, c.node, f) for c, f in zip(clients, frames, strict=True) if not predicate(f)]
+    assert not bad, f"{what}: {bad[:3]}"
+
+
+async def marker(session: aiohttp.ClientSession, cluster: Cluster, n: int) -> None:
+    """POST /broadcast through nginx: the marker that follows every targeted message."""
+    async with session.post(cluster.url + "/broadcast", json={"type": "marker", "data": n}) as resp:
+        assert resp.status == 202, await resp.text()
+
+
+def is_marker(n: int) -> Any:
+    return lambda f: f["type"] == "marker" and f["data"] == n
+
+
+async def hubctl(cluster: Cluster, *args: str) -> Any:
+    """Run the real `hubctl … --json` against the cluster's Redis; its parsed output."""
+    script = Path(sys.executable).parent / "hubctl"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "publisher.cli"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, "--redis-url", cluster.redis_url, *args, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20 * SCALE)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+async def room_members(session: aiohttp.ClientSession, cluster: Cluster, room: str) -> list[dict[str, Any]]:
+    async with session.get(f"{cluster.url}/api/rooms/{room}") as resp:
+        assert resp.status == 200, await resp.text()
+        return list((await resp.json())["members"])
+
+
+def expected_members(clients: list[HubClient]) -> list[tuple[str, str, str]]:
+    return sorted((c.conn_id, c.user, c.node) for c in clients)
+
+
+def as_rows(members: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return sorted((m["conn_id"], m["user_id"], m["node"]) for m in members)
+
+
+async def test_clients_through_nginx_reach_every_node(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """nginx spreads 30 WebSocket clients over all three nodes (least_conn: evenly)."""
+    async with open_clients(session, cluster, "spread") as clients:
+        spread = Counter(c.node for c in clients)
+        print(f"clients per node through nginx: {dict(sorted(spread.items()))}")
+        assert set(spread) == NODES
+        assert max(spread.values()) - min(spread.values()) <= 1, spread
+
+
+async def test_room_user_and_broadcast_messages_cross_nodes(
+        cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """Room, private and broadcast messages from a client on one node reach exactly their targets on all nodes."""
+    async with open_clients(session, cluster, "msg", lambda i: ("lobby",) + (("evens",) if i % 2 == 0 else ())
+                            ) as clients:
+        evens = [c for i, c in enumerate(clients) if i % 2 == 0]
+        assert {c.node for c in evens} == NODES
+        sender = clients[0]
+
+        # room message to every member of "lobby", on every node
+        reply = await sender.request("room_message", {"room": "lobby", "message": "hello lobby"})
+        assert reply["type"] == "ack", reply
+        await expect_each(clients, lambda f: f["type"] == "room_message" and f["room"] == "lobby"
+                          and f["data"]["message"] == "hello lobby" and f["user_id"] == sender.user,
+                          "room message to lobby")
+
+        # room message to "evens" only: the odd clients see the marker first
+        sender = next(c for c in evens if c.node != clients[0].node)
+        assert (await sender.request("room_message", {"room": "evens", "message": "hi"}))["type"] == "ack"
+        await marker(session, cluster, 1)
+        await expect_each(evens, lambda f: f["type"] == "room_message" and f["room"] == "evens", "evens message")
+        await expect_each(clients, is_marker(1), "marker after the evens message")
+
+        # private message to a user with connections on two nodes, from a third node
+        by_user: dict[str, list[HubClient]] = {}
+        for c in clients:
+            by_user.setdefault(c.user, []).append(c)
+        target_user, targets = next((u, cs) for u, cs in by_user.items() if len({c.node for c in cs}) == 2)
+        sender = next(c for c in clients if c.node not in {t.node for t in targets})
+        reply = await sender.request("private_message", {"user_id": target_user, "message": "psst"})
+        assert reply["type"] == "ack", reply
+        await marker(session, cluster, 2)
+        await expect_each(targets, lambda f: f["type"] == "private_message" and f["data"] == {
+            "to": target_user, "message": "psst"} and f["user_id"] == sender.user, "private message")
+        await expect_each(clients, is_marker(2), "marker after the private message")
+
+        # a client's broadcast, then an HTTP broadcast through nginx, reach all 30
+        assert (await clients[-1].request("broadcast", {"n": 3}))["type"] == "ack"
+        await expect_each(clients, lambda f: f["type"] == "broadcast" and f["data"] == {"n": 3}
+                          and f["user_id"] == clients[-1].user, "client broadcast")
+        await marker(session, cluster, 4)
+        await expect_each(clients, is_marker(4), "HTTP broadcast through nginx")
+
+
+async def test_hubctl_members_match_the_connections(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """`hubctl members ROOM --json` and GET /api/rooms/ROOM through nginx list every connection with its node."""
+    async with open_clients(session, cluster, "members", lambda i: ("census",)) as clients:
+        expected = expected_members(clients)
+        listed = await hubctl(cluster, "members", "census")
+        assert listed["room"] == "census"
+        assert as_rows(listed["members"]) == expected
+        assert as_rows(await room_members(session, cluster, "census")) == expected
+        nodes = await hubctl(cluster, "nodes")
+        assert {n["id"] for n in nodes["nodes"]} == NODES
+
+
+async def test_killed_node_clients_reconnect_through_nginx_and_membership_converges(
+        fresh_cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """After SIGKILL of a node its clients reconnect through nginx to the others and membership converges."""
+    cluster = fresh_cluster
+    async with open_clients(session, cluster, "fail", lambda i: ("lobby",)) as clients:
+        assert as_rows((await hubctl(cluster, "members", "lobby"))["members"]) == expected_members(clients)
+        victim = "node2"
+        victims = [c for c in clients if c.node == victim]
+        bystanders = [c for c in clients if c.node != victim]
+        assert victims and bystanders
+
+        killed_at = time.monotonic()
+        cluster.procs[victim].popen.send_signal(signal.SIGKILL)
+        await wait_until(lambda: all(c.up_at is not None and c.ready.is_set() for c in victims), 10,
+                         what="the killed node's clients to reconnect")
+        reconnected = time.monotonic()
+
+        # within 4 heartbeats of the kill, Redis lists every client, on the survivors only
+        async def converged() -> bool:
+            return as_rows(await room_members(session, cluster, "lobby")) == expected_members(clients)
+
+        await wait_until(converged, 4 * HEARTBEAT, interval=0.02,
+                         what="membership without the killed node (GET /api/rooms/lobby)")
+        converged_at = time.monotonic()
+        assert converged_at <= killed_at + 4 * HEARTBEAT * SCALE + 0.25, converged_at - killed_at
+
+        listed = await hubctl(cluster, "members", "lobby")
+        assert as_rows(listed["members"]) == expected_members(clients)
+        assert {m["node"] for m in listed["members"]} == NODES - {victim}
+        assert {n["id"] for n in (await hubctl(cluster, "nodes"))["nodes"]} == NODES - {victim}
+        assert all(len(c.nodes) == 1 for c in bystanders), "a client of a live node was disconnected"
+        assert all(c.nodes[0] == victim and c.node != victim for c in victims)
+
+        # the reconnected clients are full members again
+        await marker(session, cluster, 5)
+        await expect_each(clients, is_marker(5), "broadcast after the failover")
+
+        downs = [(c.down_at or 0) - killed_at for c in victims]
+        ups = [(c.up_at or 0) - (c.down_at or 0) for c in victims]
+        handshakes = [(c.up_at or 0) - (c.retry_at or 0) for c in victims]
+        print(f"\nfailover through nginx, {len(victims)} clients of {victim} (SIGKILL):"
+              f"\n  close seen after kill: max {max(downs) * 1000:.0f} ms"
+              f"\n  reconnect (close -> connected and re-joined): median {statistics.median(ups) * 1000:.0f} ms,"
+              f" max {max(ups) * 1000:.0f} ms (includes hub.js's first backoff, 125-250 ms)"
+              f"\n  of which the attempt through nginx (handshake, connected, re-join):"
+              f" median {statistics.median(handshakes) * 1000:.0f} ms, max {max(handshakes) * 1000:.0f} ms"
+              f"\n  all clients back {(reconnected - killed_at) * 1000:.0f} ms after the kill"
+              f"\n  membership converged {(converged_at - killed_at) * 1000:.0f} ms after the kill"
+              f" (heartbeat {HEARTBEAT} s, bound {4 * HEARTBEAT * 1000:.0f} ms)")
