@@ -47,12 +47,18 @@ class Config:
     allow_anonymous: bool = False
     allowed_origins: tuple[str, ...] | None = None
     api_key: tuple[str, ...] = ()
-    client_broadcast: bool = True
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 5.0
+    client_broadcast: bool | None = None  # default: on in auth none, off in auth jwt
     client_private: bool = True
     max_message_bytes: int = 65536
     max_outbound_bytes: int = 4 * 1024 * 1024
     max_rooms_per_conn: int = 100
-    max_connections: int = 0
+    max_connections: int = 10000
+    max_connections_per_user: int = 32
     rate: float = 50.0
     burst: int = 100
     max_errors: int = 10
@@ -60,13 +66,22 @@ class Config:
     unsubscribe_grace: float = 2.0
     drain_timeout: float = 10.0
     ping_interval: float = 25.0
+    ping_timeout: float = 20.0
     redis_timeout: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        if self.auth not in ("none",):
-            raise ConfigError(f"--auth {self.auth!r} is not supported (use 'none')")
+        if self.auth not in ("none", "jwt"):
+            raise ConfigError(f"--auth {self.auth!r} is not supported (use 'none' or 'jwt')")
+        if self.auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
+            raise ConfigError("--auth jwt needs --jwt-secret (HS256) or --jwt-public-key FILE (RS256/ES256)")
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ConfigError("--jwt-secret must be at least 32 bytes (RFC 7518 section 3.2)")
+        if self.jwt_secret and self.jwt_public_key:
+            raise ConfigError("give either --jwt-secret or --jwt-public-key, not both")
+        if self.client_broadcast is None:
+            object.__setattr__(self, "client_broadcast", self.auth == "none")
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be 'text' or 'json'")
         if self.redis_url is not None and self.redis_url.startswith(("redis+cluster", "rediss+cluster")):
@@ -109,16 +124,22 @@ _HELP = {
     "redis_url": "Redis URL for cluster mode; without it the node runs alone",
     "node_id": "unique id of this node (default: hostname and random suffix)",
     "key_prefix": "prefix of every Redis key and channel",
-    "auth": "identity mode: none (?user_id=)",
+    "auth": "identity mode: none (?user_id=) or jwt (?token= or Authorization: Bearer)",
     "allow_anonymous": "allow auth none / no API key on a non-loopback address",
     "allowed_origins": "comma-separated browser origins allowed to connect, or *",
     "api_key": "comma-separated keys required as Bearer on /broadcast and /api/*",
-    "client_broadcast": "let clients send 'broadcast' frames",
+    "jwt_secret": "HS256 secret for --auth jwt (prefer HUB_JWT_SECRET)",
+    "jwt_public_key": "PEM file with the RS256 or ES256 public key for --auth jwt",
+    "jwt_audience": "required 'aud' claim",
+    "jwt_issuer": "required 'iss' claim",
+    "jwt_leeway": "seconds of clock skew allowed on exp/nbf",
+    "client_broadcast": "let clients send 'broadcast' frames (default: on in auth none, off in jwt)",
     "client_private": "let clients send 'private_message' frames",
     "max_message_bytes": "largest client frame; larger closes with 1009",
     "max_outbound_bytes": "per-connection send buffer; past it the client is closed 1013",
     "max_rooms_per_conn": "rooms one connection may join",
-    "max_connections": "connections this node accepts (0 = unlimited)",
+    "max_connections": "connections this node accepts (0 = unlimited); over it: 503",
+    "max_connections_per_user": "connections one user may hold cluster-wide (0 = unlimited); newest refused",
     "rate": "client frames per second per connection (0 = off)",
     "burst": "token bucket size for --rate",
     "max_errors": "errors in a row before close 1008",
@@ -126,6 +147,7 @@ _HELP = {
     "unsubscribe_grace": "seconds to keep an unused room/user channel subscribed",
     "drain_timeout": "seconds a shutdown may take",
     "ping_interval": "seconds between WebSocket pings to clients (0 = off)",
+    "ping_timeout": "seconds a client may take to answer a ping before it is closed",
     "redis_timeout": "timeout of every Redis command, seconds",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
@@ -145,12 +167,16 @@ def _to_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+_STRINGS = {"redis_url", "jwt_secret", "jwt_public_key", "jwt_audience", "jwt_issuer"}
+_BOOLS = {"allow_anonymous", "client_broadcast", "client_private"}
+
+
 def _converter(name: str, default: Any) -> Any:
     if name in ("allowed_origins", "api_key"):
         return _to_list
-    if name == "redis_url":
+    if name in _STRINGS:
         return str
-    if isinstance(default, bool):
+    if name in _BOOLS:
         return _to_bool
     return type(default)
 
@@ -165,7 +191,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         default = getattr(base, f.name)
         conv = _converter(f.name, default)
         env_value = env.get("HUB_" + f.name.upper())
-        if isinstance(default, bool):
+        if f.name in _BOOLS:
             parser.add_argument(flag, nargs="?", const=True, type=_to_bool, default=None,
                                 help=_HELP[f.name])
         else:

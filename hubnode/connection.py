@@ -20,6 +20,8 @@ from hubnode.policy import ErrorStreak, TokenBucket
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from hubnode.auth import Identity
+
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,19 @@ _closers: set[asyncio.Task[None]] = set()
 class Connection:
     """A WebSocket client as the node sees it."""
 
-    __slots__ = ("id", "user_id", "ws", "bucket", "streak", "closing", "slow",
-                 "_transport", "_limit")
+    __slots__ = ("id", "identity", "user_id", "ws", "bucket", "streak", "closing", "slow",
+                 "last_seen", "last_ping", "_transport", "_limit", "_closer")
 
-    def __init__(self, conn_id: str, user_id: str | None, ws: web.WebSocketResponse,
+    def __init__(self, conn_id: str, identity: Identity, ws: web.WebSocketResponse,
                  transport: asyncio.Transport, *, max_outbound: int,
-                 bucket: TokenBucket, streak: ErrorStreak) -> None:
+                 bucket: TokenBucket, streak: ErrorStreak, now: float = 0.0) -> None:
         self.id = conn_id
-        self.user_id = user_id
+        self.identity = identity
+        self.user_id = identity.user_id
         self.ws = ws
+        self.last_seen = now  # loop time of the last frame or pong from the client
+        self.last_ping = now
+        self._closer: asyncio.Task[None] | None = None
         self.bucket = bucket
         self.streak = streak
         self.closing = False
@@ -65,6 +71,11 @@ class Connection:
             return False
         return True
 
+    def abort(self) -> None:
+        """Drop a peer that stopped answering: no close handshake to wait for."""
+        self.closing = True
+        self._transport.abort()
+
     @property
     def buffered(self) -> int:
         return self._transport.get_write_buffer_size()
@@ -74,9 +85,14 @@ class Connection:
         if self.closing:
             return
         self.closing = True
-        task = asyncio.get_running_loop().create_task(self.close(code, reason))
+        task = self._closer = asyncio.get_running_loop().create_task(self.close(code, reason))
         _closers.add(task)
         task.add_done_callback(_closers.discard)
+
+    async def wait_closed(self) -> None:
+        """Let a close started by `close_soon` finish, so its code is the one sent."""
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
 
     async def close(self, code: CloseCode, reason: str = "") -> None:
         """Close with `code`, dropping the socket if the handshake stalls."""

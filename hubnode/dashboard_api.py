@@ -53,11 +53,12 @@ def _local_info(node: Node) -> dict[str, Any]:
 
 def metrics_snapshot(node: Node) -> dict[str, Any]:
     """This node's cumulative counters and latency histogram, stamped with the time read."""
-    c = node.counters
+    c, now = node.counters, time.time()
     return {
         "node": node.id,
-        "time": round(time.time(), 3),
-        "uptime": round(time.time() - node.started_at, 3),
+        "time": round(now, 3),
+        "started_at": node.started_at,
+        "uptime": round(now - node.started_at, 3),
         "clients": len(node.conns),
         "rooms_local": node.table.room_count(),
         "published": c.published,

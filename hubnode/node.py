@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from hubnode.auth import Authenticate, Authorize, builtin_authenticate, builtin_authorize
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
@@ -35,6 +36,8 @@ from publisher.targets import Target, coerce_message, envelope_for
 __all__ = ["Node", "NodeCounters"]
 
 log = logging.getLogger(__name__)
+
+PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every socket
 
 ConnRef = Connection | str
 
@@ -60,8 +63,12 @@ class Node:
     """One hub node. Construct, `await start()`, serve, `await drain()`."""
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
-                 store: MembershipStore | None = None) -> None:
+                 store: MembershipStore | None = None, authenticate: Authenticate | None = None,
+                 authorize: Authorize | None = None) -> None:
+        """`authenticate`/`authorize` replace the built-in hooks of hubnode.auth."""
         self.config = config or Config()
+        self.authenticate = authenticate or builtin_authenticate(self.config)
+        self.authorize = authorize or builtin_authorize(self.config)
         self.id = self.config.node_id
         self.keys = Keys(self.config.key_prefix)
         self.broker: Broker = broker if broker is not None else MemoryBroker()
@@ -76,6 +83,7 @@ class Node:
         self._subs = Subscriptions(self.broker, self._needs, self.config.unsubscribe_grace)
         self._seq = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.latency_observer: Callable[[float], None] | None = None
 
@@ -89,6 +97,8 @@ class Node:
             log.warning("broker unreachable at start: serving, not ready, until it connects")
         await self.store.start(self.table.connections)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hubnode-heartbeat")
+        if self.config.ping_interval > 0:
+            self._pinger = asyncio.create_task(self._ping_loop(), name="hubnode-ping")
         log.info("node %s started (%s broker)", self.id, type(self.broker).__name__)
 
     @property
@@ -116,10 +126,11 @@ class Node:
         await self._stop_services()
 
     async def _stop_services(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._pinger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._subs.close()
         try:
             await self.store.close()
@@ -140,6 +151,29 @@ class Node:
                 await self.store.heartbeat()
             except Exception as exc:
                 log.debug("heartbeat failed: %s", exc)
+
+    async def _ping_loop(self) -> None:
+        """One task pings every socket; a peer silent past interval + timeout is dropped.
+
+        Any frame from the client counts as a sign of life, so busy clients are
+        never pinged needlessly and the loop does no per-socket awaiting.
+        """
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(interval, timeout) / 2)
+            now = loop.time()
+            for conn in list(self.conns.values()):
+                if now - conn.last_seen > interval + timeout:
+                    log.info("closing %s: no answer to ping for %.0fs", conn.id, now - conn.last_seen)
+                    conn.abort()
+                elif now - conn.last_seen >= interval and now - conn.last_ping >= interval:
+                    conn.last_ping = now
+                    conn.send(PING_FRAME)
+
+    async def user_connections(self, user_id: str) -> int:
+        """How many connections the user has (cluster-wide in cluster mode)."""
+        return await self.store.online(user_id)
 
     # -- connections ---------------------------------------------------------
     def next_conn_id(self) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ErrorStreak", "TokenBucket", "origin_allowed"]
+__all__ = ["ErrorStreak", "TokenBucket", "origin_allowed", "room_allowed"]
 
 
 @dataclass(slots=True)
@@ -70,3 +70,16 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None, local_de
         return False
     host = rest.rsplit(":", 1)[0] if not rest.endswith("]") else rest
     return host in _LOCAL_HOSTS
+
+
+def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:
+    """The JWT `rooms` claim: exact names and `prefix*` patterns; None allows every room."""
+    if patterns is None:
+        return True
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if room.startswith(pattern[:-1]):
+                return True
+        elif room == pattern:
+            return True
+    return False

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import WSMsgType, web
 
+from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode, ErrorCode
@@ -32,7 +34,6 @@ from hubnode.protocol import (
     parse_frame,
 )
 from publisher.message import Message
-from publisher.names import check_name
 from publisher.targets import Target
 
 __all__ = ["websocket_handler"]
@@ -46,8 +47,8 @@ def _refuse(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
 
-def _check_handshake(node: Node, request: web.Request) -> web.Response | str | None:
-    """The refusal to send, or the user id (None when anonymous)."""
+async def _check_handshake(node: Node, request: web.Request) -> web.Response | Identity:
+    """The refusal to send before the upgrade, or who the client is."""
     cfg = node.config
     if node.draining:
         return _refuse(503, "node draining")
@@ -58,12 +59,17 @@ def _check_handshake(node: Node, request: web.Request) -> web.Response | str | N
         return _refuse(403, "origin not allowed")
     if not node.broker.connected:
         return _refuse(503, "broker unreachable")
-    user_id = request.query.get("user_id")
-    if user_id is not None:
-        problem = check_name(user_id)
-        if problem:
-            return _refuse(400, f"user_id {problem}")
-    return user_id
+    try:
+        identity = await node.authenticate(request)
+    except AuthError as exc:
+        return _refuse(exc.status, exc.reason)
+    user = identity.user_id
+    if user is not None and cfg.max_connections_per_user:
+        # the newest connection is refused: an attacker holding a stolen token
+        # cannot push the rightful user's open sessions out
+        if await node.user_connections(user) >= cfg.max_connections_per_user:
+            return _refuse(429, "too many connections for this user")
+    return identity
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -71,29 +77,44 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     from hubnode.app import NODE
 
     node = request.app[NODE]
-    checked = _check_handshake(node, request)
+    checked = await _check_handshake(node, request)
     if isinstance(checked, web.Response):
         return checked
     cfg = node.config
-    ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False,
-                               heartbeat=cfg.ping_interval or None)
+    # autoping off: the node's single ping task does the pinging, and pongs
+    # reach the read loop as signs of life
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False, autoping=False)
     await ws.prepare(request)
     transport = request.transport
     if transport is None:
         return ws
+    loop = asyncio.get_running_loop()
     conn = Connection(node.next_conn_id(), checked, ws, transport,
-                      max_outbound=cfg.max_outbound_bytes,
-                      bucket=TokenBucket(cfg.rate, cfg.burst), streak=ErrorStreak(cfg.max_errors))
+                      max_outbound=cfg.max_outbound_bytes, bucket=TokenBucket(cfg.rate, cfg.burst),
+                      streak=ErrorStreak(cfg.max_errors), now=loop.time())
     try:
         await node.connect(conn)
     except BrokerUnavailable:
         await conn.close(CloseCode.TRY_AGAIN_LATER, "broker unreachable")
         return ws
+    expiry = _expire_at(conn, loop)
     try:
         await _read_loop(node, conn, ws)
     finally:
+        if expiry is not None:
+            expiry.cancel()
+        await conn.wait_closed()
         await node.disconnect(conn)
     return ws
+
+
+def _expire_at(conn: Connection, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+    """Close with 1008 when the token expires (one timer, no task, per connection)."""
+    expires_at = conn.identity.expires_at
+    if expires_at is None:
+        return None
+    delay = max(0.0, expires_at - time.time())
+    return loop.call_later(delay, conn.close_soon, CloseCode.POLICY, "token expired")
 
 
 async def _read_loop(node: Node, conn: Connection, ws: web.WebSocketResponse) -> None:
@@ -101,8 +122,13 @@ async def _read_loop(node: Node, conn: Connection, ws: web.WebSocketResponse) ->
     async for msg in ws:
         if conn.closing:
             break
+        now = conn.last_seen = loop.time()
         if msg.type is WSMsgType.TEXT:
-            await _on_text(node, conn, msg.data, loop.time())
+            await _on_text(node, conn, msg.data, now)
+        elif msg.type is WSMsgType.PING:
+            await ws.pong(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            continue
         elif msg.type is WSMsgType.BINARY:
             await conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
             break
@@ -145,6 +171,8 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
     sender = conn.user_id
     match frame:
         case JoinRoom(room=room):
+            if not await node.authorize(conn.identity, "join_room", room):
+                return (ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
             code = await node.join(conn.id, room)
             return None if code is None else (code, _JOIN_ERRORS[code])
         case LeaveRoom(room=room):
@@ -152,17 +180,19 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
         case Ping(data=data, id=fid):
             conn.send(encode_message(Message("pong", data, id=fid).stamped()))
         case Broadcast(data=data):
-            if not node.config.client_broadcast:
+            if not await node.authorize(conn.identity, "broadcast", None):
                 return (ErrorCode.FORBIDDEN, "client broadcast is disabled on this hub")
             await node.publish(Target("all"), Message("broadcast", data, user_id=sender))
         case RoomMessage(room=room, message=message):
             if room not in node.table.rooms_of(conn.id):
                 return (ErrorCode.NOT_IN_ROOM, f"join {room!r} before sending to it")
+            if not await node.authorize(conn.identity, "room_message", room):
+                return (ErrorCode.FORBIDDEN, f"not allowed to send to {room!r}")
             data = {"room": room, "message": message}
             await node.publish(Target("room", room),
                                Message("room_message", data, room=room, user_id=sender))
         case PrivateMessage(user_id=to, message=message):
-            if not node.config.client_private:
+            if not await node.authorize(conn.identity, "private_message", to):
                 return (ErrorCode.FORBIDDEN, "private messages are disabled on this hub")
             data = {"to": to, "message": message}
             await node.publish(Target("user", to), Message("private_message", data, user_id=sender))

@@ -68,6 +68,10 @@ class MembershipStore(Protocol):
     async def stats(self) -> Stats:
         ...
 
+    async def online(self, user_id: str) -> int:
+        """Connections the user has, cluster-wide."""
+        ...
+
     async def heartbeat(self) -> None:
         """Renew this node's liveness, sweep dead nodes, re-register if swept."""
         ...

@@ -14,7 +14,7 @@
   const KEY = "hubnode.apiKey";
   const MAX_ROOMS = 15;
 
-  const history = []; // {t, clients, delivered, published, mean, p99} per refresh
+  const history = []; // {t, started, total, clients, delivered, published, mean, p99} per refresh
   let previous = null; // the last /api/metrics answer
 
   // -- fetching ------------------------------------------------------------------
@@ -44,8 +44,9 @@
 
   // -- turning cumulative counters into rates ---------------------------------------
   function record(stats, m) {
-    const sample = { t: m.time, clients: stats.clients, delivered: null, published: null, mean: null, p99: null };
-    if (previous && m.time > previous.time && m.uptime > previous.uptime) { // same node process
+    const sample = { t: m.time, started: m.started_at, total: m.delivered,
+                     clients: stats.clients, delivered: null, published: null, mean: null, p99: null };
+    if (previous && m.time > previous.time && m.started_at === previous.started_at) { // same process
       const dt = m.time - previous.time;
       sample.delivered = (m.delivered - previous.delivered) / dt;
       sample.published = (m.published - previous.published) / dt;
@@ -59,6 +60,14 @@
     previous = m;
     history.push(sample);
     if (history.length > WINDOW) history.shift();
+  }
+
+  // Messages this node delivered in the last minute: exact while the node is
+  // younger than that (its counters start at 0), else once a minute of samples is in.
+  function deliveredLastMinute(last) {
+    if (last.t - last.started <= 60) return fmt(last.total);
+    const since = history.find((h) => h.t >= last.t - 60 && h.started === last.started);
+    return !since || since.t > last.t - 55 ? "…" : fmt(last.total - since.total);
   }
 
   // Prometheus' histogram_quantile: interpolate inside the bucket holding the rank.
@@ -83,7 +92,7 @@
     $("t-nodes").textContent = stats.nodes;
     $("t-clients").textContent = stats.clients;
     $("t-rooms").textContent = stats.rooms;
-    $("t-rate").textContent = last.delivered == null ? "–" : fmt(last.delivered);
+    $("t-rate").textContent = deliveredLastMinute(last);
     $("self-node").textContent = "node " + metrics.node;
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
     renderNodes(nodes);
@@ -170,14 +179,14 @@
       });
       ctx.stroke();
     }
-    // The legend shows each series' latest value.
-    const last = history[history.length - 1];
+    // The legend shows each series' latest value (latency has none while nothing is delivered).
     $("l-" + name).replaceChildren(...series.map((s) => {
+      const latest = history.findLast((h) => h[s.key] != null);
       const span = document.createElement("span");
       span.style.setProperty("--c", s.color);
       span.append(s.label + " ");
       const b = document.createElement("b");
-      b.textContent = last[s.key] == null ? "–" : fmt(last[s.key]) + unit;
+      b.textContent = latest ? fmt(latest[s.key]) + unit : "–";
       span.append(b);
       return span;
     }));

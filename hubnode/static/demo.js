@@ -112,7 +112,11 @@
       $("members-note").textContent = members.length + (members.length === 1 ? " connection" : " connections");
       renderMembers();
     } catch {
-      $("members-note").textContent = "member list unavailable";
+      // The list comes from the node that served this page: with several node
+      // URLs (?ws=), that node may be gone while the chat goes on elsewhere.
+      members = [];
+      renderMembers();
+      $("members-note").textContent = "member list unavailable: the node that served this page does not answer";
     }
   }
 

@@ -83,6 +83,8 @@
     // -- public API -----------------------------------------------------------
     get connected() { return this._open; }
     get node() { return this.info ? this.info.node : null; }
+    // Failed attempts since the last stable connection: the backoff's exponent.
+    get attempts() { return this._attempt; }
 
     // Listen to a message type ("room_message", "private_message", "broadcast",
     // "connected", any type the server publishes, "*" for every message) or to
