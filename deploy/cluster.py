@@ -379,6 +379,8 @@ def _patience(_signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, node_args = parse_args(argv)
+    # Ctrl-C even when started from a shell that ignores SIGINT in background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     cluster = Cluster(port=args.port, nodes=args.nodes, redis_port=args.redis_port,

@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import re
 import signal
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,7 +31,7 @@ import orjson
 import pytest
 
 from deploy.cluster import Cluster
-from tests.helpers import SCALE, Client, wait_until
+from tests.helpers import ROOT, SCALE, Client, free_port, wait_until, wait_until_sync
 
 HEARTBEAT = 0.5
 NODES = {"node1", "node2", "node3"}
@@ -40,11 +44,14 @@ def boot() -> Cluster:
 
 
 def shutdown(cluster: Cluster, killed: tuple[str, ...] = ()) -> None:
-    """Stop the cluster; fail if a process other than those the test killed had died."""
+    """Stop the cluster; fail if a process the test did not kill died or a node logged a traceback."""
     dead = [p.name for p in cluster.dead() if p.name not in killed]
-    logs = cluster.logs() if dead else ""
+    cluster.stop_processes()
+    crashed = [n for n in cluster.node_ids if "Traceback (most recent call last)" in cluster.procs[n].output(10**6)]
+    logs = cluster.logs() if dead or crashed else ""
     cluster.stop()
     assert not dead, f"cluster processes died during the test: {dead}\n{logs}"
+    assert not crashed, f"nodes logged a traceback: {crashed}\n{logs}"
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +238,11 @@ def as_rows(members: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 async def test_clients_through_nginx_reach_every_node(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     """nginx spreads 30 WebSocket clients over all three nodes (least_conn: evenly)."""
+    async def no_clients() -> bool:  # earlier tests' connections are gone, so the counts start equal
+        async with session.get(cluster.url + "/api/stats") as resp:
+            return bool((await resp.json())["clients"] == 0)
+
+    await wait_until(no_clients, 5, what="no connections left from earlier tests")
     async with open_clients(session, cluster, "spread") as clients:
         spread = Counter(c.node for c in clients)
         print(f"clients per node through nginx: {dict(sorted(spread.items()))}")
@@ -343,3 +355,33 @@ async def test_killed_node_clients_reconnect_through_nginx_and_membership_conver
               f"\n  all clients back {(reconnected - killed_at) * 1000:.0f} ms after the kill"
               f"\n  membership converged {(converged_at - killed_at) * 1000:.0f} ms after the kill"
               f" (heartbeat {HEARTBEAT} s, bound {4 * HEARTBEAT * 1000:.0f} ms)")
+
+
+def test_cluster_script_prints_urls_and_ctrl_c_stops_what_it_started(tmp_path: Path) -> None:
+    """`python -m deploy.cluster` prints working URLs and PIDs; SIGINT stops every one of them and exits 0."""
+    out = tmp_path / "out.txt"
+    port = free_port()
+    with out.open("w") as sink:
+        script = subprocess.Popen([sys.executable, "-m", "deploy.cluster", "--port", str(port), "--nodes", "2"],
+                                  stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until_sync(lambda: "Ctrl-C stops everything." in out.read_text() or script.poll() is not None, 30,
+                        "the cluster script to print its summary")
+        text = out.read_text()
+        assert script.poll() is None, text
+        pids = [int(p) for p in re.findall(r"\bpid (\d+)", text)]
+        assert len(pids) == 4, text  # redis, two nodes, nginx
+        assert f"ws://127.0.0.1:{port}/ws" in text
+        workdir = Path(re.findall(r"logs\s+(\S+)/\*\.log", text)[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=5) as resp:
+            assert json.load(resp)["nodes"] == 2
+        script.send_signal(signal.SIGINT)
+        assert script.wait(30 * SCALE) == 0, out.read_text()
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not workdir.exists()
