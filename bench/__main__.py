@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.loadgen import ensure_node_clients
-from bench.procs import ROOT
+from bench.procs import ROOT, background_load
 from bench.report import environment, plot, write_markdown
 from bench.scenarios import Context
 from bench.systems import SYSTEMS, System, hub_cluster_available, make_systems
@@ -89,9 +89,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown report (default: bench/RESULTS.md with --full, "
                         "else bench/out/RESULTS-quick.md)")
+    p.add_argument("--quiet-below", type=float, default=0.3, metavar="CORES",
+                   help="before each measurement wait until other processes use less (0.3)")
+    p.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
+                   help="longest such wait (default 120 with --full, else 10)")
     p.add_argument("--profile", action="store_true",
                    help="also profile hubnode with py-spy (separate runs, no figures)")
     return p.parse_args(argv)
+
+
+def wait_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (at most `max_wait` s) until other processes keep under `threshold` cores busy.
+
+    The machine may be shared: a test suite running beside the benchmark would
+    inflate latency and deliveries/s (CPU-seconds per delivery much less).
+    Returns the last load seen.
+    """
+    end = time.monotonic() + max_wait
+    while True:
+        load = background_load(1.0)
+        if load <= threshold or time.monotonic() >= end:
+            return load
+        log(f"waiting for a quieter machine: other processes use {load:.2f} cores")
+        time.sleep(4.0)
 
 
 def log(text: str) -> None:
@@ -135,11 +155,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for system in systems:
             if scenario not in system.scenarios:
                 continue
-            log(f"{scenario} {params} {system.label} ...")
+            background = await asyncio.to_thread(wait_quiet, args.quiet_below, args.quiet_wait)
+            log(f"{scenario} {params} {system.label} (other load {background:.2f} cores) ...")
             try:
                 r = await job(system)
             except Exception as exc:  # one failure must not lose the rest of the run
                 r = {"system": system.name, **params, "error": f"{type(exc).__name__}: {exc}"}
+            r["background_before_cores"] = background
             results.setdefault(scenario, []).append(r)
             log(f"  {system.label}: {headline(scenario, r)}")
     profile: list[str] = []
@@ -159,6 +181,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet_wait is None:
+        args.quiet_wait = 120.0 if args.full else 10.0
     args.out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(run(args))
     mode = report["mode"]

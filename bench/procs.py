@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "CLK_TCK", "Cpu", "Proc", "RedisServer", "cpu_of", "free_port", "nofile_limit", "rss_of",
-    "wait_for",
+    "CLK_TCK", "Cpu", "Proc", "RedisServer", "background_load", "cpu_of", "free_port",
+    "machine_busy", "nofile_limit", "rss_of", "wait_for",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,20 @@ def cpu_of(pid: int) -> Cpu:
     fields = raw[raw.rindex(b")") + 2:].split()
     # fields[0] is field 3 (state): utime is field 14, stime field 15
     return Cpu(int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+
+
+def machine_busy() -> float:
+    """CPU-seconds all cores spent busy since boot (everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """Cores kept busy over the next `seconds` (call it while the benchmark runs nothing)."""
+    before = machine_busy()
+    time.sleep(seconds)
+    return (machine_busy() - before) / seconds
 
 
 def rss_of(pid: int) -> int:

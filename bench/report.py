@@ -173,6 +173,7 @@ _DELIVERY_COLUMNS = [
     ("busiest load-gen process, cores", lambda r: _fmt(r["client_max_core"])),
     ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
     ("wall s", lambda r: _fmt(r["seconds"])),
+    ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
 ]
 
 _LATENCY_COLUMNS = [
@@ -191,6 +192,7 @@ _IDLE_COLUMNS = [
     ("server CPU-s per 1k connects", lambda r: _fmt(r["cpu_per_1k_connects"])),
     ("load-gen processes x source addresses",
      lambda r: f"{r['client_processes']} x {r['source_addresses']}"),
+    ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
 ]
 
 _STORM_COLUMNS = [
@@ -199,11 +201,14 @@ _STORM_COLUMNS = [
     ("clients/s", lambda r: _fmt(r["clients_per_s"])),
     ("connect+join p50 / p99 ms", lambda r: f"{_fmt(r['join_p50_ms'])} / {_fmt(r['join_p99_ms'])}"),
     ("Redis CPU-s", lambda r: _fmt(r["redis_cpu_s"])),
-    ("Redis commands", lambda r: _fmt(r["redis_commands"])),
+    ("Redis commands (Lua script calls included)", lambda r: _fmt(r["redis_commands"])),
+    ("most frequent Redis commands", lambda r: ", ".join(
+        f"{name} {n:,}" for name, n in list(r.get("redis_commands_by_name", {}).items())[:4])),
     ("server CPU-s", lambda r: _fmt(r["server_cpu_s"])),
     ("load-gen CPU-s (busiest, cores)",
      lambda r: f"{r['client_cpu_s']:.2f} ({r['client_max_core']:.2f})"),
     ("lobby members in Redis", lambda r: _fmt(r["lobby_members_in_redis"])),
+    ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
 ]
 
 
@@ -240,6 +245,12 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
         "",
         *_summary(results, systems), "",
     ]
+    loads = [r.get("other_load_cores", 0.0) for rows in results.values() for r in rows
+             if "error" not in r]
+    if loads:
+        lines += [f"Other processes on the machine used at most {max(loads):.2f} cores during "
+                  "a measuring window (each scenario's table has the figure; the benchmark waits "
+                  "for a quiet machine before each one).", ""]
     if run.get("plot"):
         lines += [f"![headline figures]({run['plot']})", ""]
     if not run.get("hub_cluster", True):

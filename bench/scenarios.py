@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from bench.loadgen import Fleet, Ready, Stats
-from bench.procs import Cpu, cpu_of, nofile_limit
+from bench.procs import Cpu, cpu_of, machine_busy, nofile_limit
 from bench.publish import Publisher
 from bench.systems import Deployment, Item, System
 
@@ -73,7 +73,7 @@ class Meter:
         return {"nodes": nodes,
                 "redis": cpu_of(self.dep.redis.pid) if self.dep.redis else Cpu(),
                 "clients": [p.cpu() for p in self.fleet.procs],
-                "publisher": cpu_of(os.getpid())}
+                "publisher": cpu_of(os.getpid()), "machine": machine_busy()}
 
     def stop(self, end: float | None = None) -> dict[str, Any]:
         """The window's figures; `end` is when the last delivery arrived (default now)."""
@@ -81,13 +81,19 @@ class Meter:
         seconds = max(1e-9, (end or time.monotonic()) - self.t0)
         nodes = now["nodes"] - self.start["nodes"]
         clients = [b - a for a, b in zip(self.start["clients"], now["clients"], strict=True)]
+        redis = (now["redis"] - self.start["redis"]).total
+        publisher = (now["publisher"] - self.start["publisher"]).total
+        ours = nodes.total + redis + sum(c.total for c in clients) + publisher
+        machine = now["machine"] - self.start["machine"]
         return {
+            # cores busy with anything but this benchmark: other users of a shared machine
+            "other_load_cores": max(0.0, machine - ours) / max(1e-9, time.monotonic() - self.t0),
             "seconds": seconds,
             "server_cpu_s": nodes.total, "server_user_s": nodes.user, "server_sys_s": nodes.system,
-            "redis_cpu_s": (now["redis"] - self.start["redis"]).total,
+            "redis_cpu_s": redis,
             "client_cpu_s": sum(c.total for c in clients),
             "client_max_core": max((c.total for c in clients), default=0.0) / seconds,
-            "publisher_cpu_s": (now["publisher"] - self.start["publisher"]).total,
+            "publisher_cpu_s": publisher,
         }
 
 
@@ -316,6 +322,7 @@ async def idle(system: System, ctx: Context, clients: int) -> dict[str, Any]:
         "cpu_per_1k_connects": window["server_cpu_s"] / n * 1000,
         "redis_cpu_s": window["redis_cpu_s"], "client_cpu_s": window["client_cpu_s"],
         "client_max_core": window["client_max_core"], "closed_during_run": stats.closed,
+        "other_load_cores": window["other_load_cores"],
     }
 
 
@@ -328,11 +335,13 @@ async def storm(system: System, ctx: Context, clients: int, nodes: int = 2,
         if dep.redis is None:
             raise RuntimeError("the storm needs cluster mode (membership in Redis)")
         r = aioredis.from_url(dep.redis.url)
-        commands0 = (await r.info("stats"))["total_commands_processed"]
+        stats0 = await _command_calls(r)
         meter = Meter(dep, fleet)
         ready = await fleet.connect(ctx.timeout * 2)
         window = meter.stop(ready.finished)
-        commands = (await r.info("stats"))["total_commands_processed"] - commands0
+        stats1 = await _command_calls(r)
+        by_command = {c: n - stats0.get(c, 0) for c, n in stats1.items() if n > stats0.get(c, 0)}
+        commands = sum(by_command.values())
         _check_ready(ready, clients)
         members = await _lobby_members(r, system)
         await r.aclose()
@@ -346,11 +355,18 @@ async def storm(system: System, ctx: Context, clients: int, nodes: int = 2,
         "clients_per_s": clients / ready.seconds,
         "join_p50_ms": _pct(ms, 0.5), "join_p99_ms": _pct(ms, 0.99),
         "redis_cpu_s": window["redis_cpu_s"], "redis_commands": commands,
+        "redis_commands_by_name": dict(sorted(by_command.items(), key=lambda kv: -kv[1])),
         "redis_cpu_per_1k_clients": window["redis_cpu_s"] / clients * 1000,
         "server_cpu_s": window["server_cpu_s"],
         "client_cpu_s": window["client_cpu_s"], "client_max_core": window["client_max_core"],
-        "lobby_members_in_redis": members,
+        "lobby_members_in_redis": members, "other_load_cores": window["other_load_cores"],
     }
+
+
+async def _command_calls(r: aioredis.Redis) -> dict[str, int]:
+    """Calls per command so far (INFO commandstats), e.g. {"evalsha": 10000, ...}."""
+    info = await r.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
 
 
 async def _lobby_members(r: aioredis.Redis, system: System) -> int | None:
