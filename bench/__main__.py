@@ -41,7 +41,7 @@ class Plan:
     storm: int  # clients
 
 
-QUICK = Plan(fanout=((1000, 100), (5000, 40)), p2p=(2000, 5000), latency=(1000, 20, 5),
+QUICK = Plan(fanout=((1000, 100), (5000, 40)), p2p=(2000, 20_000), latency=(1000, 20, 5),
              idle=(10_000,), storm=5000)
 FULL = Plan(fanout=((1000, 1000), (5000, 200)), p2p=(2000, 20_000), latency=(1000, 20, 10),
             idle=(10_000, 50_000), storm=10_000)
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown report (default: bench/RESULTS.md with --full, "
                         "else bench/out/RESULTS-quick.md)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each measurement N times and report the median run")
     p.add_argument("--quiet-below", type=float, default=0.3, metavar="CORES",
                    help="before each measurement wait until other processes use less (0.3)")
     p.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
@@ -96,6 +98,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also profile hubnode with py-spy (separate runs, no figures)")
     return p.parse_args(argv)
+
+
+PRIMARY = {"fanout": "cpu_per_100k", "p2p": "cpu_per_100k", "latency": "p99_ms",
+           "idle": "bytes_per_conn", "storm": "all_joined_s"}
+
+
+def median_run(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median primary figure, carrying every run's figure and all losses."""
+    key = PRIMARY[scenario]
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    ordered = sorted(good, key=lambda r: r[key])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["runs"] = len(runs)
+    chosen["failed_runs"] = len(runs) - len(good)
+    chosen[f"{key}_all_runs"] = [r[key] for r in good]
+    if "missing" in chosen:
+        chosen["lost_all_runs"] = sum(r["missing"] + r["duplicated"] for r in good)
+    return chosen
 
 
 def wait_quiet(threshold: float, max_wait: float) -> float:
@@ -152,18 +174,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     results: dict[str, list[dict[str, Any]]] = {}
     for scenario, params, job in jobs(plan, ctx, only):
-        for system in systems:
-            if scenario not in system.scenarios:
-                continue
-            background = await asyncio.to_thread(wait_quiet, args.quiet_below, args.quiet_wait)
-            log(f"{scenario} {params} {system.label} (other load {background:.2f} cores) ...")
-            try:
-                r = await job(system)
-            except Exception as exc:  # one failure must not lose the rest of the run
-                r = {"system": system.name, **params, "error": f"{type(exc).__name__}: {exc}"}
-            r["background_before_cores"] = background
-            results.setdefault(scenario, []).append(r)
-            log(f"  {system.label}: {headline(scenario, r)}")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for attempt in range(args.repeat):
+            for system in systems:
+                if scenario not in system.scenarios:
+                    continue
+                background = await asyncio.to_thread(wait_quiet, args.quiet_below, args.quiet_wait)
+                log(f"{scenario} {params} {system.label} #{attempt + 1} "
+                    f"(other load {background:.2f} cores) ...")
+                try:
+                    r = await job(system)
+                except Exception as exc:  # one failure must not lose the rest of the run
+                    r = {"system": system.name, **params, "error": f"{type(exc).__name__}: {exc}"}
+                r["background_before_cores"] = background
+                runs.setdefault(system.name, []).append(r)
+                log(f"  {system.label}: {headline(scenario, r)}")
+        results[scenario] = [median_run(scenario, rs) for rs in runs.values()]
     profile: list[str] = []
     if args.profile:
         log("profiling hubnode with py-spy ...")
@@ -173,7 +199,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m bench " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "python -m bench",
         "mode": "full" if args.full else "quick", "started": stamp,
-        "elapsed_s": time.monotonic() - started, "systems": names,
+        "elapsed_s": time.monotonic() - started, "systems": names, "repeat": args.repeat,
         "hub_cluster": hub_cluster_available(), "plan": plan.__dict__,
         "environment": environment(), "results": results, "profile": profile,
     }

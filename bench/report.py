@@ -149,7 +149,7 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
         met = "-" if limit is None or hub is None else ("yes" if hub <= limit else "**no**")
         lines.append(f"| {title} | " + " | ".join(_fmt(v) for v in values)
                      + f" | {_ratio(sio, hub)} | {met} |")
-    lost = {s: sum(r.get("missing", 0) + r.get("duplicated", 0)
+    lost = {s: sum(r.get("lost_all_runs", r.get("missing", 0) + r.get("duplicated", 0))
                    for key in ("fanout", "p2p", "latency") for r in results.get(key, [])
                    if r.get("system") == s) for s in systems}
     lines.append("| messages lost or duplicated, all delivery runs (0) | "
@@ -160,6 +160,13 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
 
 _LABELS = {"hubnode": "hubnode", "socketio": "python-socketio",
            "socketio-deflate": "python-socketio, deflate", "baseline": "bare asyncio"}
+
+def _all_runs(r: Row) -> str:
+    for key, values in r.items():
+        if key.endswith("_all_runs") and isinstance(values, list):
+            return ", ".join(_fmt(v) for v in values)
+    return "-"
+
 
 _DELIVERY_COLUMNS = [
     ("delivered / expected", lambda r: f"{r['delivered']:,} / {r['expected']:,}"),
@@ -174,6 +181,7 @@ _DELIVERY_COLUMNS = [
     ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
     ("wall s", lambda r: _fmt(r["seconds"])),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
+    ("primary figure of each run (median shown)", _all_runs),
 ]
 
 _LATENCY_COLUMNS = [
@@ -193,6 +201,7 @@ _IDLE_COLUMNS = [
     ("load-gen processes x source addresses",
      lambda r: f"{r['client_processes']} x {r['source_addresses']}"),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
+    ("primary figure of each run (median shown)", _all_runs),
 ]
 
 _STORM_COLUMNS = [
@@ -209,6 +218,7 @@ _STORM_COLUMNS = [
      lambda r: f"{r['client_cpu_s']:.2f} ({r['client_max_core']:.2f})"),
     ("lobby members in Redis", lambda r: _fmt(r["lobby_members_in_redis"])),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
+    ("primary figure of each run (median shown)", _all_runs),
 ]
 
 
@@ -241,7 +251,9 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
         "## Summary", "",
         "Primary figure: CPU-seconds (utime + stime of the node processes, from /proc) per "
-        "100,000 deliveries. Lower is better; ratios are python-socketio / hubnode from this run.",
+        "100,000 deliveries. Lower is better; ratios are python-socketio / hubnode from this run."
+        + (f" Each figure is from the median of {run['repeat']} runs (by that scenario's "
+           "primary figure)." if run.get("repeat", 1) > 1 else ""),
         "",
         *_summary(results, systems), "",
     ]
