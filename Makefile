@@ -31,6 +31,9 @@ sysdeps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light || \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 ## make cluster: redis-server, three nodes and nginx on http://127.0.0.1:8080, no Docker; Ctrl-C stops them
 ## (options: make cluster CLUSTER_ARGS="--port 9000 --nodes 5 -- --heartbeat 1")
