@@ -147,7 +147,7 @@
     const ctx = canvas.getContext("2d");
     ctx.scale(dpr, dpr);
     const values = series.flatMap((s) => history.map((h) => h[s.key])).filter((v) => v != null);
-    const top = niceMax(Math.max(1e-9, ...values));
+    const top = niceMax(Math.max(1, ...values)); // an idle chart still gets a readable scale
     const pad = { left: 40, right: 6, top: 6, bottom: 16 };
     const plotW = width - pad.left - pad.right, plotH = height - pad.top - pad.bottom;
     const x = (i) => pad.left + plotW * (i + WINDOW - history.length) / (WINDOW - 1);
@@ -201,7 +201,7 @@
   function fmt(v) {
     if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k";
     if (v >= 10 || Number.isInteger(v)) return String(Math.round(v));
-    return v.toFixed(v >= 1 ? 1 : 2);
+    return String(+v.toFixed(v >= 1 ? 1 : 2)); // 0.5, not 0.50
   }
 
   function duration(s) {

@@ -1,0 +1,391 @@
+"""hub.js, the demo chat and the dashboard in a real Chromium (Playwright), on real nodes.
+
+Cluster tests run two `hubnode` processes (nodes "a" and "b") on the session's
+redis-server; single-node tests use the in-process `hub` fixture. Every wait is
+a Playwright waiting assertion or `wait_for_function` with a deadline.
+Screenshots go to test-output/browser/.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from hubnode.app import NODE
+from hubnode.errors import CloseCode
+from tests.conftest import node_config, start_server
+from tests.helpers import ROOT, SCALE, NodeProcess, RedisServer, free_port, wait_until_sync
+
+try:
+    from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - playwright is in the dev extra
+    pytest.skip("playwright is not installed: pip install -e '.[dev]'", allow_module_level=True)
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():  # pragma: no cover - `make sysdeps` installs it
+    pytest.skip("Debian's chromium is not installed: run `make sysdeps`", allow_module_level=True)
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 10_000 * SCALE
+SHOTS = ROOT / "test-output" / "browser"
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+class Opener(Protocol):
+    def __call__(self, url: str, html: str | None = None, width: int = 900, height: int = 700) -> Awaitable[Page]:
+        ...
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def open_page(browser: Browser) -> AsyncIterator[Opener]:
+    """Open a URL in a fresh browser context; with `html`, then show this page on the URL's origin.
+
+    Uncaught JavaScript errors in any page fail the test at teardown.
+    """
+    contexts: list[BrowserContext] = []
+    errors: list[str] = []
+
+    async def opener(url: str, html: str | None = None, width: int = 900, height: int = 700) -> Page:
+        context = await browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        page = await context.new_page()
+        page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+        await page.goto(url)
+        if html is not None:
+            # Replace the document but keep the node's origin (a page served by
+            # page.route would count as public and be barred from loopback).
+            await page.set_content(html)
+        return page
+
+    yield opener
+    for context in contexts:
+        await context.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def cluster(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodeProcess]]:
+    """Nodes "a" and "b", each a real process, on one Redis, heartbeating every 0.5 s."""
+    nodes = {name: NodeProcess("--redis-url", redis_server.url, "--node-id", name, "--heartbeat", "0.5",
+                               "--key-prefix", prefix) for name in ("a", "b")}
+    try:
+        for node in nodes.values():
+            node.start(wait=False)
+        for node in nodes.values():
+            wait_until_sync(node.healthy, 15, f"node on port {node.port}")
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def demo_url(node: NodeProcess, ws: list[str] | None = None, **params: str) -> str:
+    """The demo chat on `node`; `ws`: the node URLs its hub.js uses instead of its own /ws."""
+    if ws:
+        params["ws"] = ",".join(ws)
+    return f"{node.url}/?{urlencode(params)}"
+
+
+async def say(page: Page, text: str) -> None:
+    await page.fill("#text", text)
+    await page.press("#text", "Enter")
+
+
+def room_message(page: Page, sender: str, text: str) -> Any:
+    return page.locator(f'.msg[data-kind="room"][data-from="{sender}"]', has_text=text)
+
+
+async def joined(page: Page, room: str) -> None:
+    await expect(page.locator(".msg.system", has_text=f"joined #{room}")).to_have_count(1)
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def client_page(script: str, module: bool) -> str:
+    """A page running `script` with HubClient from /hub.mjs (module) or /hub.js (plain script)."""
+    if module:
+        return ('<!doctype html><script type="module">\nimport HubClient, { HubClient as Named } '
+                'from "/hub.mjs";\nwindow.sameClass = HubClient === Named;\n' + script + "\n</script>")
+    return '<!doctype html><script src="/hub.js"></script><script>\nwindow.sameClass = true;\n' + script + "\n</script>"
+
+
+async def results(page: Page, timeout: float = TIMEOUT_MS) -> Any:
+    """Wait for the page script to set `window.results`, and return it."""
+    await page.wait_for_function("() => window.results !== undefined", timeout=timeout)
+    return await page.evaluate("window.results")
+
+
+# -- hub.js ----------------------------------------------------------------------------
+
+REQUESTS = """
+(async () => {
+  const hub = new HubClient("/ws", { userId: "tess" });
+  const echo = new Promise((resolve) => hub.on("room_message", resolve));
+  const code = (promise) => promise.then(() => "resolved", (err) => err.code);
+  const r = { sameClass: window.sameClass };
+  r.join = (await hub.join("t")).type;
+  r.send = (await hub.sendToRoom("t", "hi")).type;
+  r.echo = (await echo).data.message;
+  r.notInRoom = await code(hub.sendToRoom("elsewhere", "x"));
+  r.badRoom = await code(hub.join("two words"));
+  r.rooms = [...hub.rooms];
+  r.pong = (await hub.ping("p")).data;
+  r.node = hub.node;
+  r.user = hub.info.user_id;
+  hub.close();
+  r.afterClose = await code(hub.sendToRoom("t", "late"));
+  window.results = r;
+})();
+"""
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "module"])
+async def test_hub_js_requests_settle_by_ack_or_error(hub: TestServer, open_page: Opener, module: bool) -> None:
+    """hub.js as a plain script and as an ES module: calls resolve on acks and reject with the error code."""
+    page = await open_page(str(hub.make_url("/healthz")), client_page(REQUESTS, module))
+    assert await results(page) == {
+        "sameClass": True, "join": "ack", "send": "ack", "echo": "hi", "notInRoom": "not_in_room",
+        "badRoom": "bad_room", "rooms": ["t"], "pong": "p", "node": "n1", "user": "tess", "afterClose": "closed",
+    }
+
+
+BACKOFF = """
+const delays = [];
+const hub = new HubClient(URLS, { minDelay: 40, maxDelay: 320 });
+hub.on("disconnected", (e) => {
+  delays.push(e.delay);
+  if (delays.length === 6) { hub.close(); window.results = delays; }
+});
+"""
+
+
+async def test_hub_js_backoff_grows_with_jitter_up_to_the_cap(hub: TestServer, open_page: Opener) -> None:
+    """Failed connects are retried after jittered delays that double from minDelay up to maxDelay."""
+    script = BACKOFF.replace("URLS", f'["ws://127.0.0.1:{free_port()}/ws"]')
+    delays = await results(await open_page(str(hub.make_url("/healthz")), client_page(script, False)))
+    for attempt, delay in enumerate(delays):
+        ceiling = min(320, 40 * 2**attempt)
+        assert ceiling / 2 <= delay <= ceiling, (attempt, delays)
+
+
+STABLE = """
+window.events = [];
+window.hub = new HubClient(URLS, { minDelay: 400, stableAfter: 300 });
+hub.on("connected", () => events.push("connected " + hub.attempts));
+hub.on("disconnected", (e) => events.push(e.delay));
+"""
+
+
+async def test_hub_js_backoff_resets_after_a_stable_connection(hub: TestServer, open_page: Opener) -> None:
+    """A connection that lasts stableAfter resets the backoff: the next drop retries after minDelay at most."""
+    dead, live = f"ws://127.0.0.1:{free_port()}/ws", str(hub.make_url("/ws"))
+    script = STABLE.replace("URLS", f'["{dead}", "{live}"]')  # first attempt fails, second connects
+    page = await open_page(str(hub.make_url("/healthz")), client_page(script, False))
+    await page.wait_for_function("() => events.includes('connected 1')", timeout=TIMEOUT_MS)
+    await page.wait_for_function("() => hub.attempts === 0", timeout=TIMEOUT_MS)
+    for conn in list(hub.app[NODE].conns.values()):
+        await conn.close(CloseCode.TRY_AGAIN_LATER, "test")
+    await page.wait_for_function("() => events.length >= 3", timeout=TIMEOUT_MS)
+    events = (await page.evaluate("events"))[:3]
+    assert 200 <= events[0] <= 400 and events[1] == "connected 1" and 200 <= events[2] <= 400, events
+
+
+BACKGROUND = """
+window.events = [];
+const hub = new HubClient(URLS, { userId: "sleepy", pingInterval: 300, pingTimeout: 700 });
+hub.on("connected", (m) => events.push("connected " + m.data.node));
+hub.on("disconnected", (e) => events.push("disconnected: " + e.reason));
+"""
+
+HIDE = """() => {
+  Object.defineProperty(document, "visibilityState", { get: () => "hidden", configurable: true });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+async def test_background_ping_notices_a_frozen_node(cluster: dict[str, NodeProcess], open_page: Opener) -> None:
+    """In a hidden tab hub.js pings; a node frozen by SIGSTOP misses the pong and the page moves on."""
+    a, b = cluster["a"], cluster["b"]
+    script = BACKGROUND.replace("URLS", f'["{a.ws_url}", "{b.ws_url}"]')
+    page = await open_page(f"{a.url}/healthz", client_page(script, False))
+    await page.wait_for_function("() => events.includes('connected a')", timeout=TIMEOUT_MS)
+    await page.evaluate(HIDE)
+    a.signal(signal.SIGSTOP)
+    try:
+        await page.wait_for_function("() => events.includes('connected b')", timeout=TIMEOUT_MS)
+    finally:
+        a.signal(signal.SIGCONT)
+    assert "disconnected: no pong within 700 ms" in await page.evaluate("events")
+
+
+# -- the demo chat ----------------------------------------------------------------------------
+
+async def test_demo_pages_on_two_nodes_chat_in_one_room(cluster: dict[str, NodeProcess], open_page: Opener) -> None:
+    """Two demo pages on different nodes share a room: each sees the other's messages and node, and both members."""
+    a, b = cluster["a"], cluster["b"]
+    alice = await open_page(demo_url(a, name="alice", room="r1"))
+    bob = await open_page(f"{b.url}/", width=390, height=760)  # a phone, live at once as a guest...
+    await expect(bob.locator("#status")).to_have_text("node b")
+    await joined(bob, "lobby")
+    await bob.fill("#name", "bob")  # ...then renamed and moved with the settings form
+    await bob.fill("#room", "r1")
+    await bob.click("#settings button")
+    await joined(bob, "r1")
+    await joined(alice, "r1")
+    await expect(alice.locator("#status")).to_have_text("node a")
+    await say(alice, "hello from a")
+    await expect(room_message(bob, "alice", "hello from a")).to_contain_text("via node a")
+    await say(bob, "hello from b")
+    await expect(room_message(alice, "bob", "hello from b")).to_contain_text("via node b")
+    await expect(alice.locator("#members li[data-user=bob]")).to_contain_text("node b")
+    await expect(alice.locator("#members li[data-user=alice]")).to_contain_text("node a")
+    await expect(room_message(alice, "alice", "hello from a")).to_have_class(re.compile(r"\bmine\b"))
+    await shot(bob, "demo-phone")
+
+
+async def test_demo_private_message_reaches_only_its_target(cluster: dict[str, NodeProcess],
+                                                            open_page: Opener) -> None:
+    """A private message from a page on node a reaches bob on node b, not carol beside him."""
+    a, b = cluster["a"], cluster["b"]
+    alice = await open_page(demo_url(a, name="alice", room="team"))
+    bob = await open_page(demo_url(b, name="bob", room="team"))
+    carol = await open_page(demo_url(b, name="carol", room="team"))
+    for page in (alice, bob, carol):
+        await joined(page, "team")
+    await say(carol, "morning")
+    await expect(room_message(alice, "carol", "morning")).to_be_visible()
+    await alice.click("#members li[data-user=bob]")  # picks bob as the private recipient
+    await expect(alice.locator("#to")).to_have_value("bob")
+    await say(alice, "just for you")
+    await expect(bob.locator('.msg[data-kind="private"][data-from="alice"]')).to_contain_text("just for you")
+    await expect(alice.locator(".msg.private.mine")).to_contain_text("to bob")
+    await say(bob, "thanks")
+    await alice.select_option("#to", "")  # back to the room
+    await say(alice, "to everyone")
+    # carol is on bob's node and the room message was published after the private one:
+    # once it is on her page, the private one would have been too.
+    await expect(room_message(carol, "alice", "to everyone")).to_be_visible()
+    await expect(carol.locator('.msg[data-kind="private"]')).to_have_count(0)
+    await expect(room_message(alice, "bob", "thanks")).to_be_visible()
+    await shot(alice, "demo")
+
+
+@pytest.mark.parametrize("how", ["kill", "drain"])
+async def test_demo_page_moves_to_the_other_node_when_its_node_goes(cluster: dict[str, NodeProcess],
+                                                                    open_page: Opener, how: str) -> None:
+    """A page whose node is killed (SIGKILL) or drained (SIGTERM) moves to the other node and chats on, no reload."""
+    a, b = cluster["a"], cluster["b"]
+    alice = await open_page(demo_url(a, ws=[a.ws_url, b.ws_url], name="alice", room="r"))
+    bob = await open_page(demo_url(b, name="bob", room="r"))
+    await joined(alice, "r")
+    await joined(bob, "r")
+    await expect(alice.locator("#status")).to_have_text("node a")
+    await alice.evaluate("window.sameDocument = true")
+    await say(alice, "before")
+    await expect(room_message(bob, "alice", "before")).to_be_visible()
+
+    a.signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+    await expect(alice.locator("#status")).to_have_text("node b")
+    if how == "drain":
+        await expect(alice.locator(".msg.system", has_text="moving to another one")).to_be_visible()
+        await expect(alice.locator(".msg.system", has_text="code 1001")).to_contain_text("retrying in 0.")
+    else:
+        await expect(alice.locator(".msg.system", has_text="code 1006")).to_be_visible()
+    await expect(alice.locator(".msg.system", has_text="connected to node b")).to_be_visible()
+
+    await say(alice, "after")  # the room was re-joined by hub.js, not by the page
+    await expect(room_message(bob, "alice", "after")).to_contain_text("via node b")
+    await say(bob, "welcome")
+    await expect(room_message(alice, "bob", "welcome")).to_be_visible()
+    assert await alice.evaluate("window.sameDocument") is True
+    await expect(room_message(alice, "alice", "before")).to_be_visible()
+    await shot(alice, f"demo-after-{how}")
+
+
+async def test_demo_shows_resync_after_redis_restart(open_page: Opener) -> None:
+    """When its node loses and regains Redis, the demo page shows hub.js's resync event."""
+    redis = RedisServer()
+    redis.start()
+    node = NodeProcess("--redis-url", redis.url, "--node-id", "solo", "--heartbeat", "0.5").start()
+    try:
+        page = await open_page(demo_url(node, name="rita"))
+        await joined(page, "lobby")
+        redis.restart()
+        await expect(page.locator(".msg.system", has_text="messages may be missing")).to_be_visible(
+            timeout=3 * TIMEOUT_MS)
+        await expect(page.locator("#status")).to_have_text("node solo")
+    finally:
+        node.stop()
+        redis.stop()
+
+
+# -- the dashboard --------------------------------------------------------------------------
+
+async def test_dashboard_shows_nodes_rooms_and_this_nodes_traffic(cluster: dict[str, NodeProcess],
+                                                                  open_page: Opener) -> None:
+    """The dashboard lists both live nodes with their clients, the room's member count, and node a's traffic."""
+    a, b = cluster["a"], cluster["b"]
+    alice = await open_page(demo_url(a, name="alice", room="ops"))
+    bob = await open_page(demo_url(b, name="bob", room="ops"))
+    await joined(alice, "ops")
+    await joined(bob, "ops")
+    dash = await open_page(f"{a.url}/dashboard")
+    await expect(dash.locator("#status")).to_have_text("node a")
+    for node_id in ("a", "b"):
+        row = dash.locator(f"#nodes tr[data-node={node_id}]")
+        await expect(row.locator("td.clients")).to_have_text("1")
+        await expect(row.locator("td.age")).to_have_text(re.compile(r"^\d+\.\d s ago$"))
+    await expect(dash.locator("#rooms tr[data-room=ops] td.count")).to_have_text("2")
+    await expect(dash.locator("#t-nodes")).to_have_text("2")
+    await expect(dash.locator("#t-clients")).to_have_text("2")
+    for n in range(3):
+        await say(alice, f"ping {n}")
+        await expect(room_message(alice, "alice", f"ping {n}")).to_be_visible()
+    await expect(dash.locator("#t-rate")).to_have_text("3")  # node a delivered 3 frames, all to alice
+    await expect(dash.locator("#l-latency b").first).to_have_text(re.compile(r"^[\d.]+ ms$"))
+    await expect(dash.locator("#self-node")).to_have_text("node a")
+    await shot(dash, "dashboard")
+
+
+async def test_dashboard_asks_for_the_api_key(open_page: Opener) -> None:
+    """With --api-key set the dashboard asks for the key, says when it is wrong, and shows data with the right one."""
+    server = await start_server(node_config(api_key=("s3cret",)))
+    try:
+        dash = await open_page(str(server.make_url("/dashboard")), width=390, height=760)
+        await expect(dash.locator("#key-form")).to_be_visible()
+        await expect(dash.locator("#content")).to_be_hidden()
+        await dash.fill("#key", "wrong")
+        await dash.press("#key", "Enter")
+        await expect(dash.locator("#key-error")).to_have_text("That key was refused.")
+        await dash.fill("#key", "s3cret")
+        await dash.press("#key", "Enter")
+        await expect(dash.locator("#nodes tr[data-node=n1]")).to_be_visible()
+        await expect(dash.locator("#key-form")).to_be_hidden()
+        await shot(dash, "dashboard-phone")
+    finally:
+        await server.close()
+
