@@ -84,6 +84,7 @@ class Node:
         self._seq = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.latency_observer: Callable[[float], None] | None = None
 
@@ -123,6 +124,8 @@ class Node:
         if closers:
             await asyncio.wait(closers, timeout=max(0.1, deadline - time.monotonic() - 1.0))
         await self._wait_for(lambda: not self.conns, deadline - 0.5)
+        if self._updates:
+            await asyncio.wait(self._updates, timeout=max(0.1, deadline - time.monotonic()))
         await self._stop_services()
 
     async def _stop_services(self) -> None:
@@ -197,7 +200,11 @@ class Node:
         conn.send(encode_message(Message("connected", data).stamped()))
 
     async def disconnect(self, conn: Connection) -> None:
-        """Forget a closed connection: it leaves all rooms, here and in the store."""
+        """Forget a closed connection: it leaves all rooms, here and in the store.
+
+        The local tables change at once; the store update runs in a task of its
+        own, so a handler cancelled by aiohttp (peer gone) cannot lose it.
+        """
         if conn.id not in self.conns:
             return
         if conn.slow:
@@ -205,6 +212,12 @@ class Node:
         change = self._forget(conn)
         if self._stopped.is_set():
             return
+        update = asyncio.create_task(self._store_disconnect(conn, change))
+        self._updates.add(update)
+        update.add_done_callback(self._updates.discard)
+        await asyncio.shield(update)
+
+    async def _store_disconnect(self, conn: Connection, change: Change) -> None:
         try:
             await self.store.remove_connection(conn.id, conn.user_id, change.rooms, change.emptied)
         except Exception:

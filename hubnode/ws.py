@@ -103,8 +103,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         if expiry is not None:
             expiry.cancel()
-        await conn.wait_closed()
-        await node.disconnect(conn)
+        try:
+            await conn.wait_closed()
+        finally:  # even when aiohttp cancels the handler because the peer is gone
+            await node.disconnect(conn)
     return ws
 
 
