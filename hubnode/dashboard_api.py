@@ -94,11 +94,15 @@ def latency_snapshot(observer: Callable[[float], None] | None) -> dict[str, Any]
                 total = sample.value
     return {
         "count": int(count),
-        "sum": total,
+        "sum": round(total, 6),
         "buckets": [[_le_json(le), int(n)] for le, n in buckets],
-        "p50": quantile(buckets, 0.5),
-        "p99": quantile(buckets, 0.99),
+        "p50": _rounded(quantile(buckets, 0.5)),
+        "p99": _rounded(quantile(buckets, 0.99)),
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)
 
 
 def _le_json(le: float) -> float | str:

@@ -82,10 +82,17 @@
       .catch((err) => note(`private message to ${to} not sent: ${err.code}`));
   });
 
+  // PROTOCOL.md section 3: 1-128 characters, no whitespace, control characters or braces.
+  const validName = (s) => /^[^\s{}\x00-\x1f\x7f]{1,128}$/.test(s);
+
   $("settings").addEventListener("submit", (e) => {
     e.preventDefault();
     const newName = $("name").value.trim() || name;
     const newRoom = $("room").value.trim() || room;
+    if (!validName(newName) || !validName(newRoom)) {
+      note("names and rooms: up to 128 characters, without spaces or { }");
+      return;
+    }
     if (newName !== name) {
       name = newName;
       room = newRoom;

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
+import jwt
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -153,7 +155,10 @@ REQUESTS = """
   r.notInRoom = await code(hub.sendToRoom("elsewhere", "x"));
   r.badRoom = await code(hub.join("two words"));
   r.rooms = [...hub.rooms];
+  r.broadcast = (await hub.broadcast({ to: "all" })).type;
   r.pong = (await hub.ping("p")).data;
+  r.leave = (await hub.leave("t")).type;
+  r.afterLeave = await code(hub.sendToRoom("t", "gone"));
   r.node = hub.node;
   r.user = hub.info.user_id;
   hub.close();
@@ -169,8 +174,36 @@ async def test_hub_js_requests_settle_by_ack_or_error(hub: TestServer, open_page
     page = await open_page(str(hub.make_url("/healthz")), client_page(REQUESTS, module))
     assert await results(page) == {
         "sameClass": True, "join": "ack", "send": "ack", "echo": "hi", "notInRoom": "not_in_room",
-        "badRoom": "bad_room", "rooms": ["t"], "pong": "p", "node": "n1", "user": "tess", "afterClose": "closed",
+        "badRoom": "bad_room", "rooms": ["t"], "broadcast": "ack", "pong": "p", "leave": "ack",
+        "afterLeave": "not_in_room", "node": "n1", "user": "tess", "afterClose": "closed",
     }
+
+
+TOKEN = """
+window.events = [];
+window.calls = 0;
+const hub = new HubClient("/ws", { token: async () => { calls++; return TOKEN; } });
+hub.on("connected", (m) => events.push("connected " + m.data.user_id + " " + calls));
+hub.join("ok-1").then(() => events.push("joined ok-1"));
+hub.join("other").catch((err) => events.push("other: " + err.code));
+"""
+
+
+async def test_hub_js_asks_the_token_function_on_every_connect(open_page: Opener) -> None:
+    """With --auth jwt, hub.js connects with the token its function returns, asking again on each reconnect."""
+    secret = "a-secret-for-the-browser-tests-32-bytes"
+    server = await start_server(node_config(auth="jwt", jwt_secret=secret, allowed_origins=("*",)))
+    try:
+        token = jwt.encode({"sub": "jane", "exp": int(time.time()) + 600, "rooms": ["ok-*"]}, secret)
+        script = TOKEN.replace("TOKEN;", f'"{token}";')
+        page = await open_page(str(server.make_url("/healthz")), client_page(script, False))
+        await page.wait_for_function("() => events.length === 3", timeout=TIMEOUT_MS)
+        assert sorted(await page.evaluate("events")) == ["connected jane 1", "joined ok-1", "other: forbidden"]
+        for conn in list(server.app[NODE].conns.values()):
+            await conn.close(CloseCode.TRY_AGAIN_LATER, "test")
+        await page.wait_for_function("() => events.includes('connected jane 2')", timeout=TIMEOUT_MS)
+    finally:
+        await server.close()
 
 
 BACKOFF = """
