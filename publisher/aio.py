@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from publisher import core, inspect
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.keys import Keys
-from publisher.query import Query, Step, drive_async, pipeline_step
+from publisher.query import Query, Step, drive_async, run_step
 from publisher.targets import Target
 
 __all__ = ["AsyncPublisher"]
@@ -113,9 +113,7 @@ class AsyncPublisher:
         async with self._turn:
             if self._client is None:
                 raise RuntimeError(f"{self!r} is closed")
-            if isinstance(step, list):
-                return await pipeline_step(self._client, step).execute()
-            return await step.on(self._client)
+            return await run_step(self._client, step)
 
     async def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""

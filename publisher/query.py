@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
-__all__ = ["Call", "Query", "Step", "drive", "drive_async", "pipeline_step", "text"]
+__all__ = ["Call", "Query", "Step", "drive", "drive_async", "pipeline_step", "run_step", "text"]
 
 T = TypeVar("T")
 
@@ -69,6 +69,13 @@ def pipeline_step(client: Any, step: list[Call]) -> Any:
     for call in step:
         call.on(pipe)
     return pipe
+
+
+def run_step(client: Any, step: Step) -> Any:
+    """Issue one step on a client: the reply, or an awaitable of it for an asyncio client."""
+    if isinstance(step, list):
+        return pipeline_step(client, step).execute()
+    return step.on(client)
 
 
 def text(value: Any) -> str:

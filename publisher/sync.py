@@ -29,7 +29,7 @@ from redis.retry import Retry
 from publisher import core, inspect
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.keys import Keys
-from publisher.query import Query, Step, drive, pipeline_step
+from publisher.query import Query, Step, drive, run_step
 from publisher.targets import Target
 
 __all__ = ["Publisher"]
@@ -134,9 +134,7 @@ class Publisher:
     def _execute(self, step: Step) -> Any:
         if self._client is None:
             raise RuntimeError(f"{self!r} is closed")
-        if isinstance(step, list):
-            return pipeline_step(self._client, step).execute()
-        return step.on(self._client)
+        return run_step(self._client, step)
 
     def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""

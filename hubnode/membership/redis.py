@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection, Sequence
+from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -24,7 +25,7 @@ from redis.exceptions import RedisError
 from hubnode.membership.base import Member, SnapshotSource, Stats
 from publisher import inspect
 from publisher.keys import Keys
-from publisher.query import Query, Step, drive_async, pipeline_step, text
+from publisher.query import Query, drive_async, run_step, text
 
 T = TypeVar("T")
 
@@ -145,12 +146,7 @@ class RedisMembershipStore:
         return await self._query(inspect.user_online(self.keys, user_id))
 
     async def _query(self, query: Query[T]) -> T:
-        return await drive_async(query, self._execute)
-
-    async def _execute(self, step: Step) -> Any:
-        if isinstance(step, list):
-            return await pipeline_step(self.redis, step).execute()
-        return await step.on(self.redis)
+        return await drive_async(query, partial(run_step, self.redis))
 
     # -- internals ---------------------------------------------------------------
     def _room_keys(self, room: str) -> list[str]:
