@@ -159,18 +159,23 @@ class Proc:
         if self.alive():
             self.popen.send_signal(sig)
 
-    def wait_or_kill(self, timeout: float) -> None:
-        """Wait for the child; after `timeout`, SIGKILL its process group (nginx workers too)."""
+    def wait_or_kill(self, timeout: float) -> bool:
+        """Wait for the child; after `timeout`, SIGKILL its process group (nginx workers too).
+
+        Returns True when it had to be killed.
+        """
         try:
             self.popen.wait(timeout)
+            return False
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
             self.popen.wait()
+            return True
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> bool:
         self.signal(signal.SIGTERM)
-        self.wait_or_kill(timeout)
+        return self.wait_or_kill(timeout)
 
 
 class Cluster:
@@ -195,6 +200,7 @@ class Cluster:
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="hub-cluster-"))
         self.keep = keep
         self.procs: dict[str, Proc] = {}
+        self.forced: list[str] = []  # children that ignored SIGTERM past their grace and were killed
 
     # addresses
     @property
@@ -235,16 +241,19 @@ class Cluster:
             raise
         return self
 
-    def stop_processes(self) -> None:
-        """Stop everything this cluster started, by PID: the nodes (they drain), nginx, Redis."""
+    def stop_processes(self, node_grace: float = 15.0) -> None:
+        """Stop everything this cluster started, by PID: the nodes (they drain), nginx, Redis.
+
+        A node gets `node_grace` seconds (its --drain-timeout is 10 s by
+        default) before SIGKILL; whoever needed SIGKILL is listed in `forced`.
+        """
         nodes = [self.procs[n] for n in self.node_ids if n in self.procs]
         for proc in nodes:
             proc.signal(signal.SIGTERM)  # all drain at once
-        for proc in nodes:
-            proc.wait_or_kill(20.0)
+        self.forced += [proc.name for proc in nodes if proc.wait_or_kill(node_grace)]
         for name in ("nginx", "redis"):
-            if name in self.procs:
-                self.procs[name].stop(10.0)
+            if name in self.procs and self.procs[name].stop(10.0):
+                self.forced.append(name)
 
     def stop(self) -> None:
         """stop_processes(), then remove the working directory unless `keep`."""
@@ -403,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, _patience)
         signal.signal(signal.SIGTERM, _patience)
+        cluster.stop_processes()
+        if cluster.forced:
+            print(f"killed after ignoring SIGTERM: {', '.join(cluster.forced)}", file=sys.stderr)
+            cluster.keep, status = True, 1
         cluster.stop()
     if cluster.keep:
         print(f"logs kept in {cluster.dir}", file=sys.stderr)

@@ -31,6 +31,7 @@ import orjson
 import pytest
 
 from deploy.cluster import Cluster
+from hubnode.config import Config
 from tests.helpers import ROOT, SCALE, Client, free_port, wait_until, wait_until_sync
 
 HEARTBEAT = 0.5
@@ -44,14 +45,20 @@ def boot() -> Cluster:
 
 
 def shutdown(cluster: Cluster, killed: tuple[str, ...] = ()) -> None:
-    """Stop the cluster; fail if a process the test did not kill died or a node logged a traceback."""
+    """Stop the cluster; fail if a process the test did not kill died, a node logged a
+    traceback, or a node did not exit 0 on SIGTERM within its drain timeout (PROTOCOL.md 8)."""
     dead = [p.name for p in cluster.dead() if p.name not in killed]
-    cluster.stop_processes()
-    crashed = [n for n in cluster.node_ids if "Traceback (most recent call last)" in cluster.procs[n].output(10**6)]
-    logs = cluster.logs() if dead or crashed else ""
+    started = time.monotonic()
+    cluster.stop_processes(node_grace=Config.drain_timeout + 2.0)
+    took = time.monotonic() - started
+    live_nodes = [cluster.procs[n] for n in cluster.node_ids if n not in killed]
+    crashed = [p.name for p in live_nodes if "Traceback (most recent call last)" in p.output(10**6)]
+    unclean = [(p.name, p.popen.returncode) for p in live_nodes if p.popen.returncode != 0]
+    logs = cluster.logs() if dead or crashed or unclean else ""
     cluster.stop()
     assert not dead, f"cluster processes died during the test: {dead}\n{logs}"
     assert not crashed, f"nodes logged a traceback: {crashed}\n{logs}"
+    assert not unclean, f"nodes did not drain and exit 0 on SIGTERM (stop took {took:.1f}s): {unclean}\n{logs}"
 
 
 @pytest.fixture(scope="module")
