@@ -138,20 +138,24 @@
     }
 
     // -- connection -----------------------------------------------------------
+    // One attempt. A token function that throws, or a URL the browser refuses,
+    // counts as a failed attempt (code 1006, the reason says why), like a refused handshake.
     async _connect() {
       this._timers.retry = null;
-      const u = wsUrl(this.urls[this._urlIndex % this.urls.length]);
-      const { userId, token } = this.options;
-      if (userId) u.searchParams.set("user_id", userId);
+      let ws;
       try {
+        const u = wsUrl(this.urls[this._urlIndex % this.urls.length]);
+        const { userId, token } = this.options;
+        if (userId) u.searchParams.set("user_id", userId);
         const t = typeof token === "function" ? await token() : token;
         if (t) u.searchParams.set("token", t);
+        if (this._closed) return;
+        this.url = u.toString();
+        ws = new WebSocket(this.url);
       } catch (err) {
-        return this._closedWith(null, 4001, "token: " + err.message);
+        return this._closedWith(null, 1006, String(err && err.message || err));
       }
-      if (this._closed) return;
-      this.url = u.toString();
-      const ws = (this._ws = new WebSocket(this.url));
+      this._ws = ws;
       ws.onmessage = (ev) => this._onFrame(ws, ev.data);
       ws.onclose = (ev) => this._closedWith(ws, ev.code, ev.reason);
     }

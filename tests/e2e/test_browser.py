@@ -182,26 +182,33 @@ async def test_hub_js_requests_settle_by_ack_or_error(hub: TestServer, open_page
 TOKEN = """
 window.events = [];
 window.calls = 0;
-const hub = new HubClient("/ws", { token: async () => { calls++; return TOKEN; } });
+const token = async () => {
+  if (++calls === 1) throw new Error("no token yet");
+  return TOKEN;
+};
+const hub = new HubClient("/ws", { token, minDelay: 50 });
 hub.on("connected", (m) => events.push("connected " + m.data.user_id + " " + calls));
+hub.on("disconnected", (e) => events.push("disconnected " + e.code + " " + e.reason));
 hub.join("ok-1").then(() => events.push("joined ok-1"));
 hub.join("other").catch((err) => events.push("other: " + err.code));
 """
 
 
 async def test_hub_js_asks_the_token_function_on_every_connect(open_page: Opener) -> None:
-    """With --auth jwt, hub.js connects with the token its function returns, asking again on each reconnect."""
+    """With --auth jwt, hub.js connects with its token function's token, asking again on each (re)connect."""
     secret = "a-secret-for-the-browser-tests-32-bytes"
     server = await start_server(node_config(auth="jwt", jwt_secret=secret, allowed_origins=("*",)))
     try:
         token = jwt.encode({"sub": "jane", "exp": int(time.time()) + 600, "rooms": ["ok-*"]}, secret)
         script = TOKEN.replace("TOKEN;", f'"{token}";')
         page = await open_page(str(server.make_url("/healthz")), client_page(script, False))
-        await page.wait_for_function("() => events.length === 3", timeout=TIMEOUT_MS)
-        assert sorted(await page.evaluate("events")) == ["connected jane 1", "joined ok-1", "other: forbidden"]
+        await page.wait_for_function("() => events.length === 4", timeout=TIMEOUT_MS)
+        events = await page.evaluate("events")
+        assert events[0] == "disconnected 1006 no token yet"  # a throwing token function: retried
+        assert sorted(events[1:]) == ["connected jane 2", "joined ok-1", "other: forbidden"]
         for conn in list(server.app[NODE].conns.values()):
             await conn.close(CloseCode.TRY_AGAIN_LATER, "test")
-        await page.wait_for_function("() => events.includes('connected jane 2')", timeout=TIMEOUT_MS)
+        await page.wait_for_function("() => events.includes('connected jane 3')", timeout=TIMEOUT_MS)
     finally:
         await server.close()
 
