@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from prometheus_client import Histogram
@@ -21,7 +22,7 @@ from hubnode import __version__
 from hubnode.membership.redis import RedisMembershipStore
 from hubnode.node import Node
 from publisher import inspect
-from publisher.query import Step, drive_async, pipeline_step
+from publisher.query import drive_async, run_step
 
 __all__ = ["Buckets", "latency_snapshot", "live_nodes", "metrics_snapshot", "quantile"]
 
@@ -34,13 +35,7 @@ async def live_nodes(node: Node) -> list[dict[str, Any]]:
     store = node.store
     if not isinstance(store, RedisMembershipStore):
         return [_local_info(node)]
-
-    async def execute(step: Step) -> Any:
-        if isinstance(step, list):
-            return await pipeline_step(store.redis, step).execute()
-        return await step.on(store.redis)
-
-    found = await drive_async(inspect.live_nodes(node.keys), execute)
+    found = await drive_async(inspect.live_nodes(node.keys), partial(run_step, store.redis))
     return [info.to_json() for info in found]
 
 
