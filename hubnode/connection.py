@@ -98,7 +98,8 @@ class Connection:
         """Close with `code`, dropping the socket if the handshake stalls."""
         self.closing = True
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=reason.encode())
         except (TimeoutError, ConnectionError, RuntimeError):
             with contextlib.suppress(Exception):
                 self._transport.abort()

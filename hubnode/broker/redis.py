@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _PROBE = b"\x00probe"
 _BATCH = 256
 _MAX_BACKOFF = 5.0
+_STABLE = 5.0  # seconds a connection must live before the backoff resets
 
 
 class RedisBroker:
@@ -82,18 +83,21 @@ class RedisBroker:
             self._on_resync = on_resync
         self._supervisor = asyncio.create_task(self._supervise(), name="hubnode-redis-subscriber")
         try:
-            await asyncio.wait_for(self._up.wait(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await self._up.wait()
         except TimeoutError:
             log.warning("Redis at %s is not reachable yet; the node is not ready until it is", self._url)
 
     async def close(self) -> None:
+        """Stop the supervisor (bounded: a cancel must never hang a drain) and disconnect."""
         self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result("closing")
         if self._conn is not None:
             self._conn.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.wait([self._supervisor], timeout=self._timeout)
         self._up.clear()
         await self._pub.aclose()
 
@@ -126,7 +130,8 @@ class RedisBroker:
             self._confirms.setdefault(channel.encode(), deque()).append(future)
             futures.append(future)
         conn.send("SUBSCRIBE", *channels)
-        await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+        async with asyncio.timeout(self._timeout):
+            await asyncio.gather(*futures)
 
     # -- publishing ----------------------------------------------------------------
     async def publish(self, channel: str, payload: bytes) -> int:
@@ -188,44 +193,58 @@ class RedisBroker:
             log.warning("subscriber hand-off overflowed: messages were dropped, sending resync")
             self._on_resync()
 
-    def _on_lost(self, exc: Exception | None) -> None:
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(f"connection lost ({exc or 'closed by Redis'})")
-
     async def _supervise(self) -> None:
-        """Connect, subscribe, watch; on any loss reconnect with backoff and resync."""
+        """Connect, subscribe, watch; on any loss reconnect with backoff and resync.
+
+        A connection that is lost soon after it came up does not reset the
+        backoff, so a flapping link cannot turn into a reconnect storm.
+        """
+        loop = asyncio.get_running_loop()
         attempt = 0
         ever_up = False
         while not self._closed:
+            if attempt:
+                delay = min(_MAX_BACKOFF, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(delay)
             try:
-                await self._connect()
+                lost = await self._connect()
             except (OSError, ConnectionError, TimeoutError) as exc:
                 attempt += 1
-                delay = min(_MAX_BACKOFF, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
                 log.log(logging.WARNING if attempt == 1 else logging.DEBUG,
                         "Redis subscriber cannot connect (%s); retrying", exc)
-                await asyncio.sleep(delay)
                 continue
-            attempt = 0
+            up_since = loop.time()
             if ever_up:
                 self.reconnects += 1
                 log.warning("Redis subscriber restored: resubscribed %d channels, sending resync",
                             len(self._wanted))
                 self._on_resync()
             ever_up = True
-            reason = await self._watch()
+            reason = await self._watch(lost)
             self._up.clear()
             if self._conn is not None:
                 self._conn.close()
             self._fail_confirms()
+            attempt = attempt + 1 if loop.time() - up_since < _STABLE else 0
             if not self._closed:
                 log.warning("Redis subscriber lost: %s", reason)
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> asyncio.Future[str]:
+        """Open and subscribe a new connection; returns the future its loss resolves.
+
+        Each connection has its own future, so the late loss callback of an
+        old connection cannot mark the new one lost.
+        """
         loop = asyncio.get_running_loop()
-        self._lost = loop.create_future()
-        conn = await connect_subscriber(self._url, self._on_push, self._on_lost, self._timeout)
+        lost: asyncio.Future[str] = loop.create_future()
+
+        def on_lost(exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(f"connection lost ({exc or 'closed by Redis'})")
+
+        conn = await connect_subscriber(self._url, self._on_push, on_lost, self._timeout)
         self._conn = conn
+        self._lost = lost
         try:
             await self._subscribe_on(conn, sorted(self._wanted))
         except BaseException:
@@ -234,20 +253,24 @@ class RedisBroker:
             raise
         self._last_probe = loop.time()
         self._up.set()
+        return lost
 
-    async def _watch(self) -> str:
+    async def _watch(self, lost: asyncio.Future[str]) -> str:
         """Return the reason once the subscriber is lost, probing it every interval."""
         loop = asyncio.get_running_loop()
-        assert self._lost is not None
-        while True:
-            done, _ = await asyncio.wait([self._lost], timeout=self._probe_interval)
+        while not self._closed:
+            done, _ = await asyncio.wait([lost], timeout=self._probe_interval)
             if done:
-                return self._lost.result()
+                return lost.result()
             if loop.time() - self._last_probe > 3 * self._probe_interval:
                 self.probe_failures += 1
                 return "liveness probe did not come back for 3 heartbeats"
-            with contextlib.suppress(RedisError, OSError):
-                await asyncio.wait_for(self._pub.publish(self._own, _PROBE), self._probe_interval)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+            # the cancel that close() sends, and the drain would hang
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._probe_interval):
+                    await self._pub.publish(self._own, _PROBE)
+        return "closing"
 
     def _fail_confirms(self) -> None:
         for waiting in self._confirms.values():

@@ -92,11 +92,13 @@ async def connect_subscriber(url: str, on_push: Callable[[Any], None],
     else:
         coro = loop.create_connection(factory, parsed.hostname or "127.0.0.1", parsed.port or 6379,
                                       ssl=context)
-    _transport, conn = await asyncio.wait_for(coro, timeout)
+    async with asyncio.timeout(timeout):
+        _transport, conn = await coro
     try:
         if parsed.password:
             auth = [unquote(parsed.username)] if parsed.username else []
-            reply = await asyncio.wait_for(conn.call("AUTH", *auth, unquote(parsed.password)), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await conn.call("AUTH", *auth, unquote(parsed.password))
             if isinstance(reply, hiredis.ReplyError):
                 raise ConnectionError(f"Redis AUTH failed: {reply}")
     except BaseException:

@@ -89,3 +89,18 @@ async def test_closed_broker_refuses(broker: Broker) -> None:
         await broker.publish("c", b"x")
     with pytest.raises(BrokerUnavailable):
         await broker.subscribe(["c"])
+
+
+async def test_redis_broker_close_is_bounded_while_probing(redis_server: RedisServer, prefix: str) -> None:
+    """close() returns promptly even when it lands while a liveness probe is answered (no lost cancel)."""
+    import time
+
+    for _ in range(20):
+        b = RedisBroker(redis_server.url, aioredis.Redis.from_url(redis_server.url), Keys(prefix), "n1",
+                        timeout=2, probe_interval=0.005)
+        await b.start(Recorder())
+        await wait_until(lambda b=b: b.connected, what="connected")
+        started = time.monotonic()
+        await b.close()
+        assert time.monotonic() - started < 1.0
+        assert not b.connected

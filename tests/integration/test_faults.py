@@ -122,6 +122,8 @@ async def test_paused_node_reregisters_after_sweep(redis_server: RedisServer,
         print(f"\n[fault] SIGSTOP/SIGCONT: re-registered {time.monotonic() - resumed:.2f}s after SIGCONT")
         assert r.hget(f"{prefix}rooms", "room") == "2"
         await chat_works(a, b, "room", "after-pause")
+        # one probe-driven reconnect after the pause, not a storm of them
+        assert 1 <= await metric(session, cluster.nodes[1].url, "hubnode_redis_reconnects_total") <= 2
     finally:
         with contextlib.suppress(Exception):
             cluster.nodes[1].signal(signal.SIGCONT)
