@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -46,7 +46,7 @@ def _local_info(node: Node) -> dict[str, Any]:
             "started_at": node.started_at, "address": f"{cfg.host}:{cfg.port}", "version": __version__}
 
 
-def metrics_snapshot(node: Node) -> dict[str, Any]:
+def metrics_snapshot(node: Node, latency: Histogram | None = None) -> dict[str, Any]:
     """This node's cumulative counters and latency histogram, stamped with the time read."""
     c, now = node.counters, time.time()
     return {
@@ -64,18 +64,13 @@ def metrics_snapshot(node: Node) -> dict[str, Any]:
         "slow_closes": c.slow_closes,
         "frames": dict(c.frames),
         "errors": {str(code): n for code, n in c.errors.items()},
-        "latency": latency_snapshot(node.latency_observer),
+        "latency": latency_snapshot(latency),
     }
 
 
-def latency_snapshot(observer: Callable[[float], None] | None) -> dict[str, Any] | None:
-    """The delivery-latency histogram behind `node.latency_observer`, or None without one.
-
-    hubnode.metrics installs a prometheus Histogram's bound `observe` as the
-    observer; its buckets are read back from that Histogram.
-    """
-    histogram = getattr(observer, "__self__", None)
-    if not isinstance(histogram, Histogram):
+def latency_snapshot(histogram: Histogram | None) -> dict[str, Any] | None:
+    """The delivery-latency histogram (hubnode.metrics' `app[LATENCY]`) as JSON, or None."""
+    if histogram is None:
         return None
     buckets: list[tuple[float, float]] = []
     count = total = 0.0

@@ -118,8 +118,9 @@ async def get_nodes(request: web.Request) -> web.Response:
 async def get_metrics_json(request: web.Request) -> web.Response:
     """This node's cumulative counters and latency histogram (rates: diff two samples)."""
     from hubnode.dashboard_api import metrics_snapshot
+    from hubnode.metrics import LATENCY
 
-    return _json(metrics_snapshot(_node(request)))
+    return _json(metrics_snapshot(_node(request), request.app.get(LATENCY)))
 
 
 def add_routes(app: web.Application) -> None:

@@ -18,7 +18,10 @@ from prometheus_client.registry import Collector
 
 from hubnode.node import Node
 
-__all__ = ["LATENCY_BUCKETS", "NodeCollector", "add_metrics"]
+__all__ = ["LATENCY", "LATENCY_BUCKETS", "NodeCollector", "add_metrics"]
+
+LATENCY = web.AppKey("hubnode.latency", Histogram)
+"""The app's delivery-latency histogram, for readers other than /metrics (the dashboard)."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -79,6 +82,7 @@ def add_metrics(app: web.Application, node: Node) -> None:
     latency = Histogram("hubnode_delivery_latency_seconds", "Publish to local delivery, from the envelope's ts",
                         buckets=LATENCY_BUCKETS, registry=registry)
     node.latency_observer = latency.observe
+    app[LATENCY] = latency
 
     async def metrics(_request: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(registry))
