@@ -189,7 +189,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 r["background_before_cores"] = background
                 runs.setdefault(system.name, []).append(r)
                 log(f"  {system.label}: {headline(scenario, r)}")
-        results[scenario] = [median_run(scenario, rs) for rs in runs.values()]
+        results.setdefault(scenario, []).extend(median_run(scenario, rs) for rs in runs.values())
     profile: list[str] = []
     if args.profile:
         log("profiling hubnode with py-spy ...")

@@ -35,7 +35,7 @@ def _py_spy() -> str:
 class Spy:
     """py-spy attached to every node of a deployment while a window is open."""
 
-    def __init__(self, out: Path, name: str, rate: int = 250) -> None:
+    def __init__(self, out: Path, name: str, rate: int = 400) -> None:
         self.out, self.name, self.rate = out, name, rate
         self.procs: list[asyncio.subprocess.Process] = []
         self.files: list[Path] = []
@@ -87,14 +87,14 @@ def summarise(paths: list[Path], top: int = 14) -> tuple[int, list[tuple[str, in
 
 
 async def profile_hub(ctx: Context, out: Path) -> list[str]:
-    """Profile hubnode under fan-out (1k clients) and point-to-point; Markdown lines."""
+    """Profile hubnode under fan-out (1k clients, 1M deliveries) and point-to-point (100k)."""
     system = HubSystem()
-    lines = ["py-spy (`python -m bench --profile`, sampling at 250 Hz, not paused) over "
+    lines = ["py-spy (`python -m bench --profile`, sampling at 400 Hz, not paused) over "
              "both nodes; self time per function, the C code and system calls it makes "
              "included. Flame graphs: `bench/out/profile-*.svg`.", ""]
     runs: list[tuple[str, Any]] = [
-        ("fanout", lambda spy: fanout(system, ctx, 1000, 400, probe=spy)),
-        ("p2p", lambda spy: point_to_point(system, ctx, 2000, 20_000, probe=spy)),
+        ("fanout", lambda spy: fanout(system, ctx, 1000, 1000, probe=spy)),
+        ("p2p", lambda spy: point_to_point(system, ctx, 2000, 100_000, probe=spy)),
     ]
     for name, run in runs:
         spy = Spy(out, name)
