@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="before each measurement wait until other processes use less (0.3)")
     p.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
                    help="longest such wait (default 120 with --full, else 10)")
+    p.add_argument("--report-from", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the Markdown (and PNG) from a saved results JSON")
     p.add_argument("--profile", action="store_true",
                    help="also profile hubnode with py-spy (separate runs, no figures)")
     return p.parse_args(argv)
@@ -210,13 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet_wait is None:
         args.quiet_wait = 120.0 if args.full else 10.0
     args.out.mkdir(parents=True, exist_ok=True)
-    report = asyncio.run(run(args))
-    mode = report["mode"]
-    json_path = args.out / f"results-{mode}-{report['started']}.json"
-    text = json.dumps(report, indent=1, default=str)
-    json_path.write_text(text)
-    (args.out / f"latest-{mode}.json").write_text(text)
-    md = args.results or (ROOT / "bench" / "RESULTS.md" if args.full
+    if args.report_from is not None:
+        report = json.loads(args.report_from.read_text())
+        mode = report["mode"]
+        json_path = args.report_from
+    else:
+        report = asyncio.run(run(args))
+        mode = report["mode"]
+        json_path = args.out / f"results-{mode}-{report['started']}.json"
+        text = json.dumps(report, indent=1, default=str)
+        json_path.write_text(text)
+        (args.out / f"latest-{mode}.json").write_text(text)
+    md = args.results or (ROOT / "bench" / "RESULTS.md" if mode == "full"
                           else args.out / "RESULTS-quick.md")
     png = md.with_suffix(".png")
     if plot(png, report):
