@@ -9,7 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import Client
 
 
-async def scrape(session: aiohttp.ClientSession, hub: TestServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(session: aiohttp.ClientSession, hub: TestServer) -> Samples:
     text = await (await session.get(hub.make_url("/metrics"))).text()
     out = {}
     for family in text_string_to_metric_families(text):
