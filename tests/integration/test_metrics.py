@@ -8,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Client
 
-
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
