@@ -29,7 +29,7 @@ from publisher.query import Query, drive_async, run_step, text
 
 T = TypeVar("T")
 
-__all__ = ["RedisMembershipStore"]
+__all__ = ["RedisClusterUnsupported", "RedisMembershipStore"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class RedisMembershipStore:
     # -- life cycle ------------------------------------------------------------
     async def start(self, snapshot: SnapshotSource) -> None:
         self._snapshot = snapshot
+        await self._refuse_cluster()
         await self._warn_on_eviction()
         try:
             await self._register()
@@ -197,6 +198,17 @@ class RedisMembershipStore:
             self._gate.set()
         self.reregistrations += 1
 
+    async def _refuse_cluster(self) -> None:
+        """A Redis Cluster node would take our multi-key scripts and fail them later: refuse now."""
+        try:
+            info = await self.redis.info("cluster")
+        except RedisError:
+            return  # unreachable now: the heartbeat registers once it is back
+        if str(info.get("cluster_enabled", "0")) == "1":
+            raise RedisClusterUnsupported(
+                "the Redis at --redis-url runs in cluster mode, which hubnode does not support yet: "
+                "use a single Redis primary (or one managed by Sentinel)")
+
     async def _warn_on_eviction(self) -> None:
         try:
             policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
@@ -205,6 +217,10 @@ class RedisMembershipStore:
         if policy and text(policy) != "noeviction":
             log.warning("Redis maxmemory-policy is %r: membership keys may be evicted; "
                         "set it to 'noeviction'", text(policy))
+
+
+class RedisClusterUnsupported(RuntimeError):
+    """--redis-url points at a Redis Cluster node."""
 
 
 def _now_ms() -> int:

@@ -62,3 +62,22 @@ async def test_node_id_from_environment(session: aiohttp.ClientSession) -> None:
         assert got["node"] == "envnode"
     finally:
         node.stop()
+
+
+def test_redis_cluster_is_refused_with_a_clear_message() -> None:
+    """A --redis-url pointing at a Redis Cluster node: exit 1, one clear line, no traceback."""
+    import tempfile
+
+    from tests.helpers import RedisServer
+
+    folder = tempfile.mkdtemp(prefix="hub-cluster-")
+    server = RedisServer(extra=("--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes.conf"))
+    server.start()
+    try:
+        node = NodeProcess("--redis-url", server.url, "--node-id", "c1")
+        node.start(wait=False)
+        assert node.wait(20) == 1
+        out = node.output()
+        assert "cluster mode" in out and "Traceback" not in out
+    finally:
+        server.stop()
