@@ -80,7 +80,7 @@ class JwtVerifier:
         try:
             claims = jwt.decode(token, self.key, algorithms=self.algorithms, audience=self.audience,
                                 issuer=self.issuer, leeway=self.leeway,
-                                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None})
+                                options={"require": ["exp", "sub"]})
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
         except jwt.ImmatureSignatureError:
@@ -106,8 +106,14 @@ def _load_public_key(path: str) -> tuple[Any, list[str]]:
     if isinstance(key, rsa.RSAPublicKey):
         return key, ["RS256"]
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return key, ["ES256"]
-    raise ConfigError("--jwt-public-key must be an RSA (RS256) or EC P-256 (ES256) public key")
+        algorithm = _EC_ALGORITHMS.get(key.curve.name)
+        if algorithm is not None:
+            return key, [algorithm]
+    raise ConfigError("--jwt-public-key must be an RSA key (RS256) or an EC key on P-256, P-384 or "
+                      "P-521 (ES256, ES384, ES512)")
+
+
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
 def _rooms_claim(value: Any) -> tuple[str, ...] | None:

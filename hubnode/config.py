@@ -89,6 +89,13 @@ class Config:
                               "at a single Redis primary (redis:// or rediss://)")
         if not _NODE_ID.fullmatch(self.node_id):
             raise ConfigError("--node-id may use only letters, digits, '.', '_' and '-' (1-64 characters)")
+        for name in ("heartbeat", "ping_timeout", "redis_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("rate", "ping_interval", "unsubscribe_grace", "jwt_leeway", "max_connections",
+                     "max_connections_per_user", "burst", "max_errors"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

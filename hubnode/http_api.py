@@ -15,6 +15,7 @@ from aiohttp import web
 
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.node import Node
+from hubnode.protocol import encodable
 from publisher.message import Message, MessageError
 from publisher.names import check_name
 from publisher.targets import target_of
@@ -56,8 +57,16 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     return await handler(request)
 
 
+_RESERVED = frozenset({"ack", "error", "pong", "connected"})
+"""Types only the node itself sends: publishing them could forge answers to clients' requests."""
+
+
 async def post_broadcast(request: web.Request) -> web.Response:
     node = _node(request)
+    if request.content_type != "application/json":
+        # a web page cannot send application/json cross-origin without a CORS
+        # preflight this API never grants: no forged broadcasts from browsers
+        return _error(415, "bad_message", "Content-Type must be application/json")
     try:
         raw = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -67,6 +76,10 @@ async def post_broadcast(request: web.Request) -> web.Response:
     except MessageError as exc:
         code = "bad_room" if "'room'" in str(exc) else "bad_message"
         return _error(400, code, str(exc))
+    if msg.type in _RESERVED:
+        return _error(400, "bad_message", f"type {msg.type!r} is reserved for the node")
+    if not encodable(msg.data):
+        return _error(400, "bad_message", "'data' nests too deeply")
     if not node.broker.connected:
         return _error(503, "unavailable", "broker unreachable: nothing was published")
     try:

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from hubnode.auth import Authenticate, Authorize, builtin_authenticate, builtin_authorize
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
@@ -25,7 +27,7 @@ from hubnode.connection import Connection
 from hubnode.errors import CloseCode, ErrorCode
 from hubnode.membership.base import Member, MembershipStore, Stats
 from hubnode.membership.memory import MemoryMembershipStore
-from hubnode.protocol import encode_message
+from hubnode.protocol import encode_message, text_frame
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from publisher.envelope import EnvelopeError, unpack
@@ -33,13 +35,19 @@ from publisher.keys import Keys
 from publisher.message import Message
 from publisher.targets import Target, coerce_message, envelope_for
 
-__all__ = ["Node", "NodeCounters"]
+__all__ = ["Node", "NodeCounters", "NodeDraining"]
 
 log = logging.getLogger(__name__)
 
 PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every socket
+RECONNECT_FRAME = text_frame(b'{"type":"system_message","data":{"event":"reconnect"}}')
+"""PROTOCOL.md section 8: sent before close 1001 (no timestamp: it is the same bytes for every node)."""
 
 ConnRef = Connection | str
+
+
+class NodeDraining(RuntimeError):
+    """A connection arrived while the node began to drain."""
 
 
 class NodeCounters:
@@ -115,10 +123,9 @@ class Node:
         self.draining = True
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.drain_timeout)
         log.info("node %s draining %d connections", self.id, len(self.conns))
-        frame = encode_message(Message("system_message", {"event": "reconnect"}).stamped())
         conns = list(self.conns.values())
         for conn in conns:
-            conn.send(frame)
+            conn.send(RECONNECT_FRAME)
         closers = [asyncio.create_task(c.close(CloseCode.GOING_AWAY, "node shutting down"))
                    for c in conns]
         if closers:
@@ -126,7 +133,13 @@ class Node:
         await self._wait_for(lambda: not self.conns, deadline - 0.5)
         if self._updates:
             await asyncio.wait(self._updates, timeout=max(0.1, deadline - time.monotonic()))
-        await self._stop_services()
+        try:
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                await self._stop_services()
+        except TimeoutError:
+            log.warning("node %s: drain timeout reached before its Redis entries were removed; "
+                        "the other nodes sweep them", self.id)
+            self._stopped.set()
 
     async def _stop_services(self) -> None:
         for task in (self._heartbeat, self._pinger):
@@ -185,17 +198,21 @@ class Node:
     async def connect(self, conn: Connection) -> None:
         """Make `conn` routable cluster-wide, then send it the `connected` frame.
 
-        Raises BrokerUnavailable (the connection is then not registered).
+        Raises BrokerUnavailable, or NodeDraining when a drain began meanwhile
+        (the connection is then not registered). The connection joins the
+        fan-out only now, so `connected` is always its first frame.
         """
         self.table.add(conn.id, conn.user_id)
-        self.conns[conn.id] = conn
         try:
             if conn.user_id is not None:
                 await self._subs.ensure(self.keys.user_channel(conn.user_id))
             await self.store.add_connection(conn.id, conn.user_id)
+            if self.draining:
+                raise NodeDraining("node draining")
         except BaseException:
             self._forget(conn)
             raise
+        self.conns[conn.id] = conn
         data = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
         conn.send(encode_message(Message("connected", data).stamped()))
 
@@ -235,7 +252,12 @@ class Node:
 
     # -- rooms ---------------------------------------------------------------
     async def join(self, conn_id: str, room: str) -> ErrorCode | None:
-        """Join; returns once the room channel is confirmed subscribed, or an error code."""
+        """Join; returns once the room channel is confirmed subscribed, or an error code.
+
+        Raises ValueError for a connection this node does not have.
+        """
+        if conn_id not in self.table:
+            raise ValueError(f"no connection {conn_id!r} on this node")
         if not self.broker.connected:
             return ErrorCode.UNAVAILABLE
         joined = self.table.rooms_of(conn_id)
@@ -244,7 +266,8 @@ class Node:
         change = self.table.join(conn_id, room)
         try:
             await self._subs.ensure(self.keys.room_channel(room))
-            if change.changed:
+            # a leave or a disconnect may have run while we waited for Redis
+            if change.changed and room in self.table.rooms_of(conn_id):
                 await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
         except BrokerUnavailable:
             if change.changed:
@@ -279,7 +302,11 @@ class Node:
             return
         if channel == self._own:
             return  # control channel: nothing for clients
-        frame = encode_message(env.msg)
+        try:
+            frame = encode_message(env.msg)
+        except orjson.JSONEncodeError:  # e.g. nesting deeper than JSON output allows
+            self.counters.dropped += 1
+            return
         exclude = env.exclude
         sent = 0
         if channel == self._all:

@@ -22,7 +22,7 @@ from publisher.names import check_name
 
 __all__ = [
     "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PrivateMessage",
-    "ProtocolError", "RoomMessage", "encode_ack", "encode_error", "encode_message",
+    "ProtocolError", "RoomMessage", "encodable", "encode_ack", "encode_error", "encode_message",
     "parse_frame", "text_frame",
 ]
 
@@ -96,7 +96,19 @@ def parse_frame(text: str | bytes) -> ClientFrame | ProtocolError:
     parser = _PARSERS.get(ftype)
     if parser is None:
         return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {ftype[:64]!r}", fid)
-    return parser(raw.get("data"), fid)
+    data = raw.get("data")
+    if isinstance(data, dict | list) and not encodable(data):
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "'data' nests too deeply", fid)
+    return parser(data, fid)
+
+
+def encodable(value: Any) -> bool:
+    """Whether `value` can be written back as JSON (orjson reads 1024 levels, writes 254)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _room_or_error(room: Any, fid: FrameId) -> str | ProtocolError:

@@ -17,7 +17,7 @@ from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode, ErrorCode
-from hubnode.node import Node
+from hubnode.node import RECONNECT_FRAME, Node, NodeDraining
 from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
 from hubnode.protocol import (
     Broadcast,
@@ -67,8 +67,14 @@ async def _check_handshake(node: Node, request: web.Request) -> web.Response | I
     if user is not None and cfg.max_connections_per_user:
         # the newest connection is refused: an attacker holding a stolen token
         # cannot push the rightful user's open sessions out
-        if await node.user_connections(user) >= cfg.max_connections_per_user:
+        try:
+            held = await node.user_connections(user)
+        except Exception:  # the store is unreachable: the broker is about to be too
+            return _refuse(503, "broker unreachable")
+        if held >= cfg.max_connections_per_user:
             return _refuse(429, "too many connections for this user")
+    if node.draining:  # a drain may have begun during the awaits above
+        return _refuse(503, "node draining")
     return identity
 
 
@@ -97,12 +103,17 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except BrokerUnavailable:
         await conn.close(CloseCode.TRY_AGAIN_LATER, "broker unreachable")
         return ws
+    except NodeDraining:
+        conn.send(RECONNECT_FRAME)
+        await conn.close(CloseCode.GOING_AWAY, "node shutting down")
+        return ws
     expiry = _expire_at(conn, loop)
     try:
         await _read_loop(node, conn, ws)
     finally:
         if expiry is not None:
             expiry.cancel()
+        conn.closing = True  # nothing more may follow the close frame, whoever sent it
         try:
             await conn.wait_closed()
         finally:  # even when aiohttp cancels the handler because the peer is gone

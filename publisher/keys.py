@@ -73,3 +73,7 @@ class Keys:
 
     def node_users(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}:users"
+
+    def node_conns(self, node_id: str) -> str:
+        """The node's connection ids (SET): makes connect/disconnect updates idempotent."""
+        return f"{self.prefix}node:{node_id}:conns"

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -111,9 +112,16 @@ class RedisBroker:
             raise BrokerUnavailable("Redis subscriber is not connected")
         try:
             await self._subscribe_on(conn, todo)
-        except (TimeoutError, ConnectionError) as exc:
-            self._wanted.difference_update(c for c in todo if c not in self._pinned)
-            raise BrokerUnavailable(f"subscription not confirmed: {exc}") from None
+        except BaseException as exc:
+            # timed out or cancelled after SUBSCRIBE went out: take it back, or
+            # Redis would go on delivering a channel nobody will ever release
+            dropped = [c for c in todo if c not in self._pinned]
+            self._wanted.difference_update(dropped)
+            if dropped and self.connected:
+                conn.send("UNSUBSCRIBE", *dropped)
+            if isinstance(exc, TimeoutError | ConnectionError):
+                raise BrokerUnavailable(f"subscription not confirmed: {exc}") from None
+            raise
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
         todo = [c for c in channels if c not in self._pinned]
@@ -130,8 +138,16 @@ class RedisBroker:
             self._confirms.setdefault(channel.encode(), deque()).append(future)
             futures.append(future)
         conn.send("SUBSCRIBE", *channels)
-        async with asyncio.timeout(self._timeout):
-            await asyncio.gather(*futures)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await asyncio.gather(*futures)
+        finally:
+            for channel, future in zip(channels, futures, strict=True):
+                waiting = self._confirms.get(channel.encode())
+                if not future.done() and waiting is not None and future in waiting:
+                    waiting.remove(future)  # a late confirmation must not resolve a stale waiter
+                    if not waiting:
+                        del self._confirms[channel.encode()]
 
     # -- publishing ----------------------------------------------------------------
     async def publish(self, channel: str, payload: bytes) -> int:
@@ -145,6 +161,13 @@ class RedisBroker:
     # -- the subscriber connection ---------------------------------------------------
     def _on_push(self, reply: Any) -> None:
         """Socket callback: runs as bytes arrive, so it only queues and returns."""
+        if isinstance(reply, hiredis.ReplyError):
+            # e.g. NOPERM/NOAUTH: confirmations can no longer be matched to
+            # requests, so start over on a fresh connection (with backoff)
+            log.warning("Redis refused a subscriber command: %s", reply)
+            if self._conn is not None:
+                self._conn.close()
+            return
         if not isinstance(reply, list) or len(reply) < 3:
             return
         kind, channel = reply[0], reply[1]

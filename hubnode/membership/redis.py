@@ -1,11 +1,16 @@
 """Membership in Redis, readable with redis-cli (PROTOCOL.md section 7).
 
 Every change is one Lua script, so the room hash, the room counts, the online
-counts and the node's own clean-up index move together. An update that fails
-(timeout, Redis restart) is never silently lost: it is counted and the node
-re-registers its whole local state on the next heartbeat, which rebuilds its
-entries exactly. A script that finds the node unregistered (it was swept while
-paused, or Redis lost its data) triggers the same re-registration.
+counts and the node's own clean-up index move together. One writer task sends
+a node's changes in the order the node made them, batched into a pipeline
+per round trip: a re-registration's snapshot, taken when it is queued, sits in
+that order too, so no change can land on the wrong side of it, and a
+connection storm costs round trips per batch, not per change. Connect and
+disconnect are also idempotent (the node's conns set decides whether counts
+move). An update that fails (timeout, Redis restart) is never silently lost: it
+is counted and the node re-registers its whole local state on the next
+heartbeat, which rebuilds its entries exactly. A script that finds the node
+unregistered (swept while paused, or Redis lost its data) does the same.
 """
 
 from __future__ import annotations
@@ -58,35 +63,34 @@ class RedisMembershipStore:
         self.reregistrations = 0
         self.swept_nodes = 0
         self._dirty = True  # not registered yet
-        # Updates are readers, a registration is the writer: a registration
-        # waits for updates in flight and holds new ones back, so no update
-        # can land on either side of the snapshot it rebuilds from.
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._inflight = 0
         self._snapshot: SnapshotSource = lambda: ()
         self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
+        self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         k = keys
         self._node_key = k.node(node_id)
         self._node_keys = [k.nodes, self._node_key, k.node_users(node_id), k.online]
+        self._conns_key = k.node_conns(node_id)
 
     # -- life cycle ------------------------------------------------------------
     async def start(self, snapshot: SnapshotSource) -> None:
         self._snapshot = snapshot
         await self._refuse_cluster()
         await self._warn_on_eviction()
-        try:
-            await self._register()
-        except RedisError as exc:
-            log.warning("could not register node in Redis (%s); retrying on each heartbeat", exc)
+        self._writer = asyncio.create_task(self._write_loop(), name="hubnode-membership-writer")
+        if not await self._register():
+            log.warning("could not register node in Redis; retrying on each heartbeat")
 
     async def close(self) -> None:
         """Remove this node's entries without waiting for a sweep (drain)."""
         try:
-            await self._run("unregister", [], [])
+            self._dirty = False  # queue the unregister behind every change already made
+            await self._write("unregister", [], [])
         finally:
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.wait([self._writer], timeout=1.0)
             await self.redis.aclose()
 
     async def heartbeat(self) -> None:
@@ -95,7 +99,7 @@ class RedisMembershipStore:
         if self._dirty:
             await self._register()
         elif await self._run("heartbeat", [self.keys.nodes, self._node_key],
-                             [self._expiry(now), now]) == 0:
+                             [self._expiry(now), now]) in (0, None):
             log.warning("node %s found its registry entry gone (swept or Redis data lost): "
                         "re-registering", self.node_id)
             await self._register()
@@ -116,12 +120,12 @@ class RedisMembershipStore:
 
     # -- updates -----------------------------------------------------------------
     async def add_connection(self, conn_id: str, user_id: str | None) -> None:
-        await self._update("connect", self._node_keys, [user_id or ""])
+        await self._update("connect", [*self._node_keys, self._conns_key], [conn_id, user_id or ""])
 
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
                                 emptied: Collection[str] = ()) -> None:
         k = self.keys
-        keys = [*self._node_keys, k.node_rooms(self.node_id), k.rooms, *(k.members(r) for r in rooms)]
+        keys = [*self._node_keys, k.node_rooms(self.node_id), self._conns_key, *(k.members(r) for r in rooms)]
         flags = ["1" if r in emptied else "0" for r in rooms]
         await self._update("disconnect", keys, [conn_id, user_id or "", len(rooms), *rooms, *flags])
 
@@ -152,7 +156,7 @@ class RedisMembershipStore:
     # -- internals ---------------------------------------------------------------
     def _room_keys(self, room: str) -> list[str]:
         k = self.keys
-        return [k.nodes, k.members(room), k.rooms, k.node_rooms(self.node_id)]
+        return [k.nodes, k.members(room), k.rooms, k.node_rooms(self.node_id), self._conns_key]
 
     def _expiry(self, now: int) -> int:
         return now + int(3 * self.heartbeat_interval * 1000)
@@ -161,42 +165,59 @@ class RedisMembershipStore:
         return await self._scripts[name](keys=keys, args=[self.keys.prefix, self.node_id, *args])
 
     async def _update(self, name: str, keys: list[str], args: list[Any]) -> None:
-        """Run one change; on failure count it and reconcile on the next heartbeat."""
-        await self._gate.wait()
+        """Queue one change; on failure it is counted and reconciled on the next heartbeat."""
         if self._dirty:
             return  # the coming re-registration reads the table, this change included
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            result = await self._run(name, keys, args)
-        except RedisError as exc:
-            self.failed_updates += 1
-            self._dirty = True
-            log.warning("membership update %s failed (%s): reconciling on next heartbeat", name, exc)
-            return
-        finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-        if result == -1:
-            self._dirty = True
+        await self._write(name, keys, args)
 
-    async def _register(self) -> None:
-        self._gate.clear()
+    async def _write(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Queue a script behind every change made before it; its result (None if it failed)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((name, keys, [self.keys.prefix, self.node_id, *args], future))
+        self._wake.set()
+        return await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        """One pipeline per batch, in queue order; failures mark the store for reconciliation."""
         try:
-            await self._idle.wait()
-            snapshot = [[conn, user or "", sorted(rooms)] for conn, user, rooms in self._snapshot()]
-            info = {"started_at": self.started_at, "address": self.address, "version": self.version,
-                    "heartbeat_at": _now_ms(), "heartbeat_interval": self.heartbeat_interval}
-            self._dirty = False
-            await self._run("register", [self.keys.nodes, self._node_key],
-                            [self._expiry(_now_ms()), orjson.dumps(info), orjson.dumps(snapshot)])
-        except BaseException:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, keys, args, _ in batch:
+                    await self._scripts[name](keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            results = [exc] * len(batch)
+        for (name, _keys, _args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                self.failed_updates += 1
+                self._dirty = True
+                log.warning("membership update %s failed (%s): reconciling on next heartbeat", name, result)
+                result = None
+            elif result == -1:
+                self._dirty = True
+            if not future.done():
+                future.set_result(result)
+
+    async def _register(self) -> bool:
+        """Queue a full re-registration from the table as it is now; True if it went through."""
+        snapshot = [[conn, user or "", sorted(rooms)] for conn, user, rooms in self._snapshot()]
+        info = {"started_at": self.started_at, "address": self.address, "version": self.version,
+                "heartbeat_at": _now_ms(), "heartbeat_interval": self.heartbeat_interval}
+        self._dirty = False
+        result = await self._write("register", [self.keys.nodes, self._node_key],
+                                   [self._expiry(_now_ms()), orjson.dumps(info), orjson.dumps(snapshot)])
+        if result is None:
             self._dirty = True
-            raise
-        finally:
-            self._gate.set()
+            return False
         self.reregistrations += 1
+        return True
 
     async def _refuse_cluster(self) -> None:
         """A Redis Cluster node would take our multi-key scripts and fail them later: refuse now."""

@@ -9,6 +9,8 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import node_config, start_server
 from tests.helpers import Client
 
+JSON = {"Content-Type": "application/json"}
+
 
 async def _client(session: aiohttp.ClientSession, hub: TestServer, user: str) -> Client:
     return await Client.open(session, str(hub.make_url("/ws")) + f"?user_id={user}")
@@ -34,14 +36,24 @@ async def test_post_broadcast_targets(hub: TestServer, session: aiohttp.ClientSe
 @pytest.mark.parametrize(("body", "code"), [
     (b"nope", "bad_json"), (b'{"data": 1}', "bad_message"), (b'[1]', "bad_message"),
     (b'{"type": "t", "room": "a b"}', "bad_room"), (b'{"type": "t", "user_id": ""}', "bad_message"),
+    (b'{"type": "ack", "id": 1}', "bad_message"), (b'{"type": "error"}', "bad_message"),
+    (b'{"type": "t", "data": ' + b"[" * 300 + b"]" * 300 + b"}", "bad_message"),
 ])
 async def test_post_broadcast_bad_input_400(hub: TestServer, session: aiohttp.ClientSession,
                                             body: bytes, code: str) -> None:
     """Bad bodies get 400 with a JSON error naming the problem."""
-    resp = await session.post(hub.make_url("/broadcast"), data=body)
+    resp = await session.post(hub.make_url("/broadcast"), data=body, headers=JSON)
     assert resp.status == 400
     err = await resp.json()
     assert err["ok"] is False and err["error"]["code"] == code and err["error"]["message"]
+
+
+async def test_post_broadcast_needs_json_content_type(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """A form or text/plain body gets 415, so a web page cannot forge broadcasts without CORS."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        resp = await session.post(hub.make_url("/broadcast"), data=b'{"type": "t"}',
+                                  headers={"Content-Type": content_type})
+        assert resp.status == 415
 
 
 async def test_stats_rooms_and_members(hub: TestServer, session: aiohttp.ClientSession) -> None:

@@ -86,6 +86,10 @@ def test_room_name_length_limit() -> None:
 def test_deep_nesting_and_huge_numbers_do_not_raise() -> None:
     """Hostile JSON yields an error value, never an exception."""
     assert isinstance(parse_frame(b"[" * 100000), ProtocolError)
+    # readable (orjson reads 1024 levels) but not writable back (254): refused up front
+    deep = b'{"type": "broadcast", "data": ' + b"[" * 300 + b"]" * 300 + b"}"
+    result = parse_frame(deep)
+    assert isinstance(result, ProtocolError) and result.code is ErrorCode.BAD_MESSAGE
     assert isinstance(parse_frame(b'{"type": "ping", "data": 1' + b"0" * 400 + b"}"), ProtocolError)
 
 

@@ -39,7 +39,7 @@ local function remove_node(prefix, node)
   for i = 1, #users, 2 do
     decr_field(prefix .. 'online', users[i], tonumber(users[i + 1]))
   end
-  redis.call('DEL', node_rooms, node_users, node_key)
+  redis.call('DEL', node_rooms, node_users, node_key .. ':conns', node_key)
   redis.call('ZREM', prefix .. 'nodes', node)
 end
 

@@ -11,6 +11,7 @@ redis.call('HSET', node_key, 'clients', #conns)
 local touched = {}
 for _, c in ipairs(conns) do
   local conn, user, rooms = c[1], c[2], c[3]
+  redis.call('SADD', node_key .. ':conns', conn)
   if user ~= '' then
     redis.call('HINCRBY', node_key .. ':users', user, 1)
     redis.call('HINCRBY', prefix .. 'online', user, 1)
