@@ -88,7 +88,8 @@ class Node:
         self.started_at = time.time()
         self._all = self.keys.all
         self._own = self.keys.node_channel(self.id)
-        self._subs = Subscriptions(self.broker, self._needs, self.config.unsubscribe_grace)
+        # all and the node channel are never released, so only the table decides
+        self._subs = Subscriptions(self.broker, self.table.in_use, self.config.unsubscribe_grace)
         self._seq = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
@@ -246,9 +247,6 @@ class Node:
         change = self.table.remove(conn.id)
         self._subs.release(change.release)
         return change
-
-    def _needs(self, channel: str) -> bool:
-        return channel in (self._all, self._own) or self.table.in_use(channel)
 
     # -- rooms ---------------------------------------------------------------
     async def join(self, conn_id: str, room: str) -> ErrorCode | None:

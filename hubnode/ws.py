@@ -220,5 +220,4 @@ _FRAME_TYPES: dict[type, str] = {
 _JOIN_ERRORS = {
     ErrorCode.TOO_MANY_ROOMS: "room limit per connection reached",
     ErrorCode.UNAVAILABLE: "broker unreachable: not joined",
-    ErrorCode.FORBIDDEN: "not allowed to join this room",
 }

@@ -6,7 +6,6 @@ so every path validates and routes a message the same way.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -65,10 +64,7 @@ def coerce_message(msg: Message | Mapping[str, Any]) -> Message:
         checked = Message.from_wire(dict(msg))
     else:
         raise MessageError(f"expected a Message or a dict, got {type(msg).__name__}")
-    if not checked.timestamp:
-        checked = Message(checked.type, checked.data, checked.room, checked.user_id,
-                          int(time.time()), checked.metadata, checked.id)
-    return checked
+    return checked.stamped()
 
 
 def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
