@@ -1,0 +1,25 @@
+"""What `pip install .` gives users carries everything the node needs at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+
+def test_wheel_carries_lua_scripts_and_static_files(tmp_path: Path) -> None:
+    """A non-editable build includes the Lua scripts, the pages and hub.js, and both console scripts."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("hubnode-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    lua = {f"hubnode/membership/lua/{n}.lua" for n in
+           ("common", "connect", "disconnect", "join", "leave", "heartbeat", "register", "sweep", "unregister")}
+    static = {f"hubnode/static/{n}" for n in ("index.html", "hub.js", "hub.mjs", "dashboard.html")}
+    assert lua <= names and static <= names, sorted((lua | static) - names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "hubnode = hubnode.cli:main" in entry_points and "hubctl = publisher.cli:main" in entry_points
+    assert not any(n.startswith(("tests/", "bench/", "deploy/")) for n in names)
