@@ -68,10 +68,13 @@ def test_redis_cluster_is_refused_with_a_clear_message() -> None:
     """A --redis-url pointing at a Redis Cluster node: exit 1, one clear line, no traceback."""
     import tempfile
 
-    from tests.helpers import RedisServer
+    from tests.helpers import RedisServer, free_port
 
     folder = tempfile.mkdtemp(prefix="hub-cluster-")
-    server = RedisServer(extra=("--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes.conf"))
+    port = free_port()
+    while port + 10000 > 65535 or not _free(port + 10000):  # the cluster bus listens on port + 10000
+        port = free_port()
+    server = RedisServer(port, extra=("--cluster-enabled", "yes", "--cluster-config-file", f"{folder}/nodes.conf"))
     server.start()
     try:
         node = NodeProcess("--redis-url", server.url, "--node-id", "c1")
@@ -81,3 +84,14 @@ def test_redis_cluster_is_refused_with_a_clear_message() -> None:
         assert "cluster mode" in out and "Traceback" not in out
     finally:
         server.stop()
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
