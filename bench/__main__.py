@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(report, indent=1, default=str)
         json_path.write_text(text)
         (args.out / f"latest-{mode}.json").write_text(text)
+        if mode == "full" and args.results is None:
+            (ROOT / "bench" / "RESULTS.json").write_text(text)  # what RESULTS.md was made from
     md = args.results or (ROOT / "bench" / "RESULTS.md" if mode == "full"
                           else args.out / "RESULTS-quick.md")
     png = md.with_suffix(".png")

@@ -325,15 +325,20 @@ _METHOD = [
     "the servers' and reported per scenario (\"busiest load-gen process, cores\": 1.0 would "
     "mean a saturated client).",
     "- The same settings for every server: no per-message compression (clients do not offer "
-    "permessage-deflate), no application pings (`--ping-interval 0` for hubnode, "
+    "permessage-deflate, except in the \"deflate\" column), no application pings (`--ping-interval 0` for hubnode, "
     "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop.",
     "- hubnode: `hubnode --redis-url ... --node-id nodeA|nodeB` (cluster mode); the publisher "
     "PUBLISHes the msgpack envelope of PROTOCOL.md section 7 (`publisher.targets.envelope_for`). "
     "python-socketio: `AsyncServer(client_manager=AsyncRedisManager(url), async_mode='aiohttp')` "
     "(`bench/servers/sio_server.py`), published to with a write-only `AsyncRedisManager`'s "
-    "payloads; users are rooms `user:<id>` entered on connect. Bare asyncio: "
+    "payloads; users are rooms `user:<id>` entered on connect. \"python-socketio, deflate\" "
+    "is the same server with clients that offer permessage-deflate, as browsers and "
+    "socket.io-client do by default: aiohttp then compresses every frame. Bare asyncio: "
     "`bench/servers/baseline.py`, an aiohttp server with one redis-py subscriber that writes "
-    "one pre-built frame to every member's transport.",
+    "one pre-built frame to every member's transport (no envelope, validation, membership "
+    "or metrics). It is the floor for fan-out, where the cost is the socket writes; per "
+    "message it pays redis-py's PubSub parsing, which hubnode's own RESP reader undercuts, "
+    "so on point-to-point hubnode can come out below it.",
     "- Before each window, a warm-up message to everyone is repeated until every client got "
     "one. The window opens just before the first publish and closes at the last delivery; "
     "flooded messages are built before it opens. Delivered counts are per client and compared "
@@ -376,8 +381,10 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
     colours = {"hubnode": "#2a7ab0", "socketio": "#d9822b", "socketio-deflate": "#f0b27a",
                "baseline": "#8a8a8a"}
     for ax, (title, groups) in zip(axes, panels, strict=True):
-        width = 0.8 / max(1, len(systems))
-        for k, system in enumerate(systems):
+        shown = [s for s in systems
+                 if any(_get(rows, s, key, where) is not None for _l, rows, key, where in groups)]
+        width = 0.8 / max(1, len(shown))
+        for k, system in enumerate(shown):
             values = []
             for _label, rows, key, where in groups:
                 v = _get(rows, system, key, where)
@@ -387,7 +394,7 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
             xs = [g + k * width for g in range(len(groups))]
             ax.bar(xs, values, width, label=_LABELS.get(system, system),
                    color=colours.get(system))
-        ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))])
+        ax.set_xticks([g + width * (len(shown) - 1) / 2 for g in range(len(groups))])
         ax.set_xticklabels([g[0] for g in groups])
         ax.set_title(title, fontsize=10)
         if title.startswith("latency") and any(
