@@ -50,11 +50,13 @@ clean:
 .PHONY: bench bench-full
 
 ## make bench: a short benchmark, hubnode vs python-socketio vs bare asyncio (bench/out/RESULTS-quick.md)
-bench: sysdeps $(BIN)/python
+bench: $(BIN)/python
+	@command -v redis-server >/dev/null 2>&1 || $(MAKE) sysdeps
 	$(BIN)/pip install -q -e '.[speed,bench]'
 	$(BIN)/python -m bench
 
 ## make bench-full: the full benchmark; rewrites bench/RESULTS.md (several minutes)
-bench-full: sysdeps $(BIN)/python
+bench-full: $(BIN)/python
+	@command -v redis-server >/dev/null 2>&1 || $(MAKE) sysdeps
 	$(BIN)/pip install -q -e '.[speed,bench]'
 	$(BIN)/python -m bench --full
