@@ -55,12 +55,11 @@ def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
 
 def create_app(config: Config | None = None, node: Node | None = None) -> web.Application:
     """A complete hub application: /ws, the HTTP API of PROTOCOL.md section 6, pages."""
-    from hubnode.http_api import add_routes, api_key_middleware
+    from hubnode.http_api import add_routes
     from hubnode.metrics import add_metrics
 
     config = config or (node.config if node is not None else Config())
-    app = web.Application(middlewares=[api_key_middleware],
-                          client_max_size=max(config.max_message_bytes, 1024 * 1024))
+    app = web.Application(client_max_size=max(config.max_message_bytes, 1024 * 1024))
     node = node or build_node(config)
     mount(app, node)
     add_routes(app)

@@ -20,7 +20,7 @@ from publisher.message import Message, MessageError
 from publisher.names import check_name
 from publisher.targets import target_of
 
-__all__ = ["add_routes", "api_key_middleware"]
+__all__ = ["add_routes", "with_api_key"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,22 +39,25 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _guarded(path: str) -> bool:
-    return path == "/broadcast" or path.startswith("/api/")
+def with_api_key(handler: Handler) -> Handler:
+    """Require `Authorization: Bearer <key>` when --api-key is set.
 
+    A wrapper on the guarded routes rather than an app middleware: a
+    middleware's frame would stay alive under every open WebSocket handler.
+    """
 
-@web.middleware
-async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require `Authorization: Bearer <key>` on /broadcast and /api/* when keys are set."""
-    keys = _node(request).config.api_key
-    if keys and _guarded(request.path):
-        given = request.headers.get("Authorization", "")
-        token = given[7:].encode() if given.startswith("Bearer ") else b""
-        # compare against every key so timing does not reveal which one matched
-        matched = [hmac.compare_digest(token, k.encode()) for k in keys]
-        if not any(matched):
-            return _error(401, "unauthorized", "missing or wrong API key")
-    return await handler(request)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        keys = _node(request).config.api_key
+        if keys:
+            given = request.headers.get("Authorization", "")
+            token = given[7:].encode() if given.startswith("Bearer ") else b""
+            # compare against every key so timing does not reveal which one matched
+            matched = [hmac.compare_digest(token, k.encode()) for k in keys]
+            if not any(matched):
+                return _error(401, "unauthorized", "missing or wrong API key")
+        return await handler(request)
+
+    return guarded
 
 
 _RESERVED = frozenset({"ack", "error", "pong", "connected"})
@@ -137,11 +140,12 @@ async def get_metrics_json(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/broadcast", post_broadcast)
-    app.router.add_get("/api/stats", get_stats)
-    app.router.add_get("/api/rooms", get_rooms)
-    app.router.add_get("/api/rooms/{room}", get_room)
-    app.router.add_get("/api/nodes", get_nodes)
-    app.router.add_get("/api/metrics", get_metrics_json)
+    """/broadcast and /api/* need the API key (when set); health and readiness never do."""
+    app.router.add_post("/broadcast", with_api_key(post_broadcast))
+    app.router.add_get("/api/stats", with_api_key(get_stats))
+    app.router.add_get("/api/rooms", with_api_key(get_rooms))
+    app.router.add_get("/api/rooms/{room}", with_api_key(get_room))
+    app.router.add_get("/api/nodes", with_api_key(get_nodes))
+    app.router.add_get("/api/metrics", with_api_key(get_metrics_json))
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
