@@ -76,10 +76,6 @@ class Connection:
         self.closing = True
         self._transport.abort()
 
-    @property
-    def buffered(self) -> int:
-        return self._transport.get_write_buffer_size()
-
     def close_soon(self, code: CloseCode, reason: str = "") -> None:
         """Start a close from any callback; later sends are dropped at once."""
         if self.closing:

@@ -73,6 +73,8 @@ class NodeCollector(Collector):
                        getattr(store, "failed_updates", 0))
         yield _counter("hubnode_nodes_swept", "Dead nodes this node swept from Redis",
                        getattr(store, "swept_nodes", 0))
+        yield _counter("hubnode_membership_registrations", "Full (re-)registrations of this node's members",
+                       getattr(store, "registrations", 0))
 
 
 def add_metrics(app: web.Application, node: Node) -> None:

@@ -34,10 +34,6 @@ class Subscriptions:
         self._releasing: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
 
-    @property
-    def active(self) -> frozenset[str]:
-        return frozenset(self._active)
-
     async def ensure(self, channel: str) -> None:
         """Return once `channel` is subscribed and confirmed (BrokerUnavailable if not)."""
         self._releasing.pop(channel, None)

@@ -60,7 +60,7 @@ class RedisMembershipStore:
         self.version = version
         self.started_at = int(time.time())
         self.failed_updates = 0
-        self.reregistrations = 0
+        self.registrations = 0
         self.swept_nodes = 0
         self._dirty = True  # not registered yet
         self._snapshot: SnapshotSource = lambda: ()
@@ -216,7 +216,7 @@ class RedisMembershipStore:
         if result is None:
             self._dirty = True
             return False
-        self.reregistrations += 1
+        self.registrations += 1
         return True
 
     async def _refuse_cluster(self) -> None:
