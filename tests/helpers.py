@@ -326,3 +326,16 @@ def membership_of(state: dict[str, Any], prefix: str) -> dict[str, dict[str, str
     """room -> {conn_id: user_id} from a redis_state() snapshot."""
     head = f"{prefix}members:{{"
     return {key[len(head):-1]: value for key, value in state.items() if key.startswith(head)}
+
+
+def sync_redis(url: str) -> Any:
+    """A blocking redis-py client that decodes replies, for asserting on Redis state."""
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def only_node_entries(client: Any, prefix: str, nodes: int) -> bool:
+    """True when Redis holds nothing under `prefix` but the registry and nodes n1..n<nodes>."""
+    allowed = {f"{prefix}nodes"} | {f"{prefix}node:n{i}" for i in range(1, nodes + 1)}
+    return set(redis_state(client, prefix)) <= allowed

@@ -9,10 +9,18 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import msgpack
 import pytest
-import redis
 import redis.asyncio as aioredis
 
-from tests.helpers import Client, Cluster, RedisServer, membership_of, redis_state, wait_until
+from tests.helpers import (
+    Client,
+    Cluster,
+    RedisServer,
+    membership_of,
+    only_node_entries,
+    redis_state,
+    sync_redis,
+    wait_until,
+)
 
 PREFIX = "cl:"
 
@@ -30,10 +38,6 @@ async def pub(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server.url)
     yield client
     await client.aclose()
-
-
-def sync_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
 
 
 async def connect(session: aiohttp.ClientSession, cluster: Cluster, i: int, user: str | None = None) -> Client:
@@ -189,8 +193,7 @@ async def test_only_node_entries_remain_when_clients_leave(redis_server: RedisSe
             for i, client in enumerate(clients):
                 await client.join(f"room{i % 3}")
             assert membership_of(redis_state(r, prefix), prefix)
-        allowed = {f"{prefix}nodes"} | {f"{prefix}node:n{i}" for i in (1, 2)}
-        await wait_until(lambda: set(redis_state(r, prefix)) <= allowed, what="only node entries")
+        await wait_until(lambda: only_node_entries(r, prefix, 2), what="only node entries")
         assert all(r.hget(f"{prefix}node:n{i}", "clients") == "0" for i in (1, 2))
     finally:
         cluster.stop()
@@ -216,8 +219,7 @@ async def test_storm_of_closes_leaves_redis_exact(redis_server: RedisServer) -> 
         total = sum(int(v) for v in r.hgetall(f"{prefix}rooms").values())
         assert total == sum(len({(i * 7 + k) % 300 for k in range(3)}) for i in range(1000))
         await session.close()  # every socket at the same moment
-        allowed = {f"{prefix}nodes", f"{prefix}node:n1"}
-        await wait_until(lambda: set(redis_state(r, prefix)) <= allowed, timeout=20, what="storm to settle")
+        await wait_until(lambda: only_node_entries(r, prefix, 1), timeout=20, what="storm to settle")
         assert r.hget(f"{prefix}node:n1", "clients") == "0"
         assert r.hlen(f"{prefix}online") == 0
     finally:
@@ -237,8 +239,7 @@ async def test_storm_during_redis_pause_is_reconciled_and_counted(redis_server: 
         await asyncio.gather(*(c.join(f"room{i % 20}") for i, c in enumerate(clients)))
         r.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
         await session.close()
-        allowed = {f"{prefix}nodes", f"{prefix}node:n1"}
-        await wait_until(lambda: set(redis_state(r, prefix)) <= allowed, timeout=20, what="reconciliation")
+        await wait_until(lambda: only_node_entries(r, prefix, 1), timeout=20, what="reconciliation")
         assert r.hget(f"{prefix}node:n1", "clients") == "0"
         async with aiohttp.ClientSession() as s2:
             metrics = await (await s2.get(f"{cluster.nodes[0].url}/metrics")).text()

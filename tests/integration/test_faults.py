@@ -7,20 +7,24 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import msgpack
 import pytest
-import redis
 
-from tests.helpers import Client, Cluster, RedisServer, free_port, membership_of, redis_state, wait_until
+from tests.helpers import (
+    Client,
+    Cluster,
+    RedisServer,
+    free_port,
+    membership_of,
+    redis_state,
+    sync_redis,
+    wait_until,
+)
 
 HB = 0.5  # heartbeat of the test clusters
-
-
-def sync_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
 
 
 @pytest.fixture
@@ -32,14 +36,17 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def connect(session: aiohttp.ClientSession, cluster: Cluster, i: int, user: str) -> Client:
     return await Client.open(session, f"{cluster.nodes[i].ws_url}?user_id={user}")
+
+
+async def pair_in_room(session: aiohttp.ClientSession, cluster: Cluster, tag: str) -> tuple[Client, Client]:
+    """Client `<tag>a` on node 1 and `<tag>b` on node 2, both in "room"."""
+    a = await connect(session, cluster, 0, f"{tag}a")
+    b = await connect(session, cluster, 1, f"{tag}b")
+    await a.join("room")
+    await b.join("room")
+    return a, b
 
 
 async def chat_works(sender: Client, receiver: Client, room: str, marker: str, attempts: int = 10) -> None:
@@ -107,10 +114,7 @@ async def test_paused_node_reregisters_after_sweep(redis_server: RedisServer,
     cluster = Cluster(redis_server.url, prefix, n=2, heartbeat=HB).start()
     r = sync_redis(redis_server.url)
     try:
-        a = await connect(session, cluster, 0, "pa")
-        b = await connect(session, cluster, 1, "pb")
-        await a.join("room")
-        await b.join("room")
+        a, b = await pair_in_room(session, cluster, "p")
         cluster.nodes[1].signal(signal.SIGSTOP)
         await wait_until(lambda: b.conn_id not in r.hkeys(f"{prefix}members:{{room}}"),
                          timeout=4 * HB + 1.5, what="paused node swept")
@@ -137,10 +141,7 @@ async def test_redis_restart_resubscribes_reregisters_and_resyncs(own_redis: Red
     cluster = Cluster(own_redis.url, prefix, n=2, heartbeat=HB).start()
     r = sync_redis(own_redis.url)
     try:
-        a = await connect(session, cluster, 0, "ra")
-        b = await connect(session, cluster, 1, "rb")
-        await a.join("room")
-        await b.join("room")
+        a, b = await pair_in_room(session, cluster, "r")
         restarted = time.monotonic()
         own_redis.restart()
         assert redis_state(r, prefix) == {}
@@ -163,10 +164,7 @@ async def test_client_kill_pubsub_recovers(own_redis: RedisServer, session: aioh
     cluster = Cluster(own_redis.url, "hub:", n=2, heartbeat=HB).start()
     r = sync_redis(own_redis.url)
     try:
-        a = await connect(session, cluster, 0, "ca")
-        b = await connect(session, cluster, 1, "cb")
-        await a.join("room")
-        await b.join("room")
+        a, b = await pair_in_room(session, cluster, "c")
         killed = time.monotonic()
         assert r.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 2
         for client in (a, b):
@@ -258,10 +256,7 @@ async def test_output_buffer_limit_cut_recovers(own_redis: RedisServer, session:
     r.config_set("client-output-buffer-limit", "pubsub 262144 131072 1")
     cluster = Cluster(own_redis.url, "hub:", n=2, heartbeat=HB).start()
     try:
-        a = await connect(session, cluster, 0, "oa")
-        b = await connect(session, cluster, 1, "ob")
-        await a.join("room")
-        await b.join("room")
+        a, b = await pair_in_room(session, cluster, "o")
         cluster.nodes[0].signal(signal.SIGSTOP)  # its loop (the whole process) is blocked
         blob = "x" * 10_000
         subscribers = len(r.client_list(_type="pubsub"))
