@@ -8,8 +8,8 @@ is fair (first come, first served) and a waiting task cannot be overtaken
 by a newcomer, so messages leave in the order the publish calls were made,
 even from concurrent tasks. Use one AsyncPublisher within one event loop.
 
-Delivery is at most once: nothing is resent automatically (see
-`publisher.sync`).
+Delivery is at most once per envelope id: nothing is resent unless
+`retries` is set (see `publisher.sync`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -50,13 +51,21 @@ class AsyncPublisher:
     """
 
     def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
-                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
                  client: aioredis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
-        self.origin = core.make_origin(origin_id)
+        self._origin = core.Origin(origin_id)
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        self.retries = retries
         self._owns_client = client is None
         self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
         self._turn = asyncio.Lock()
+
+    @property
+    def origin(self) -> str:
+        """The envelope origin: "pub:<origin_id>", else one unique to this process."""
+        return str(self._origin)
 
     # -- publishing ------------------------------------------------------------
     async def broadcast_to_all(self, msg: MessageLike) -> int:
@@ -110,10 +119,17 @@ class AsyncPublisher:
         return await drive_async(query, self._execute)
 
     async def _execute(self, step: Step) -> Any:
+        """As Publisher._execute: `retries` resends the same bytes, which nodes deduplicate."""
         async with self._turn:
-            if self._client is None:
-                raise RuntimeError(f"{self!r} is closed")
-            return await run_step(self._client, step)
+            for attempt in range(self.retries + 1):
+                if self._client is None:
+                    raise RuntimeError(f"{self!r} is closed")
+                try:
+                    return await run_step(self._client, step)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if attempt == self.retries:
+                        raise
+            raise AssertionError("unreachable")
 
     async def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""

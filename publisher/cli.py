@@ -96,7 +96,8 @@ def table(headers: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> list[
 def _node_row(n: NodeInfo) -> list[Any]:
     age = "-" if n.heartbeat_age is None else f"{n.heartbeat_age:.1f}s ago"
     uptime = "-" if n.started_at is None else _duration(time.time() - n.started_at)
-    return [n.id, n.clients, age, f"{n.expires_in:.1f}s", uptime, n.address or "-", n.version or "-"]
+    expires = "-" if n.expires_in is None else f"{n.expires_in:.1f}s"
+    return [n.id, n.clients, age, expires, uptime, n.address or "-", n.version or "-"]
 
 
 def _duration(seconds: float) -> str:

@@ -8,11 +8,13 @@ redis or asyncio.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from publisher.envelope import process_token
 from publisher.keys import DEFAULT_PREFIX, Keys
 from publisher.message import Message, MessageError
 from publisher.names import check_name
@@ -20,7 +22,7 @@ from publisher.query import Call, Query
 from publisher.targets import Target, coerce_message, envelope_for
 
 __all__ = [
-    "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Outgoing",
+    "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Origin", "Outgoing",
     "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_query",
 ]
 
@@ -62,6 +64,27 @@ def make_origin(origin_id: str | None = None) -> str:
     return f"pub:{oid}"
 
 
+_SERIAL = itertools.count(1)
+
+
+class Origin:
+    """A publisher's envelope `origin`: the id it was given, else a per-process one.
+
+    A default origin is derived from the process token at each use, so a
+    Publisher built before a fork (a Celery module-level publisher) names each
+    child differently instead of every child sharing the parent's name.
+    """
+
+    __slots__ = ("_fixed", "_serial")
+
+    def __init__(self, origin_id: str | None = None) -> None:
+        self._fixed = make_origin(origin_id) if origin_id is not None else None
+        self._serial = next(_SERIAL)
+
+    def __str__(self) -> str:
+        return self._fixed or f"pub:{process_token()}-{self._serial}"
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One validated publish: what is sent, and what it means."""
@@ -83,6 +106,8 @@ def prepare(target: Target, msg: MessageLike, origin: str, keys: Keys) -> Outgoi
     message = coerce_message(msg)
     try:
         channel, payload = envelope_for(target, message, origin, keys)
+    except MessageError:
+        raise
     except (TypeError, ValueError, OverflowError) as exc:  # msgpack's ways of refusing a value
         raise MessageError(f"message cannot be encoded with msgpack: {exc}") from None
     return Outgoing(target, message, channel, payload)

@@ -5,6 +5,12 @@
 `ts` (publish time, Unix seconds as a float) is an optional field this
 implementation adds so nodes can measure publish-to-deliver latency; other
 publishers may leave it out.
+
+`id` is what makes a retry safe: a node delivers an id once and drops a
+repeat seen within its window (PROTOCOL.md section 5), so a publisher that
+timed out may send the same bytes again. Ids are a random per-process prefix
+and a counter; the prefix is drawn anew in a forked child (Celery's prefork
+workers import the publisher before they fork), so no two processes share one.
 """
 
 from __future__ import annotations
@@ -19,11 +25,31 @@ import msgpack
 
 from publisher.message import Message, MessageError
 
-__all__ = ["VERSION", "Envelope", "EnvelopeError", "new_message_id", "pack", "unpack"]
+__all__ = ["MAX_ENVELOPE_BYTES", "VERSION", "Envelope", "EnvelopeError", "new_message_id", "pack",
+           "process_token", "unpack"]
 
 VERSION = 1
+MAX_ENVELOPE_BYTES = 1024 * 1024
+"""The largest payload a node takes from Redis by default (`--max-envelope-bytes`);
+publishers refuse to send a larger one, so a worker cannot stall every node."""
+
 _PREFIX = os.urandom(6).hex()
 _COUNTER = itertools.count(1)
+
+
+def _reseed() -> None:
+    """After fork: a child must not reuse its parent's id prefix."""
+    global _PREFIX, _COUNTER
+    _PREFIX = os.urandom(6).hex()
+    _COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
+def process_token() -> str:
+    """A random token unique to this process (drawn again after fork)."""
+    return _PREFIX
 
 
 class EnvelopeError(ValueError):

@@ -46,12 +46,13 @@ class NodeInfo:
 
     `heartbeat_age` (seconds since its last heartbeat) is None for a node that
     does not write the optional `heartbeat_at` field; `expires_in` (seconds
-    until it counts as dead unless it heartbeats again) is always known.
+    until it counts as dead unless it heartbeats again) is known for every
+    node in the Redis registry, None for a single node without one.
     """
 
     id: str
     clients: int
-    expires_in: float
+    expires_in: float | None
     heartbeat_age: float | None = None
     started_at: float | None = None
     address: str | None = None

@@ -14,9 +14,17 @@ from typing import Any
 
 from publisher.names import check_name
 
-__all__ = ["Message", "MessageError"]
+__all__ = ["RESERVED_TYPES", "Message", "MessageError", "check_publishable"]
 
 _OPTIONAL = ("room", "user_id", "metadata", "id")
+
+RESERVED_TYPES = frozenset({"ack", "error", "pong", "connected"})
+"""Types only a node sends, as answers to a client's own frames (PROTOCOL.md section 5).
+
+A published message of one of these types could settle a client's pending
+request with a forged answer, so every publish path refuses them
+(`check_publishable`) and every node drops them when they arrive from Redis.
+"""
 
 
 class MessageError(ValueError):
@@ -87,6 +95,18 @@ class Message:
         room = _optional_name(raw, "room")
         user_id = _optional_name(raw, "user_id")
         return cls(mtype, raw.get("data"), room, user_id, int(ts), metadata, mid)
+
+
+def check_publishable(msg: Message) -> Message:
+    """Return `msg` if it may be published; MessageError for a node-only type.
+
+    The one rule every publish path applies (the node's own publishes, the
+    HTTP API, the Hub API, `Publisher`, hubctl): it is called where an
+    envelope is packed, so no path can skip it.
+    """
+    if msg.type in RESERVED_TYPES:
+        raise MessageError(f"type {msg.type!r} is reserved for the node's answers and cannot be published")
+    return msg
 
 
 def _optional_name(raw: dict[str, Any], field: str) -> str | None:

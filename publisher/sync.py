@@ -10,10 +10,12 @@ one), so messages published one after another leave in that order, and a
 subscriber sees them in that order. Threads may share one Publisher: they
 take turns on the connection.
 
-Delivery is at most once, like Redis pub/sub: a command is never resent
-automatically, because after a timeout nobody knows whether the first try
-reached Redis. A failed call raises `redis.ConnectionError` or
-`redis.TimeoutError`; the next call reconnects.
+Delivery is at most once per envelope id. After a timeout nobody knows
+whether the first try reached Redis, so by default nothing is resent and a
+failed call raises `redis.ConnectionError` or `redis.TimeoutError` (the next
+call reconnects). With `retries=N` the same payload, with the same envelope
+id, is sent again up to N times: nodes drop an id they delivered within the
+last 60 s, so a retry never delivers twice.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class Publisher:
     `url` defaults to HUB_REDIS_URL, else redis://127.0.0.1:6379/0;
     `key_prefix` to HUB_KEY_PREFIX, else "hub:" (the nodes' `--key-prefix`);
     `origin_id` names this publisher in envelopes as "pub:<origin_id>"
-    (random by default); `timeout` bounds every Redis command, in seconds.
+    (unique to the process by default); `timeout` bounds every Redis command,
+    in seconds; `retries` resends a publish that timed out or lost its
+    connection, safely (nodes deduplicate by envelope id).
     Pass `client=` to reuse a redis.Redis you own: the publisher then never
     closes it, and its timeouts and ordering are the client's.
 
@@ -65,12 +69,20 @@ class Publisher:
     """
 
     def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
-                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
                  client: redis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
-        self.origin = core.make_origin(origin_id)
+        self._origin = core.Origin(origin_id)
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        self.retries = retries
         self._owns_client = client is None
         self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
+
+    @property
+    def origin(self) -> str:
+        """The envelope origin: "pub:<origin_id>", else one unique to this process."""
+        return str(self._origin)
 
     # -- publishing ------------------------------------------------------------
     def broadcast_to_all(self, msg: MessageLike) -> int:
@@ -132,9 +144,20 @@ class Publisher:
         return drive(query, self._execute)
 
     def _execute(self, step: Step) -> Any:
-        if self._client is None:
-            raise RuntimeError(f"{self!r} is closed")
-        return run_step(self._client, step)
+        """Run one step; with `retries`, resend the same bytes after a lost or timed-out call.
+
+        Resending is safe because the payload (and so its envelope id) is the
+        same: a node drops an id it has already delivered.
+        """
+        for attempt in range(self.retries + 1):
+            if self._client is None:
+                raise RuntimeError(f"{self!r} is closed")
+            try:
+                return run_step(self._client, step)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == self.retries:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""

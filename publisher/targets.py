@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from publisher.envelope import Envelope, pack
+from publisher.envelope import MAX_ENVELOPE_BYTES, Envelope, pack
 from publisher.keys import Keys
-from publisher.message import Message, MessageError
+from publisher.message import Message, MessageError, check_publishable
 from publisher.names import check_name
 
 __all__ = ["Target", "coerce_message", "envelope_for", "target_of"]
@@ -72,7 +72,14 @@ def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
     """(channel, payload) for one publish: the single place publishes are packed.
 
     A message to a room carries the room's name, as the seed's BroadcastToRoom did.
+    Raises MessageError for a type reserved for the node (`check_publishable`)
+    and for a payload over `MAX_ENVELOPE_BYTES`.
     """
+    check_publishable(msg)
     if target.kind == "room" and msg.room is None:
         msg = replace(msg, room=target.name)
-    return target.channel(keys), pack(Envelope(msg=msg, origin=origin, exclude=exclude))
+    payload = pack(Envelope(msg=msg, origin=origin, exclude=exclude))
+    if len(payload) > MAX_ENVELOPE_BYTES:
+        raise MessageError(f"message packs to {len(payload)} bytes, over the limit of {MAX_ENVELOPE_BYTES} "
+                           "that nodes accept from Redis")
+    return target.channel(keys), payload
