@@ -12,21 +12,19 @@ from importlib import resources
 
 from aiohttp import web
 
+from hubnode.appkey import NODE
 from hubnode.config import Config
+from hubnode.http_api import add_routes
+from hubnode.metrics import add_metrics
 from hubnode.node import Node
+from hubnode.ws import websocket_handler
 
 __all__ = ["NODE", "build_node", "create_app", "mount"]
-
-NODE = web.AppKey("hubnode.node", Node)
 
 
 def build_node(config: Config) -> Node:
     """A Node with the broker and store the config asks for (Redis when redis_url is set)."""
-    if config.redis_url is None:
-        return Node(config)
-    from hubnode.cluster import redis_node
-
-    return redis_node(config)
+    return Node(config)
 
 
 def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
@@ -36,8 +34,6 @@ def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
     before it waits for open handlers (a WebSocket handler only returns once
     its socket is closed).
     """
-    from hubnode.ws import websocket_handler
-
     app[NODE] = node
     app.router.add_get(path, websocket_handler)
 
@@ -55,9 +51,6 @@ def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
 
 def create_app(config: Config | None = None, node: Node | None = None) -> web.Application:
     """A complete hub application: /ws, the HTTP API of PROTOCOL.md section 6, pages."""
-    from hubnode.http_api import add_routes
-    from hubnode.metrics import add_metrics
-
     config = config or (node.config if node is not None else Config())
     app = web.Application(client_max_size=max(config.max_message_bytes, 1024 * 1024))
     node = node or build_node(config)
@@ -73,6 +66,8 @@ def _add_static(app: web.Application) -> None:
 
     Pages and scripts are plain files in hubnode/static, served as they are
     (no build step), with `no-cache` so browsers pick up a node upgrade at once.
+    They are read once, here: a request never touches the disk, so a slow disk
+    cannot block the event loop that serves every socket.
     """
     static = resources.files("hubnode") / "static"
     routes = {  # path -> (file, content type)
@@ -86,9 +81,10 @@ def _add_static(app: web.Application) -> None:
     }
 
     def file_route(name: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        body = (static / name).read_bytes()
+
         async def serve(_request: web.Request) -> web.Response:
-            return web.Response(body=(static / name).read_bytes(), content_type=content_type,
-                                headers={"Cache-Control": "no-cache"})
+            return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
         return serve
 
     for path, (name, content_type) in routes.items():

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.keys import DEFAULT_PREFIX
 
 __all__ = ["Config", "ConfigError", "parse_args"]
@@ -68,6 +69,8 @@ class Config:
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
     redis_timeout: float = 5.0
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES
+    dedup_window: float = 60.0
     log_level: str = "info"
     log_format: str = "text"
 
@@ -96,7 +99,9 @@ class Config:
                      "max_connections_per_user", "burst", "max_errors"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn"):
+        if self.dedup_window < 0:
+            raise ConfigError("--dedup-window must not be negative")
+        for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn", "max_envelope_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
 
@@ -156,6 +161,8 @@ _HELP = {
     "ping_interval": "seconds between WebSocket pings to clients (0 = off)",
     "ping_timeout": "seconds a client may take to answer a ping before it is closed",
     "redis_timeout": "timeout of every Redis command, seconds",
+    "max_envelope_bytes": "largest payload taken from Redis; larger ones are dropped, counted, and cause a resync",
+    "dedup_window": "seconds a node remembers delivered envelope ids to drop a republished one (0 = off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
 }

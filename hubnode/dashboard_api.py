@@ -13,16 +13,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from prometheus_client import Histogram
 
-from hubnode import __version__
-from hubnode.membership.redis import RedisMembershipStore
 from hubnode.node import Node
-from publisher import inspect
-from publisher.query import drive_async, run_step
 
 __all__ = ["Buckets", "latency_snapshot", "live_nodes", "metrics_snapshot", "quantile"]
 
@@ -32,18 +27,7 @@ Buckets = Sequence[tuple[float, float]]
 
 async def live_nodes(node: Node) -> list[dict[str, Any]]:
     """Every live node as JSON: the Redis registry in cluster mode, else this node alone."""
-    store = node.store
-    if not isinstance(store, RedisMembershipStore):
-        return [_local_info(node)]
-    found = await drive_async(inspect.live_nodes(node.keys), partial(run_step, store.redis))
-    return [info.to_json() for info in found]
-
-
-def _local_info(node: Node) -> dict[str, Any]:
-    """A single node has no registry entry: no heartbeat, nothing that expires."""
-    cfg = node.config
-    return {"id": node.id, "clients": len(node.conns), "expires_in": None, "heartbeat_age": None,
-            "started_at": node.started_at, "address": f"{cfg.host}:{cfg.port}", "version": __version__}
+    return [info.to_json() for info in await node.nodes()]
 
 
 def metrics_snapshot(node: Node, latency: Histogram | None = None) -> dict[str, Any]:
@@ -55,11 +39,13 @@ def metrics_snapshot(node: Node, latency: Histogram | None = None) -> dict[str, 
         "started_at": node.started_at,
         "uptime": round(now - node.started_at, 3),
         "clients": len(node.conns),
-        "rooms_local": node.table.room_count(),
+        "rooms_local": node.local_room_count(),
         "published": c.published,
         "delivered": c.delivered,
         "bytes_out": c.bytes_out,
         "dropped": c.dropped,
+        "duplicates": c.duplicates,
+        "reserved_dropped": c.reserved,
         "resyncs": c.resyncs,
         "slow_closes": c.slow_closes,
         "frames": dict(c.frames),

@@ -13,9 +13,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from hubnode.appkey import NODE
 from hubnode.broker.base import BrokerUnavailable
+from hubnode.dashboard_api import live_nodes, metrics_snapshot
+from hubnode.metrics import LATENCY
 from hubnode.node import Node
-from hubnode.protocol import encodable
+from hubnode.protocol import encodable, unavailable_message
 from publisher.message import Message, MessageError
 from publisher.names import check_name
 from publisher.targets import target_of
@@ -34,8 +37,6 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 def _node(request: web.Request) -> Node:
-    from hubnode.app import NODE
-
     return request.app[NODE]
 
 
@@ -60,10 +61,6 @@ def with_api_key(handler: Handler) -> Handler:
     return guarded
 
 
-_RESERVED = frozenset({"ack", "error", "pong", "connected"})
-"""Types only the node itself sends: publishing them could forge answers to clients' requests."""
-
-
 async def post_broadcast(request: web.Request) -> web.Response:
     node = _node(request)
     if request.content_type != "application/json":
@@ -79,16 +76,16 @@ async def post_broadcast(request: web.Request) -> web.Response:
     except MessageError as exc:
         code = "bad_room" if "'room'" in str(exc) else "bad_message"
         return _error(400, code, str(exc))
-    if msg.type in _RESERVED:
-        return _error(400, "bad_message", f"type {msg.type!r} is reserved for the node")
     if not encodable(msg.data):
         return _error(400, "bad_message", "'data' nests too deeply")
     if not node.broker.connected:
-        return _error(503, "unavailable", "broker unreachable: nothing was published")
+        return _error(503, "unavailable", unavailable_message(False))
     try:
         await node.publish(target_of(msg), msg)
-    except BrokerUnavailable:
-        return _error(503, "unavailable", "broker unreachable: nothing was published")
+    except MessageError as exc:  # a type reserved for the node, or a message too large
+        return _error(400, "bad_message", str(exc))
+    except BrokerUnavailable as exc:
+        return _error(503, "unavailable", unavailable_message(exc.maybe_published))
     return _json({"ok": True}, 202)
 
 
@@ -116,26 +113,20 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
-    node = _node(request)
-    if node.ready:
+    reason = _node(request).unready_reason
+    if reason is None:
         return _json({"ready": True})
-    reason = "draining" if node.draining else "broker unreachable"
     return _json({"ready": False, "reason": reason}, 503)
 
 
 async def get_nodes(request: web.Request) -> web.Response:
     """Live nodes with clients and heartbeat age; `self` is the node answering."""
-    from hubnode.dashboard_api import live_nodes
-
     node = _node(request)
     return _json({"self": node.id, "nodes": await live_nodes(node)})
 
 
 async def get_metrics_json(request: web.Request) -> web.Response:
     """This node's cumulative counters and latency histogram (rates: diff two samples)."""
-    from hubnode.dashboard_api import metrics_snapshot
-    from hubnode.metrics import LATENCY
-
     return _json(metrics_snapshot(_node(request), request.app.get(LATENCY)))
 
 

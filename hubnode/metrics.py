@@ -9,7 +9,6 @@ several nodes in one process (tests, embedding) do not collide.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -48,7 +47,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("hubnode_connections", "Open WebSocket connections on this node",
                                 value=len(node.conns))
         yield GaugeMetricFamily("hubnode_rooms_local", "Rooms with at least one member on this node",
-                                value=node.table.room_count())
+                                value=node.local_room_count())
         yield GaugeMetricFamily("hubnode_ready", "1 when the node accepts clients", value=int(node.ready))
         yield _labelled("hubnode_client_frames", "Client frames received, by type", "type", c.frames)
         yield _labelled("hubnode_client_errors", "Error frames sent to clients, by code", "code", c.errors)
@@ -61,20 +60,26 @@ class NodeCollector(Collector):
         yield _counter("hubnode_resyncs_sent", "Times clients were told to resync", c.resyncs)
         yield _counter("hubnode_slow_consumer_closes", "Connections closed 1013 as slow consumers",
                        c.slow_closes)
-        broker: Any = node.broker
-        yield _counter("hubnode_redis_reconnects", "Redis subscriber reconnections",
-                       getattr(broker, "reconnects", 0))
-        yield _counter("hubnode_redis_probe_failures", "Liveness probes that did not come back",
-                       getattr(broker, "probe_failures", 0))
+        b = node.broker.counters
+        yield _counter("hubnode_redis_reconnects", "Redis subscriber reconnections", b.reconnects)
+        yield _counter("hubnode_redis_probe_failures", "Liveness probes that did not come back", b.probe_failures)
         yield _counter("hubnode_handoff_overflows", "Publications dropped by a full subscriber hand-off",
-                       getattr(broker, "overflows", 0))
-        store: Any = node.store
+                       b.overflows)
+        yield _counter("hubnode_oversized_envelopes", "Publications over --max-envelope-bytes, dropped",
+                       b.oversized)
+        yield _counter("hubnode_duplicate_envelopes", "Publications whose envelope id was already delivered",
+                       c.duplicates)
+        yield _counter("hubnode_reserved_type_drops", "Publications of a node-only type (ack, error, ...) dropped",
+                       c.reserved)
+        yield _counter("hubnode_heartbeat_failures", "Heartbeats that failed or timed out", c.heartbeat_failures)
+        s = node.store.counters
         yield _counter("hubnode_membership_update_failures", "Membership writes that failed and were reconciled",
-                       getattr(store, "failed_updates", 0))
-        yield _counter("hubnode_nodes_swept", "Dead nodes this node swept from Redis",
-                       getattr(store, "swept_nodes", 0))
+                       s.failed_updates)
+        yield _counter("hubnode_nodes_swept", "Dead nodes this node swept from Redis", s.swept_nodes)
         yield _counter("hubnode_membership_registrations", "Full (re-)registrations of this node's members",
-                       getattr(store, "registrations", 0))
+                       s.registrations)
+        yield _labelled("hubnode_task_crashes", "Crashes of the node's supervised tasks, by task", "task",
+                        dict(node.supervisor.crashes))
 
 
 def add_metrics(app: web.Application, node: Node) -> None:

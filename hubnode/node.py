@@ -9,7 +9,6 @@ awaiting any of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -19,23 +18,26 @@ from typing import Any
 
 import orjson
 
-from hubnode.auth import Authenticate, Authorize, builtin_authenticate, builtin_authorize
+from hubnode import __version__
+from hubnode.auth import Authenticate, Authorize, Identity, builtin_authenticate, builtin_authorize
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
 from hubnode.connection import Connection
+from hubnode.dedup import RecentIds
 from hubnode.errors import CloseCode, ErrorCode
-from hubnode.membership.base import Member, MembershipStore, Stats
+from hubnode.membership.base import Member, MembershipStore, NodeInfo, Stats
 from hubnode.membership.memory import MemoryMembershipStore
 from hubnode.protocol import encode_message, text_frame
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
+from hubnode.supervisor import Supervisor
 from publisher.envelope import EnvelopeError, unpack
 from publisher.keys import Keys
-from publisher.message import Message
+from publisher.message import RESERVED_TYPES, Message
 from publisher.targets import Target, coerce_message, envelope_for
 
-__all__ = ["Node", "NodeCounters", "NodeDraining"]
+__all__ = ["Node", "NodeCounters", "NodeDraining", "Refused"]
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +52,27 @@ class NodeDraining(RuntimeError):
     """A connection arrived while the node began to drain."""
 
 
+class Refused(Exception):
+    """A handshake the node will not take: the HTTP status and reason to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class NodeCounters:
     """Plain counters the metrics module exposes; cheap enough for the hot path."""
 
     __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published",
-                 "frames", "errors")
+                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures")
 
     def __init__(self) -> None:
         self.frames: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.duplicates = 0  # envelopes whose id was delivered already (a publisher's retry)
+        self.reserved = 0  # envelopes of a node-only type (ack, error, ...) from Redis: dropped
+        self.heartbeat_failures = 0
         self.delivered = 0
         self.bytes_out = 0
         self.dropped = 0
@@ -73,14 +87,26 @@ class Node:
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
                  store: MembershipStore | None = None, authenticate: Authenticate | None = None,
                  authorize: Authorize | None = None) -> None:
-        """`authenticate`/`authorize` replace the built-in hooks of hubnode.auth."""
+        """`authenticate`/`authorize` replace the built-in hooks of hubnode.auth.
+
+        With `config.redis_url` the node runs on Redis (broker and store built
+        from the config, unless given); without it, alone on the embedded ones.
+        """
         self.config = config or Config()
         self.authenticate = authenticate or builtin_authenticate(self.config)
         self.authorize = authorize or builtin_authorize(self.config)
         self.id = self.config.node_id
         self.keys = Keys(self.config.key_prefix)
+        if self.config.redis_url is not None and (broker is None or store is None):
+            from hubnode.cluster import redis_parts
+
+            redis_broker, redis_store = redis_parts(self.config)
+            broker, store = broker or redis_broker, store or redis_store
+        address = f"{self.config.host}:{self.config.port}"
         self.broker: Broker = broker if broker is not None else MemoryBroker()
-        self.store: MembershipStore = store if store is not None else MemoryMembershipStore(self.id)
+        self.store: MembershipStore = (store if store is not None else
+                                       MemoryMembershipStore(self.id, address=address, version=__version__))
+        self.supervisor = Supervisor()
         self.table = RoutingTable(self.keys)
         self.conns: dict[str, Connection] = {}
         self.counters = NodeCounters()
@@ -88,11 +114,10 @@ class Node:
         self.started_at = time.time()
         self._all = self.keys.all
         self._own = self.keys.node_channel(self.id)
-        # all and the node channel are never released, so only the table decides
-        self._subs = Subscriptions(self.broker, self.table.in_use, self.config.unsubscribe_grace)
+        self._subs = Subscriptions(self.broker, self.table.in_use, self.config.unsubscribe_grace,
+                                   pinned=(self._all, self._own), supervisor=self.supervisor)
+        self._recent = RecentIds(self.config.dedup_window)
         self._seq = itertools.count(1)
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
         self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.latency_observer: Callable[[float], None] | None = None
@@ -100,21 +125,30 @@ class Node:
     # -- life cycle ----------------------------------------------------------
     async def start(self) -> None:
         """Connect the broker and the store; afterwards the node can take clients."""
-        await self.broker.start(self.on_message, self.on_resync)
-        try:
-            await self.broker.subscribe([self._all, self._own])
-        except BrokerUnavailable:
+        await self.broker.start(self.on_message, self.on_resync, wanted=self._subs.wanted,
+                                supervisor=self.supervisor)
+        if not self.broker.connected:
             log.warning("broker unreachable at start: serving, not ready, until it connects")
-        await self.store.start(self.table.connections)
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hubnode-heartbeat")
+        await self.store.start(self.table.connections, self.supervisor)
+        self.supervisor.spawn("heartbeat", self._heartbeat_loop)
         if self.config.ping_interval > 0:
-            self._pinger = asyncio.create_task(self._ping_loop(), name="hubnode-ping")
+            self.supervisor.spawn("ping", self._ping_loop)
         log.info("node %s started (%s broker)", self.id, type(self.broker).__name__)
 
     @property
     def ready(self) -> bool:
-        """True when new clients may connect: broker up and not draining."""
-        return not self.draining and self.broker.connected
+        """True when new clients may connect: broker up, every task running, not draining."""
+        return not self.draining and self.broker.connected and self.supervisor.healthy
+
+    @property
+    def unready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if not self.broker.connected:
+            return "broker unreachable"
+        if not self.supervisor.healthy:
+            return "task down: " + ", ".join(sorted(self.supervisor.down))
+        return None
 
     async def drain(self, timeout: float | None = None) -> None:
         """PROTOCOL.md section 8: tell clients to reconnect, close 1001, remove our entries."""
@@ -143,17 +177,15 @@ class Node:
             self._stopped.set()
 
     async def _stop_services(self) -> None:
-        for task in (self._heartbeat, self._pinger):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.supervisor.stop("heartbeat")
+        await self.supervisor.stop("ping")
         await self._subs.close()
         try:
             await self.store.close()
         except Exception:
             log.warning("could not remove this node's membership entries", exc_info=True)
         await self.broker.close()
+        await self.supervisor.close()
         self._stopped.set()
         log.info("node %s stopped", self.id)
 
@@ -162,12 +194,15 @@ class Node:
             await asyncio.sleep(0.02)
 
     async def _heartbeat_loop(self) -> None:
+        """A failed heartbeat is a warning (the node may be swept soon), never the end of the loop."""
         while True:
             await asyncio.sleep(self.config.heartbeat)
             try:
-                await self.store.heartbeat()
+                async with asyncio.timeout(self.config.heartbeat * 3):
+                    await self.store.heartbeat()
             except Exception as exc:
-                log.debug("heartbeat failed: %s", exc)
+                self.counters.heartbeat_failures += 1
+                log.warning("heartbeat failed (%s): %s", type(exc).__name__, exc)
 
     async def _ping_loop(self) -> None:
         """One task pings every socket; a peer silent past interval + timeout is dropped.
@@ -188,34 +223,73 @@ class Node:
                     conn.last_ping = now
                     conn.send(PING_FRAME)
 
-    async def user_connections(self, user_id: str) -> int:
-        """How many connections the user has (cluster-wide in cluster mode)."""
-        return await self.store.online(user_id)
-
     # -- connections ---------------------------------------------------------
     def next_conn_id(self) -> str:
         return f"{self.id}:{next(self._seq)}"
 
-    async def connect(self, conn: Connection) -> None:
-        """Make `conn` routable cluster-wide, then send it the `connected` frame.
+    async def admit(self, identity: Identity) -> str:
+        """Reserve a connection for `identity` before the upgrade; returns its conn id.
 
-        Raises BrokerUnavailable, or NodeDraining when a drain began meanwhile
-        (the connection is then not registered). The connection joins the
-        fan-out only now, so `connected` is always its first frame.
+        Both connection limits are checked after the reservation is made, never
+        before (check-then-act would let concurrent handshakes all pass): the
+        routing table counts the new connection at once, for `--max-connections`
+        and for this node's share of the user's connections, and the store
+        checks and counts the user cluster-wide in one atomic step. On return
+        the connection is routable cluster-wide (its user channel confirmed);
+        `attach` makes it live. Raises Refused, BrokerUnavailable or NodeDraining.
         """
-        self.table.add(conn.id, conn.user_id)
+        cfg, user = self.config, identity.user_id
+        if self.draining:
+            raise Refused(503, "node draining")
+        if cfg.max_connections and len(self.table) >= cfg.max_connections:
+            raise Refused(503, "node over its connection limit")
+        limit = cfg.max_connections_per_user if user is not None else 0
+        if limit and self.table.user_count(user) >= limit:  # type: ignore[arg-type]
+            raise Refused(429, "too many connections for this user")
+        conn_id = self.next_conn_id()
+        change = self.table.add(conn_id, user)
+        counted = False
         try:
-            if conn.user_id is not None:
-                await self._subs.ensure(self.keys.user_channel(conn.user_id))
-            await self.store.add_connection(conn.id, conn.user_id)
+            await self._subs.apply(change, confirm=[self.keys.user_channel(user)] if user is not None else ())
+            if not await self.store.add_connection(conn_id, user, limit):
+                raise Refused(429, "too many connections for this user")
+            counted = True
             if self.draining:
                 raise NodeDraining("node draining")
         except BaseException:
-            self._forget(conn)
+            self._release(conn_id, user, counted)
             raise
+        return conn_id
+
+    def attach(self, conn: Connection) -> None:
+        """Make an admitted connection live: it joins the fan-out and gets `connected` first.
+
+        Raises NodeDraining when a drain began since `admit` (the reservation
+        is then released).
+        """
+        if self.draining:
+            self._release(conn.id, conn.user_id, True)
+            raise NodeDraining("node draining")
         self.conns[conn.id] = conn
         data = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
         conn.send(encode_message(Message("connected", data).stamped()))
+
+    def abandon(self, conn_id: str, user_id: str | None) -> None:
+        """Give back an admitted connection that never became live (the upgrade failed)."""
+        if conn_id in self.table and conn_id not in self.conns:
+            self._release(conn_id, user_id, True)
+
+    async def connect(self, conn: Connection) -> None:
+        """`admit` and `attach` in one call, for a connection built before its checks."""
+        conn_id = await self.admit(conn.identity)
+        conn.id = conn_id
+        self.attach(conn)
+
+    def _release(self, conn_id: str, user_id: str | None, counted: bool) -> None:
+        change = self.table.remove(conn_id)
+        self._subs.release(change.release)
+        if counted and not self._stopped.is_set():
+            self._track(self._store_remove(conn_id, user_id, change))
 
     async def disconnect(self, conn: Connection) -> None:
         """Forget a closed connection: it leaves all rooms, here and in the store.
@@ -227,26 +301,26 @@ class Node:
             return
         if conn.slow:
             self.counters.slow_closes += 1
-        change = self._forget(conn)
-        if self._stopped.is_set():
-            return
-        update = asyncio.create_task(self._store_disconnect(conn, change))
-        self._updates.add(update)
-        update.add_done_callback(self._updates.discard)
-        await asyncio.shield(update)
-
-    async def _store_disconnect(self, conn: Connection, change: Change) -> None:
-        try:
-            await self.store.remove_connection(conn.id, conn.user_id, change.rooms, change.emptied)
-        except Exception:
-            log.warning("membership update for closed %s failed; the heartbeat reconciles it",
-                        conn.id, exc_info=True)
-
-    def _forget(self, conn: Connection) -> Change:
         self.conns.pop(conn.id, None)
         change = self.table.remove(conn.id)
         self._subs.release(change.release)
-        return change
+        if self._stopped.is_set():
+            return
+        await asyncio.shield(self._track(self._store_remove(conn.id, conn.user_id, change)))
+
+    def _track(self, coro: Any) -> asyncio.Task[None]:
+        """Run a store update in a task of its own: a cancelled handler cannot lose it, a drain waits for it."""
+        update: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._updates.add(update)
+        update.add_done_callback(self._updates.discard)
+        return update
+
+    async def _store_remove(self, conn_id: str, user_id: str | None, change: Change) -> None:
+        try:
+            await self.store.remove_connection(conn_id, user_id, change.rooms, change.emptied)
+        except Exception:
+            log.warning("membership update for closed %s failed; the heartbeat reconciles it",
+                        conn_id, exc_info=True)
 
     # -- rooms ---------------------------------------------------------------
     async def join(self, conn_id: str, room: str) -> ErrorCode | None:
@@ -263,7 +337,8 @@ class Node:
             return ErrorCode.TOO_MANY_ROOMS
         change = self.table.join(conn_id, room)
         try:
-            await self._subs.ensure(self.keys.room_channel(room))
+            # the table says which channel is new; confirm waits for one another join has in flight
+            await self._subs.apply(change, confirm=[self.keys.room_channel(room)])
             # a leave or a disconnect may have run while we waited for Redis
             if change.changed and room in self.table.rooms_of(conn_id):
                 await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
@@ -272,6 +347,14 @@ class Node:
                 self._subs.release(self.table.leave(conn_id, room).release)
             return ErrorCode.UNAVAILABLE
         return None
+
+    def local_room_count(self) -> int:
+        """Rooms with at least one member on this node."""
+        return self.table.room_count()
+
+    def rooms_of(self, conn_id: str) -> frozenset[str]:
+        """The rooms a local connection is in (empty for an unknown one)."""
+        return self.table.rooms_of(conn_id)
 
     async def leave(self, conn_id: str, room: str) -> None:
         change = self.table.leave(conn_id, room)
@@ -300,6 +383,14 @@ class Node:
             return
         if channel == self._own:
             return  # control channel: nothing for clients
+        if env.msg.type in RESERVED_TYPES:
+            self.counters.reserved += 1  # a forged ack/error/pong could settle a client's pending request
+            log.warning("dropped a %r message from %s on %s: the type is reserved for the node",
+                        env.msg.type, env.origin, channel)
+            return
+        if self._recent.seen(env.id, time.monotonic()):
+            self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
+            return
         try:
             frame = encode_message(env.msg)
         except orjson.JSONEncodeError:  # e.g. nesting deeper than JSON output allows
@@ -365,6 +456,9 @@ class Node:
 
     async def stats(self) -> Stats:
         return await self.store.stats()
+
+    async def nodes(self) -> list[NodeInfo]:
+        return await self.store.nodes()
 
 
 def _conn_id(conn: ConnRef) -> str:

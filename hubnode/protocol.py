@@ -21,6 +21,7 @@ from publisher.message import Message
 from publisher.names import check_name
 
 __all__ = [
+    "unavailable_message",
     "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PrivateMessage",
     "ProtocolError", "RoomMessage", "encodable", "encode_ack", "encode_error", "encode_message",
     "parse_frame", "text_frame",
@@ -183,6 +184,18 @@ def text_frame(payload: bytes) -> bytes:
 def encode_message(msg: Message) -> bytes:
     """The WebSocket frame of a message, built once and shared by all targets."""
     return text_frame(orjson.dumps(msg.to_wire()))
+
+
+def unavailable_message(maybe_published: bool) -> str:
+    """The text of an `unavailable` error: true to what is known of the publish.
+
+    After a timeout or a broken connection the PUBLISH may have reached
+    Redis; saying "nothing was published" then would make a client's retry a
+    silent duplicate.
+    """
+    if maybe_published:
+        return "broker did not answer in time: the message may have been published"
+    return "broker unreachable: nothing was published"
 
 
 def encode_ack(fid: int | str) -> bytes:

@@ -136,6 +136,10 @@ class RoutingTable:
         for conn_id, conn in self._conns.items():
             yield conn_id, conn.user_id, frozenset(conn.rooms)
 
+    def user_count(self, user_id: str) -> int:
+        """How many of this node's connections (admitted ones included) belong to `user_id`."""
+        return len(self._users.get(user_id, _EMPTY))
+
     def users(self) -> dict[str, int]:
         return {user: len(conns) for user, conns in self._users.items()}
 

@@ -13,11 +13,12 @@ import time
 
 from aiohttp import WSMsgType, web
 
+from hubnode.appkey import NODE
 from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode, ErrorCode
-from hubnode.node import RECONNECT_FRAME, Node, NodeDraining
+from hubnode.node import RECONNECT_FRAME, Node, NodeDraining, Refused
 from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
 from hubnode.protocol import (
     Broadcast,
@@ -32,6 +33,7 @@ from hubnode.protocol import (
     encode_error,
     encode_message,
     parse_frame,
+    unavailable_message,
 )
 from publisher.message import Message
 from publisher.targets import Target
@@ -48,44 +50,44 @@ def _refuse(status: int, reason: str) -> web.Response:
 
 
 async def _check_handshake(node: Node, request: web.Request) -> web.Response | Identity:
-    """The refusal to send before the upgrade, or who the client is."""
+    """The refusal to send before the upgrade, or who the client is.
+
+    The cheap checks come first; the connection limits are enforced by
+    `Node.admit`, which reserves before it checks.
+    """
     cfg = node.config
     if node.draining:
         return _refuse(503, "node draining")
-    if cfg.max_connections and len(node.conns) >= cfg.max_connections:
-        return _refuse(503, "node over its connection limit")
     local_default = cfg.auth == "none" and cfg.on_loopback
     if not origin_allowed(request.headers.get("Origin"), cfg.allowed_origins, local_default):
         return _refuse(403, "origin not allowed")
     if not node.broker.connected:
         return _refuse(503, "broker unreachable")
     try:
-        identity = await node.authenticate(request)
+        return await node.authenticate(request)
     except AuthError as exc:
         return _refuse(exc.status, exc.reason)
-    user = identity.user_id
-    if user is not None and cfg.max_connections_per_user:
-        # the newest connection is refused: an attacker holding a stolen token
-        # cannot push the rightful user's open sessions out
-        try:
-            held = await node.user_connections(user)
-        except Exception:  # the store is unreachable: the broker is about to be too
-            return _refuse(503, "broker unreachable")
-        if held >= cfg.max_connections_per_user:
-            return _refuse(429, "too many connections for this user")
-    if node.draining:  # a drain may have begun during the awaits above
-        return _refuse(503, "node draining")
-    return identity
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """`GET /ws`: mount on any route of an aiohttp app whose `app[NODE]` is a Node."""
-    from hubnode.app import NODE
-
     node = request.app[NODE]
     checked = await _check_handshake(node, request)
     if isinstance(checked, web.Response):
         return checked
+    try:
+        conn_id = await node.admit(checked)
+    except Refused as exc:
+        return _refuse(exc.status, exc.reason)
+    except (BrokerUnavailable, NodeDraining) as exc:
+        return _refuse(503, "node draining" if isinstance(exc, NodeDraining) else "broker unreachable")
+    try:
+        return await _serve(node, request, conn_id, checked)
+    finally:  # the upgrade failed or the handler was cancelled before the connection went live
+        node.abandon(conn_id, checked.user_id)
+
+
+async def _serve(node: Node, request: web.Request, conn_id: str, identity: Identity) -> web.StreamResponse:
     cfg = node.config
     # autoping off: the node's single ping task does the pinging, and pongs
     # reach the read loop as signs of life
@@ -95,14 +97,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if transport is None:
         return ws
     loop = asyncio.get_running_loop()
-    conn = Connection(node.next_conn_id(), checked, ws, transport,
+    conn = Connection(conn_id, identity, ws, transport,
                       max_outbound=cfg.max_outbound_bytes, bucket=TokenBucket(cfg.rate, cfg.burst),
                       streak=ErrorStreak(cfg.max_errors), now=loop.time())
     try:
-        await node.connect(conn)
-    except BrokerUnavailable:
-        await conn.close(CloseCode.TRY_AGAIN_LATER, "broker unreachable")
-        return ws
+        node.attach(conn)
     except NodeDraining:
         conn.send(RECONNECT_FRAME)
         await conn.close(CloseCode.GOING_AWAY, "node shutting down")
@@ -162,8 +161,8 @@ async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
     node.counters.frames[_FRAME_TYPES[type(frame)]] += 1
     try:
         outcome = await _execute(node, conn, frame)
-    except BrokerUnavailable:
-        outcome = (ErrorCode.UNAVAILABLE, "broker unreachable: nothing was published")
+    except BrokerUnavailable as exc:
+        outcome = (ErrorCode.UNAVAILABLE, unavailable_message(exc.maybe_published))
     if outcome is not None:
         node.counters.errors[outcome[0]] += 1
         _fail(conn, outcome[0], outcome[1], frame.id)
@@ -197,7 +196,7 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
                 return (ErrorCode.FORBIDDEN, "client broadcast is disabled on this hub")
             await node.publish(Target("all"), Message("broadcast", data, user_id=sender))
         case RoomMessage(room=room, message=message):
-            if room not in node.table.rooms_of(conn.id):
+            if room not in node.rooms_of(conn.id):
                 return (ErrorCode.NOT_IN_ROOM, f"join {room!r} before sending to it")
             if not await node.authorize(conn.identity, "room_message", room):
                 return (ErrorCode.FORBIDDEN, f"not allowed to send to {room!r}")

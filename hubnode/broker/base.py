@@ -9,9 +9,13 @@ this very node (one path for every message).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Broker", "BrokerUnavailable", "MessageHandler", "ResyncHandler"]
+if TYPE_CHECKING:
+    from hubnode.supervisor import Supervisor
+
+__all__ = ["Broker", "BrokerCounters", "BrokerUnavailable", "MessageHandler", "ResyncHandler", "WantedChannels"]
 
 MessageHandler = Callable[[str, bytes], None]
 """`on_message(channel, payload)`: called on the event loop, must not block."""
@@ -20,8 +24,34 @@ ResyncHandler = Callable[[], None]
 """Called after the broker lost its subscription and restored it: messages may be lost."""
 
 
+WantedChannels = Callable[[], Iterable[str]]
+"""Every channel the node needs subscribed now. The node (its `Subscriptions`)
+owns that answer; a broker asks it whenever it (re)connects and keeps no list
+of its own, so the two can never disagree."""
+
+
 class BrokerUnavailable(ConnectionError):
-    """The broker cannot be reached: nothing was published or subscribed."""
+    """The broker cannot be reached.
+
+    `maybe_published` is False when nothing left this node (the broker was
+    known to be down), True when a PUBLISH was sent but its answer was lost
+    (timeout, broken connection): it may have been delivered, and a client
+    should be told so rather than "nothing was published".
+    """
+
+    def __init__(self, message: str, *, maybe_published: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_published = maybe_published
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerCounters:
+    """What a broker counts, for /metrics (all zero for the memory broker)."""
+
+    reconnects: int = 0
+    probe_failures: int = 0
+    overflows: int = 0
+    oversized: int = 0
 
 
 class Broker(Protocol):
@@ -32,12 +62,25 @@ class Broker(Protocol):
         """True while publishes and subscriptions can succeed."""
         ...
 
-    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None) -> None:
-        """Begin delivering publications to `handler`; call once before anything else."""
+    @property
+    def counters(self) -> BrokerCounters:
+        ...
+
+    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None, *,
+                    wanted: WantedChannels | None = None, supervisor: Supervisor | None = None) -> None:
+        """Begin delivering publications to `handler`; call once before anything else.
+
+        The broker subscribes `wanted()` on every (re)connection; its
+        long-lived tasks run under `supervisor`.
+        """
         ...
 
     async def subscribe(self, channels: Iterable[str]) -> None:
-        """Return once the broker confirmed every subscription (raises BrokerUnavailable)."""
+        """Return once the broker confirmed every subscription (raises BrokerUnavailable).
+
+        The caller owns the channel list: after a failure it decides whether
+        to `unsubscribe` (the SUBSCRIBE may still reach the broker).
+        """
         ...
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:

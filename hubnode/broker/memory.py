@@ -7,8 +7,12 @@ single node has exactly the same message path as a cluster, minus the network.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from hubnode.broker.base import BrokerUnavailable, MessageHandler, ResyncHandler
+from hubnode.broker.base import BrokerCounters, BrokerUnavailable, MessageHandler, ResyncHandler, WantedChannels
+
+if TYPE_CHECKING:
+    from hubnode.supervisor import Supervisor
 
 __all__ = ["MemoryBroker"]
 
@@ -29,8 +33,15 @@ class MemoryBroker:
     def channels(self) -> frozenset[str]:
         return frozenset(self._channels)
 
-    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None) -> None:
+    @property
+    def counters(self) -> BrokerCounters:
+        return BrokerCounters()
+
+    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None, *,
+                    wanted: WantedChannels | None = None, supervisor: Supervisor | None = None) -> None:
         self._handler = handler
+        if wanted is not None:
+            self._channels.update(wanted())
 
     async def subscribe(self, channels: Iterable[str]) -> None:
         self._check()

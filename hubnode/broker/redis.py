@@ -10,8 +10,14 @@ without the probe coming back force a reconnect.
 
 Incoming publications are queued by the socket callback (which therefore
 drains Redis as fast as bytes arrive) and handed to the node in batches from
-the event loop; the queue is bounded, and an overflow is counted and answered
-with a `resync`, like any other loss.
+the event loop. The queue is bounded by count and by bytes, and a single
+payload by size: anything over a bound is dropped, counted, and answered with
+a `resync`, like any other loss, so a flood or one huge worker payload cannot
+grow the node without limit.
+
+The broker keeps no list of channels: which channels the node needs is the
+node's answer (`wanted`, owned by `hubnode.subscriptions`), asked on every
+(re)connection. Its supervisor loop runs under the node's `Supervisor`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from hubnode.broker.base import BrokerUnavailable, MessageHandler, ResyncHandler
+from hubnode.broker.base import BrokerCounters, BrokerUnavailable, MessageHandler, ResyncHandler, WantedChannels
 from hubnode.broker.resp import SubscriberConnection, connect_subscriber
+from hubnode.supervisor import Supervisor
+from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.keys import Keys
 
 __all__ = ["RedisBroker"]
@@ -46,43 +54,61 @@ class RedisBroker:
     """A Broker on one Redis (PROTOCOL.md section 7)."""
 
     def __init__(self, url: str, client: aioredis.Redis, keys: Keys, node_id: str, *,
-                 timeout: float = 5.0, probe_interval: float = 2.0, max_pending: int = 100_000) -> None:
+                 timeout: float = 5.0, probe_interval: float = 2.0, max_pending: int = 100_000,
+                 max_pending_bytes: int = 64 * 1024 * 1024, max_payload_bytes: int = MAX_ENVELOPE_BYTES,
+                 name: str = "") -> None:
         self._url = url
+        self._name = name
         self._pub = client
         self._timeout = timeout
         self._probe_interval = probe_interval
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
+        self._max_payload = max_payload_bytes
         self._own = keys.node_channel(node_id)
         self._own_b = self._own.encode()
-        self._pinned = {keys.all, self._own}
-        self._wanted: set[str] = set(self._pinned)
+        self._fixed = (keys.all, self._own)
+        self._wanted: WantedChannels = lambda: self._fixed
         self._conn: SubscriberConnection | None = None
         self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._pending_bytes = 0
         self._scheduled = False
         self._overflowed = False
         self._handler: MessageHandler = lambda channel, payload: None
         self._on_resync: ResyncHandler = lambda: None
         self._up = asyncio.Event()
         self._lost: asyncio.Future[str] | None = None
-        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks = Supervisor()
         self._closed = False
         self._last_probe = 0.0
         self._names: dict[bytes, str] = {}
         self.reconnects = 0
         self.probe_failures = 0
         self.overflows = 0
+        self.oversized = 0
+        self._ever_up = False  # a restarted loop must still resync after its first connection
 
     @property
     def connected(self) -> bool:
         return self._up.is_set()
 
-    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None) -> None:
-        """Start the supervisor; waits up to the timeout for the first connection."""
+    @property
+    def counters(self) -> BrokerCounters:
+        return BrokerCounters(reconnects=self.reconnects, probe_failures=self.probe_failures,
+                              overflows=self.overflows, oversized=self.oversized)
+
+    async def start(self, handler: MessageHandler, on_resync: ResyncHandler | None = None, *,
+                    wanted: WantedChannels | None = None, supervisor: Supervisor | None = None) -> None:
+        """Start the subscriber loop; waits up to the timeout for the first connection."""
         self._handler = handler
         if on_resync is not None:
             self._on_resync = on_resync
-        self._supervisor = asyncio.create_task(self._supervise(), name="hubnode-redis-subscriber")
+        if wanted is not None:
+            self._wanted = wanted
+        if supervisor is not None:
+            self._tasks = supervisor
+        self._tasks.spawn("redis-subscriber", self._supervise)
         try:
             async with asyncio.timeout(self._timeout):
                 await self._up.wait()
@@ -96,36 +122,23 @@ class RedisBroker:
             self._lost.set_result("closing")
         if self._conn is not None:
             self._conn.close()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.wait([self._supervisor], timeout=self._timeout)
+        await self._tasks.stop("redis-subscriber", self._timeout)
         self._up.clear()
         await self._pub.aclose()
 
     # -- subscriptions -------------------------------------------------------------
     async def subscribe(self, channels: Iterable[str]) -> None:
-        todo = [c for c in channels]
-        self._wanted.update(todo)
+        todo = list(channels)
         conn = self._conn
         if not self.connected or conn is None:
-            self._wanted.difference_update(c for c in todo if c not in self._pinned)
             raise BrokerUnavailable("Redis subscriber is not connected")
         try:
             await self._subscribe_on(conn, todo)
-        except BaseException as exc:
-            # timed out or cancelled after SUBSCRIBE went out: take it back, or
-            # Redis would go on delivering a channel nobody will ever release
-            dropped = [c for c in todo if c not in self._pinned]
-            self._wanted.difference_update(dropped)
-            if dropped and self.connected:
-                conn.send("UNSUBSCRIBE", *dropped)
-            if isinstance(exc, TimeoutError | ConnectionError):
-                raise BrokerUnavailable(f"subscription not confirmed: {exc}") from None
-            raise
+        except (TimeoutError, ConnectionError) as exc:
+            raise BrokerUnavailable(f"subscription not confirmed: {exc}") from None
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
-        todo = [c for c in channels if c not in self._pinned]
-        self._wanted.difference_update(todo)
+        todo = [c for c in channels if c not in self._fixed]
         if todo and self._conn is not None and self.connected:
             self._conn.send("UNSUBSCRIBE", *todo)
 
@@ -156,7 +169,9 @@ class RedisBroker:
         try:
             return int(await self._pub.publish(channel, payload))
         except RedisError as exc:
-            raise BrokerUnavailable(f"publish failed: {exc}") from None
+            # the command may have reached Redis before the answer was lost:
+            # never resend it here, and never claim that nothing went out
+            raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None
 
     # -- the subscriber connection ---------------------------------------------------
     def _on_push(self, reply: Any) -> None:
@@ -176,14 +191,19 @@ class RedisBroker:
             if channel == self._own_b and payload.startswith(_PROBE):
                 self._last_probe = asyncio.get_running_loop().time()
                 return
-            if len(self._pending) >= self._max_pending:
+            size = len(payload)
+            if size > self._max_payload:
+                self.oversized += 1
+                self._overflowed = True  # a message was lost: resync after the queue drains
+                self._schedule()
+                return
+            if len(self._pending) >= self._max_pending or self._pending_bytes + size > self._max_pending_bytes:
                 self.overflows += 1
                 self._overflowed = True
                 return
             self._pending.append((channel, payload))
-            if not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._dispatch)
+            self._pending_bytes += size
+            self._schedule()
         elif kind == b"subscribe":
             waiting = self._confirms.get(channel)
             if waiting:
@@ -193,12 +213,18 @@ class RedisBroker:
                 if not future.done():
                     future.set_result(None)
 
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
         """Hand queued publications to the node, a batch per loop turn."""
         self._scheduled = False
         pending, handler, names = self._pending, self._handler, self._names
         for _ in range(min(_BATCH, len(pending))):
             raw, payload = pending.popleft()
+            self._pending_bytes -= len(payload)
             channel = names.get(raw)
             if channel is None:
                 channel = names[raw] = raw.decode()
@@ -213,7 +239,8 @@ class RedisBroker:
             asyncio.get_running_loop().call_soon(self._dispatch)
         elif self._overflowed:
             self._overflowed = False
-            log.warning("subscriber hand-off overflowed: messages were dropped, sending resync")
+            log.warning("subscriber hand-off overflowed or a payload was over %d bytes: messages were "
+                        "dropped, sending resync", self._max_payload)
             self._on_resync()
 
     async def _supervise(self) -> None:
@@ -222,9 +249,18 @@ class RedisBroker:
         A connection that is lost soon after it came up does not reset the
         backoff, so a flapping link cannot turn into a reconnect storm.
         """
+        try:
+            await self._reconnect_loop()
+        finally:  # a crash must not leave the node believing a dead subscriber is up
+            self._up.clear()
+            if self._conn is not None:
+                self._conn.close()
+            self._fail_confirms()
+
+    async def _reconnect_loop(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
-        ever_up = False
+        ever_up = self._ever_up
         while not self._closed:
             if attempt:
                 delay = min(_MAX_BACKOFF, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -239,10 +275,9 @@ class RedisBroker:
             up_since = loop.time()
             if ever_up:
                 self.reconnects += 1
-                log.warning("Redis subscriber restored: resubscribed %d channels, sending resync",
-                            len(self._wanted))
+                log.warning("Redis subscriber restored: resubscribed its channels, sending resync")
                 self._on_resync()
-            ever_up = True
+            ever_up = self._ever_up = True
             reason = await self._watch(lost)
             self._up.clear()
             if self._conn is not None:
@@ -265,11 +300,11 @@ class RedisBroker:
             if not lost.done():
                 lost.set_result(f"connection lost ({exc or 'closed by Redis'})")
 
-        conn = await connect_subscriber(self._url, self._on_push, on_lost, self._timeout)
+        conn = await connect_subscriber(self._url, self._on_push, on_lost, self._timeout, self._name)
         self._conn = conn
         self._lost = lost
         try:
-            await self._subscribe_on(conn, sorted(self._wanted))
+            await self._subscribe_on(conn, sorted({*self._fixed, *self._wanted()}))
         except BaseException:
             conn.close()
             self._fail_confirms()

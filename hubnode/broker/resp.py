@@ -78,8 +78,12 @@ class SubscriberConnection(asyncio.Protocol):
 
 async def connect_subscriber(url: str, on_push: Callable[[Any], None],
                              on_lost: Callable[[Exception | None], None],
-                             timeout: float) -> SubscriberConnection:
-    """Open and authenticate a subscriber connection for a redis:// or rediss:// URL."""
+                             timeout: float, name: str = "") -> SubscriberConnection:
+    """Open and authenticate a subscriber connection for a redis:// or rediss:// URL.
+
+    `name` is set with CLIENT SETNAME, so an operator sees in CLIENT LIST
+    which node holds which connection.
+    """
     parsed = urlparse(url)
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context() if parsed.scheme == "rediss" else None
@@ -101,6 +105,9 @@ async def connect_subscriber(url: str, on_push: Callable[[Any], None],
                 reply = await conn.call("AUTH", *auth, unquote(parsed.password))
             if isinstance(reply, hiredis.ReplyError):
                 raise ConnectionError(f"Redis AUTH failed: {reply}")
+        if name:
+            async with asyncio.timeout(timeout):
+                await conn.call("CLIENT", "SETNAME", name)  # an error reply (CLIENT disabled) is harmless
     except BaseException:
         conn.close()
         raise

@@ -9,11 +9,15 @@ node that owns the connection; reads may be served by any node.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from publisher.inspect import HubStats, Member
+from publisher.inspect import HubStats, Member, NodeInfo
 
-__all__ = ["Member", "MembershipStore", "Snapshot", "SnapshotSource", "Stats"]
+if TYPE_CHECKING:
+    from hubnode.supervisor import Supervisor
+
+__all__ = ["Member", "MembershipStore", "NodeInfo", "Snapshot", "SnapshotSource", "Stats", "StoreCounters"]
 
 
 Stats = HubStats
@@ -25,20 +29,39 @@ Snapshot = Iterable[tuple[str, str | None, frozenset[str]]]
 SnapshotSource = Callable[[], Snapshot]
 
 
+@dataclass(frozen=True, slots=True)
+class StoreCounters:
+    """What a store counts, for /metrics (all zero for the memory store)."""
+
+    failed_updates: int = 0
+    swept_nodes: int = 0
+    registrations: int = 0
+
+
 class MembershipStore(Protocol):
     """Cluster membership; a memory and a Redis implementation exist."""
 
-    async def start(self, snapshot: SnapshotSource) -> None:
+    @property
+    def counters(self) -> StoreCounters:
+        ...
+
+    async def start(self, snapshot: SnapshotSource, supervisor: Supervisor | None = None) -> None:
         """Register this node (before it accepts connections).
 
         `snapshot()` lists the node's local connections; the store calls it
         whenever it must re-register them (its entry was swept, Redis lost its
-        data, or an update failed and must be reconciled).
+        data, or an update failed and must be reconciled). Long-lived tasks
+        run under `supervisor`.
         """
         ...
 
-    async def add_connection(self, conn_id: str, user_id: str | None) -> None:
-        """Count a new connection (node clients, user online count)."""
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool:
+        """Count a new connection (node clients, user online count).
+
+        With `limit`, the user's connections cluster-wide are checked and
+        counted in one atomic step: False (and nothing counted) when the user
+        already holds `limit`, so concurrent handshakes cannot all pass.
+        """
         ...
 
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
@@ -70,6 +93,10 @@ class MembershipStore(Protocol):
 
     async def online(self, user_id: str) -> int:
         """Connections the user has, cluster-wide."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes (this one alone for a store without a registry)."""
         ...
 
     async def heartbeat(self) -> None:

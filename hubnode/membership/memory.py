@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-from hubnode.membership.base import Member, SnapshotSource, Stats
+from hubnode.membership.base import Member, NodeInfo, SnapshotSource, Stats, StoreCounters
+
+if TYPE_CHECKING:
+    from hubnode.supervisor import Supervisor
 
 __all__ = ["MemoryMembershipStore"]
 
@@ -12,19 +17,30 @@ __all__ = ["MemoryMembershipStore"]
 class MemoryMembershipStore:
     """A MembershipStore that lives in this process: the single-node default."""
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, *, address: str | None = None, version: str | None = None) -> None:
         self.node_id = node_id
+        self.address = address
+        self.version = version
+        self.started_at = time.time()
         self._members: dict[str, dict[str, str | None]] = {}  # room -> conn -> user
         self._clients = 0
         self._online: dict[str, int] = {}
 
-    async def start(self, snapshot: SnapshotSource) -> None:
+    @property
+    def counters(self) -> StoreCounters:
+        return StoreCounters()
+
+    async def start(self, snapshot: SnapshotSource, supervisor: Supervisor | None = None) -> None:
         return None
 
-    async def add_connection(self, conn_id: str, user_id: str | None) -> None:
-        self._clients += 1
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool:
         if user_id is not None:
-            self._online[user_id] = self._online.get(user_id, 0) + 1
+            held = self._online.get(user_id, 0)
+            if limit and held >= limit:
+                return False
+            self._online[user_id] = held + 1
+        self._clients += 1
+        return True
 
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
                                 emptied: Collection[str] = ()) -> None:
@@ -59,6 +75,11 @@ class MemoryMembershipStore:
 
     async def online(self, user_id: str) -> int:
         return self._online.get(user_id, 0)
+
+    async def nodes(self) -> list[NodeInfo]:
+        """This node alone: it has no registry entry, so nothing expires."""
+        return [NodeInfo(id=self.node_id, clients=self._clients, expires_in=None, started_at=self.started_at,
+                         address=self.address, version=self.version)]
 
     async def heartbeat(self) -> None:
         return None

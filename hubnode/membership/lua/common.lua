@@ -1,14 +1,15 @@
--- Helpers prepended to every membership script. Key names follow
--- PROTOCOL.md section 7; `prefix` is --key-prefix. Counts are derived from the
--- hashes they count (HLEN) or floored at zero, so they never go negative.
+-- Helpers prepended to every membership script (PROTOCOL.md section 7).
+-- Every key a script touches arrives in KEYS, built by publisher/keys.py: no
+-- script builds a key name of its own. Counts are derived from the hashes
+-- they count (HLEN) or floored at zero, so they never go negative.
 
-local function room_count(prefix, room)
-  local members = prefix .. 'members:{' .. room .. '}'
+-- hub:rooms[room] = HLEN of the room's members hash, removed at 0.
+local function room_count(members, rooms, room)
   local n = redis.call('HLEN', members)
   if n == 0 then
-    redis.call('HDEL', prefix .. 'rooms', room)
+    redis.call('HDEL', rooms, room)
   else
-    redis.call('HSET', prefix .. 'rooms', room, n)
+    redis.call('HSET', rooms, room, n)
   end
 end
 
@@ -17,32 +18,15 @@ local function decr_field(key, field, by)
   if n <= 0 then redis.call('HDEL', key, field) end
 end
 
--- Remove every entry of one node: its members in every room it had, its
--- users' online counts, its own keys. Safe to run twice.
-local function remove_node(prefix, node)
-  local node_key = prefix .. 'node:' .. node
-  local node_rooms = node_key .. ':rooms'
-  local node_users = node_key .. ':users'
-  local pattern = node .. ':*'
-  for _, room in ipairs(redis.call('SMEMBERS', node_rooms)) do
-    local members = prefix .. 'members:{' .. room .. '}'
-    local cursor = '0'
-    repeat
-      local page = redis.call('HSCAN', members, cursor, 'MATCH', pattern, 'COUNT', 1000)
-      cursor = page[1]
-      local fields = page[2]
-      for i = 1, #fields, 2 do redis.call('HDEL', members, fields[i]) end
-    until cursor == '0'
-    room_count(prefix, room)
-  end
-  local users = redis.call('HGETALL', node_users)
-  for i = 1, #users, 2 do
-    decr_field(prefix .. 'online', users[i], tonumber(users[i + 1]))
-  end
-  redis.call('DEL', node_rooms, node_users, node_key .. ':conns', node_key)
-  redis.call('ZREM', prefix .. 'nodes', node)
+local function registered(nodes, node)
+  return redis.call('ZSCORE', nodes, node)
 end
 
-local function registered(prefix, node)
-  return redis.call('ZSCORE', prefix .. 'nodes', node)
+-- The guard of every step that removes a node's entries. mode 'sweep': only
+-- while the node is still expired at `now` (it may have come back: then stop);
+-- 'self': the node removes its own entries, always allowed.
+local function may_purge(nodes, node, mode, now)
+  if mode ~= 'sweep' then return true end
+  local expiry = registered(nodes, node)
+  return not expiry or tonumber(expiry) <= tonumber(now)
 end

@@ -1,8 +1,8 @@
--- Renew a node's liveness. KEYS: nodes, node hash. ARGV: prefix, node, expiry ms, now ms.
+-- Renew a node's liveness. KEYS: nodes, node hash. ARGV: node, expiry ms, now ms.
 -- Returns 0 when the node's entry was gone (swept, or Redis lost its data):
 -- the node must then re-register everything.
-local prefix, node = ARGV[1], ARGV[2]
-if not registered(prefix, node) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], node)
-redis.call('HSET', KEYS[2], 'heartbeat_at', ARGV[4])
+local node = ARGV[1]
+if not registered(KEYS[1], node) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], node)
+redis.call('HSET', KEYS[2], 'heartbeat_at', ARGV[3])
 return 1
