@@ -52,11 +52,15 @@ __all__ = ["RedisClusterUnsupported", "RedisMembershipStore"]
 
 log = logging.getLogger(__name__)
 
-_SCRIPTS = ("connect", "disconnect", "join", "leave", "heartbeat", "purge_room", "purge_users", "purge_end",
+_SCRIPTS = ("connect", "disconnect", "join", "leave", "heartbeat", "purge_room", "purge_users", "purge_conns",
+            "purge_end",
             "register_begin", "register_conns", "register_room", "register_end")
 
-STEP = 500
-"""Members (or connections) one bounded script handles: well under a millisecond of Redis time."""
+STEP = 200
+"""Members (or connections) one bounded script handles: about a millisecond of Redis time at most."""
+
+REGISTER_STEP = 100
+"""Connections or members one re-registration script adds (decoding JSON costs more than deleting)."""
 
 ROOMS_PER_ROUND = 64
 """Rooms whose purge steps share one pipeline round trip."""
@@ -226,6 +230,11 @@ class RedisMembershipStore:
                     return -1
                 if cursor == "0":
                     break
+            while (left := await self._call("purge_conns", [k.nodes, k.node_conns(node)],
+                                            [STEP, mode, now], node=node)) > 0:
+                pass
+            if left == -1:
+                return -1
             done = await self._call("purge_end", [k.nodes, k.node(node), rooms_key, users_key, k.node_conns(node)],
                                     [mode, now], node=node)
             if done != 0:
@@ -260,18 +269,18 @@ class RedisMembershipStore:
         if await self._purge(node, "reset", 0) != 1:
             return -1
         conns = [[conn, user] for conn, user, _ in snapshot]
-        for start in range(0, len(conns), STEP):
+        for start in range(0, len(conns), REGISTER_STEP):
             if await self._call("register_conns", [k.nodes, k.node_conns(node), k.node_users(node), k.online],
-                                [orjson.dumps(conns[start:start + STEP])]) == -1:
+                                [orjson.dumps(conns[start:start + REGISTER_STEP])]) == -1:
                 return -1
         by_room: dict[str, list[list[str]]] = {}
         for conn, user, rooms in snapshot:
             for room in rooms:
                 by_room.setdefault(room, []).append([conn, user])
         for room, members in by_room.items():
-            for start in range(0, len(members), STEP):
+            for start in range(0, len(members), REGISTER_STEP):
                 if await self._call("register_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
-                                    [room, orjson.dumps(members[start:start + STEP])]) == -1:
+                                    [room, orjson.dumps(members[start:start + REGISTER_STEP])]) == -1:
                     return -1
         now = _now_ms()
         return int(await self._call("register_end", [k.nodes, k.node(node), k.node_conns(node)],

@@ -8,7 +8,7 @@
 local node, mode, now = ARGV[1], ARGV[2], ARGV[3]
 if not may_purge(KEYS[1], node, mode, now) then return -1 end
 if redis.call('SCARD', KEYS[3]) > 0 or redis.call('HLEN', KEYS[4]) > 0 then return 0 end
-redis.call('UNLINK', KEYS[5])  -- a big set is freed off the main thread
+redis.call('DEL', KEYS[5])  -- emptied by purge_conns already
 if mode == 'reset' then
   redis.call('HSET', KEYS[2], 'clients', 0)
   return 1
