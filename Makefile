@@ -20,7 +20,7 @@ run: $(BIN)/python
 
 ## make test: install what the tests need (system packages too) and run the suite
 test: sysdeps venv
-	$(BIN)/python -m pytest -q
+	HUB_TEST_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
 
 ## system packages the integration tests start for real (idempotent)
 sysdeps:
