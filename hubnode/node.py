@@ -198,7 +198,8 @@ class Node:
         while True:
             await asyncio.sleep(self.config.heartbeat)
             try:
-                async with asyncio.timeout(self.config.heartbeat * 3):
+                # a bound for any store; the Redis store also bounds each call by --redis-timeout
+                async with asyncio.timeout(max(3 * self.config.heartbeat, 4 * self.config.redis_timeout)):
                     await self.store.heartbeat()
             except Exception as exc:
                 self.counters.heartbeat_failures += 1
