@@ -142,7 +142,7 @@ async def test_a_crashed_membership_writer_is_logged_counted_unready_and_restart
     node = node_of(redis_hub)
     store = node.store
     assert isinstance(store, RedisMembershipStore)
-    node.supervisor.restart_delay = 1.0
+    node.supervisor.restart_delay = 2.0
     real_send = store._send
 
     async def crash_once(batch: list[object]) -> None:
@@ -254,3 +254,38 @@ async def test_http_broadcast_and_hub_api_refuse_reserved_types(session: aiohttp
             await node_of(server).broadcast_to_all({"type": "connected"})
     finally:
         await server.close()
+
+
+async def test_edges_read_what_the_interfaces_give(session: aiohttp.ClientSession) -> None:
+    """/metrics and /api/nodes come from Broker.counters and MembershipStore.nodes(), whatever the implementation."""
+    from hubnode.broker.base import BrokerCounters
+    from hubnode.broker.memory import MemoryBroker
+    from hubnode.membership.base import NodeInfo
+    from hubnode.membership.memory import MemoryMembershipStore
+
+    class CountingBroker(MemoryBroker):
+        @property
+        def counters(self) -> BrokerCounters:
+            return BrokerCounters(reconnects=7, probe_failures=3)
+
+    class RegistryStore(MemoryMembershipStore):
+        async def nodes(self) -> list[NodeInfo]:
+            return [NodeInfo("a", 1, 5.0), NodeInfo("b", 2, 6.0)]
+
+    config = node_config()
+    node = Node(config, broker=CountingBroker(), store=RegistryStore(config.node_id))
+    server = TestServer(create_app(config, node=node), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        metrics = await (await session.get(server.make_url("/metrics"))).text()
+        assert "hubnode_redis_reconnects_total 7.0" in metrics and "hubnode_redis_probe_failures_total 3.0" in metrics
+        nodes = await (await session.get(server.make_url("/api/nodes"))).json()
+        assert [n["id"] for n in nodes["nodes"]] == ["a", "b"]
+    finally:
+        await server.close()
+
+
+def test_the_edges_import_without_the_app_module() -> None:
+    """ws and http_api find the node through hubnode.appkey: importing them does not import hubnode.app."""
+    code = "import sys, hubnode.ws, hubnode.http_api; assert 'hubnode.app' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

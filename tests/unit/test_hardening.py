@@ -72,8 +72,8 @@ async def test_supervisor_does_not_restart_a_task_that_finished_or_was_stopped()
     sup.spawn("forever", forever)
     await wait_until(lambda: len(runs) == 2, what="both tasks to run")
     await sup.stop("forever")
-    await asyncio.sleep(0)  # let done-callbacks run (not a synchronisation: nothing is awaited after it)
-    assert not sup.running("once") and not sup.running("forever") and sup.healthy and not sup.crashes
+    await wait_until(lambda: not sup.running("once"), what="the finished task to be gone")
+    assert not sup.running("forever") and sup.healthy and not sup.crashes and sup._restarts == {}
     await sup.close()
 
 
@@ -228,7 +228,8 @@ async def test_table_change_drives_subscribing_and_a_late_release_is_not_forgott
     second = asyncio.ensure_future(subs.apply(table.join("c2", "r"), confirm=[room]))
     await wait_until(lambda: broker.calls, what="the SUBSCRIBE")
     subs.release(table.leave("c1", "r").release + table.leave("c2", "r").release)  # both gone before the confirm
-    await asyncio.sleep(0.05)  # let the release deadline pass while the SUBSCRIBE is still in flight
+    due = subs._releasing[room]
+    await wait_until(lambda: subs._releasing.get(room, 0) > due, what="the due release to be deferred, not dropped")
     broker.gate.set()
     await asyncio.gather(first, second)
     assert broker.calls[0] == ("subscribe", (room,)) and broker.calls.count(("subscribe", (room,))) == 1
