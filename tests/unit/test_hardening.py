@@ -81,11 +81,12 @@ async def test_supervisor_does_not_restart_a_task_that_finished_or_was_stopped()
 
 def test_recent_ids_drop_repeats_within_the_window_and_forget_after_it() -> None:
     """An id is a duplicate inside the window; after the window, or past max_ids, it is new again."""
-    ids = RecentIds(window=60, max_ids=3)
+    ids = RecentIds(window=60, max_ids=4)
     assert not ids.seen("a", 0) and ids.seen("a", 59.9) and not ids.seen("a", 120.0)
-    for name in ("b", "c", "d"):
-        assert not ids.seen(name, 121.0)
-    assert len(ids) == 3 and not ids.seen("a", 121.0)  # "a" was the oldest and was forgotten
+    assert not ids.seen("b", 150.0) and ids.seen("a", 179.9) and ids.seen("b", 209.9)
+    for name in ("c", "d", "e", "f"):
+        assert not ids.seen(name, 210.0)
+    assert len(ids) <= 4 and not ids.seen("b", 210.0)  # past max_ids the oldest are forgotten first
     assert not ids.seen("", 121.0) and not ids.seen("", 121.0)  # no id, no deduplication
 
 
