@@ -174,7 +174,16 @@ class Node:
         except TimeoutError:
             log.warning("node %s: drain timeout reached before its Redis entries were removed; "
                         "the other nodes sweep them", self.id)
-            self._stopped.set()
+        finally:  # however the drain ended (timeout, error, cancel), stop everything and release waiters
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.broker.close()
+                    await self.supervisor.close(1.0)
+            except Exception:
+                log.warning("node %s: stopping the broker failed", self.id, exc_info=True)
+            finally:
+                self._stopped.set()
+                log.info("node %s stopped", self.id)
 
     async def _stop_services(self) -> None:
         await self.supervisor.stop("heartbeat")
@@ -184,10 +193,6 @@ class Node:
             await self.store.close()
         except Exception:
             log.warning("could not remove this node's membership entries", exc_info=True)
-        await self.broker.close()
-        await self.supervisor.close()
-        self._stopped.set()
-        log.info("node %s stopped", self.id)
 
     async def _wait_for(self, predicate: Any, deadline: float) -> None:
         while not predicate() and time.monotonic() < deadline:
@@ -252,9 +257,12 @@ class Node:
         counted = False
         try:
             await self._subs.apply(change, confirm=[self.keys.user_channel(user)] if user is not None else ())
-            if not await self.store.add_connection(conn_id, user, limit):
+            added = await self.store.add_connection(conn_id, user, limit)
+            counted = added is not False
+            if added is False:
                 raise Refused(429, "too many connections for this user")
-            counted = True
+            if added is None and limit:  # the cluster-wide count cannot be checked now: do not guess
+                raise Refused(503, "membership store unavailable: cannot check the per-user limit")
             if self.draining:
                 raise NodeDraining("node draining")
         except BaseException:

@@ -97,11 +97,17 @@ class Supervisor:
             await self.stop(name, timeout)
 
     def _on_done(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(name) is task:
-            del self._tasks[name]
+        exc = None if task.cancelled() else task.exception()
+        if self._tasks.get(name) is not task:
+            # a stale callback: the name was spawned again after this task ended
+            # (the new task owns the name, its factory and its health)
+            if exc is not None:
+                self.crashes[name] += 1
+                log.error("task %s crashed", name, exc_info=exc)
+            return
+        del self._tasks[name]
         if task.cancelled() or self._closed or name not in self._factories:
             return
-        exc = task.exception()
         if exc is None:
             self._factories.pop(name, None)  # finished its work: nothing to restart
             return

@@ -71,6 +71,7 @@ class RedisBroker:
         self._wanted: WantedChannels = lambda: self._fixed
         self._conn: SubscriberConnection | None = None
         self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._stale: dict[bytes, int] = {}  # confirmations still due for SUBSCRIBEs nobody waits for
         self._pending: deque[tuple[bytes, bytes]] = deque()
         self._pending_bytes = 0
         self._scheduled = False
@@ -122,9 +123,11 @@ class RedisBroker:
             self._lost.set_result("closing")
         if self._conn is not None:
             self._conn.close()
-        await self._tasks.stop("redis-subscriber", self._timeout)
-        self._up.clear()
-        await self._pub.aclose()
+        try:
+            await self._tasks.stop("redis-subscriber", 1.0)
+        finally:
+            self._up.clear()
+            await self._pub.aclose()
 
     # -- subscriptions -------------------------------------------------------------
     async def subscribe(self, channels: Iterable[str]) -> None:
@@ -156,11 +159,15 @@ class RedisBroker:
                 await asyncio.gather(*futures)
         finally:
             for channel, future in zip(channels, futures, strict=True):
-                waiting = self._confirms.get(channel.encode())
+                raw = channel.encode()
+                waiting = self._confirms.get(raw)
                 if not future.done() and waiting is not None and future in waiting:
-                    waiting.remove(future)  # a late confirmation must not resolve a stale waiter
+                    # the confirmation may still come: it belongs to nobody, and
+                    # must not confirm a later SUBSCRIBE of the same channel
+                    waiting.remove(future)
+                    self._stale[raw] = self._stale.get(raw, 0) + 1
                     if not waiting:
-                        del self._confirms[channel.encode()]
+                        del self._confirms[raw]
 
     # -- publishing ----------------------------------------------------------------
     async def publish(self, channel: str, payload: bytes) -> int:
@@ -205,6 +212,13 @@ class RedisBroker:
             self._pending_bytes += size
             self._schedule()
         elif kind == b"subscribe":
+            stale = self._stale.get(channel)
+            if stale:  # Redis answers in order: this is the reply to an abandoned SUBSCRIBE
+                if stale == 1:
+                    del self._stale[channel]
+                else:
+                    self._stale[channel] = stale - 1
+                return
             waiting = self._confirms.get(channel)
             if waiting:
                 future = waiting.popleft()
@@ -303,12 +317,18 @@ class RedisBroker:
         conn = await connect_subscriber(self._url, self._on_push, on_lost, self._timeout, self._name)
         self._conn = conn
         self._lost = lost
+        subscribed = {*self._fixed, *self._wanted()}
         try:
-            await self._subscribe_on(conn, sorted({*self._fixed, *self._wanted()}))
+            await self._subscribe_on(conn, sorted(subscribed))
         except BaseException:
             conn.close()
             self._fail_confirms()
             raise
+        # a channel released while this SUBSCRIBE was in flight could not be
+        # unsubscribed (we were not connected): let go of it now
+        released = subscribed - {*self._fixed, *self._wanted()}
+        if released:
+            conn.send("UNSUBSCRIBE", *sorted(released))
         self._last_probe = loop.time()
         self._up.set()
         return lost
@@ -331,6 +351,7 @@ class RedisBroker:
         return "closing"
 
     def _fail_confirms(self) -> None:
+        self._stale.clear()  # a new connection owes no old replies
         for waiting in self._confirms.values():
             for future in waiting:
                 if not future.done():

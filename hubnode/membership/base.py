@@ -55,12 +55,14 @@ class MembershipStore(Protocol):
         """
         ...
 
-    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool:
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool | None:
         """Count a new connection (node clients, user online count).
 
         With `limit`, the user's connections cluster-wide are checked and
         counted in one atomic step: False (and nothing counted) when the user
         already holds `limit`, so concurrent handshakes cannot all pass.
+        None when the store could not answer (the node reconciles the count
+        later, but the limit was not checked).
         """
         ...
 

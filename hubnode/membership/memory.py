@@ -33,7 +33,7 @@ class MemoryMembershipStore:
     async def start(self, snapshot: SnapshotSource, supervisor: Supervisor | None = None) -> None:
         return None
 
-    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool:
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool | None:
         if user_id is not None:
             held = self._online.get(user_id, 0)
             if limit and held >= limit:

@@ -137,7 +137,12 @@ class RedisMembershipStore:
             await self.redis.aclose()
 
     async def heartbeat(self) -> None:
-        """Renew liveness; re-register when swept or after a failed update; sweep the dead."""
+        """Renew liveness; re-register when swept or after a failed update; sweep the dead.
+
+        The sweep runs in a task of its own: a dead node with many members
+        takes many steps to remove, and this node's own renewal must never
+        wait behind them.
+        """
         now = _now_ms()
         if self._dirty:
             await self._register()
@@ -146,7 +151,13 @@ class RedisMembershipStore:
             log.warning("node %s found its registry entry gone (swept or Redis data lost): "
                         "re-registering", self.node_id)
             await self._register()
-        await self.sweep(now)
+        self._tasks.spawn("sweeper", self._sweep_once)
+
+    async def _sweep_once(self) -> None:
+        try:
+            await self.sweep()
+        except (RedisError, TimeoutError, OSError) as exc:  # Redis trouble: the next heartbeat tries again
+            log.warning("sweep failed (%s): %s", type(exc).__name__, exc)
 
     async def sweep(self, now: int | None = None) -> list[str]:
         """Remove every node whose heartbeat expired; returns those this call swept."""
@@ -162,10 +173,20 @@ class RedisMembershipStore:
         return swept
 
     # -- updates -----------------------------------------------------------------
-    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool:
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool | None:
+        """Count a connection; with `limit`, check the user's cluster-wide count in the same step.
+
+        Sent even while the store awaits a re-registration (idempotent, and the
+        re-registration rebuilds the counts anyway), so the limit is checked
+        whenever Redis can answer. None: it could not be checked (Redis down,
+        or this node not registered at the moment).
+        """
         k, node = self.keys, self.node_id
         keys = [k.nodes, k.node(node), k.node_users(node), k.online, k.node_conns(node)]
-        return bool(await self._update("connect", keys, [conn_id, user_id or "", limit]) != REFUSED)
+        result = await self._enqueue(_Write(self._future(), "connect", keys, [node, conn_id, user_id or "", limit]))
+        if result is None or result == -1:
+            return None
+        return bool(result != REFUSED)
 
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
                                 emptied: Collection[str] = ()) -> None:
@@ -210,37 +231,38 @@ class RedisMembershipStore:
     async def _purge(self, node: str, mode: str, now: int) -> int:
         """Remove `node`'s members, counts and keys in bounded steps.
 
-        mode 'sweep' (a dead node; every step re-checks that it is still
-        dead), 'self' (drain) or 'reset' (before re-registering). Returns
-        purge_end's answer: 2 when this call removed a swept node, -1 when it
-        turned out to be alive.
+        mode 'sweep' (a dead node: every step re-checks that it is still
+        dead, and claims it), 'self' (drain) or 'reset' (before
+        re-registering: every step renews this node's expiry). Returns
+        purge_end's answer: 2 when this call removed a swept node, -1 when a
+        swept node turned out to be alive or a reset node was claimed.
         """
         k = self.keys
         rooms_key, users_key = k.node_rooms(node), k.node_users(node)
+
+        def stamp() -> int:
+            return self._expiry(_now_ms()) if mode == "reset" else now
+
         while True:
             found: Any = await self._deadline(self.redis.srandmember(rooms_key, ROOMS_PER_ROUND))
             rooms = [text(r) for r in found or ()]
-            if rooms and not await self._purge_rooms(node, rooms, mode, now):
+            if rooms and not await self._purge_rooms(node, rooms, mode, stamp):
                 return -1
-            cursor = "0"
-            while True:
-                cursor = text(await self._call("purge_users", [k.nodes, users_key, k.online],
-                                               [cursor, STEP, mode, now], node=node))
-                if cursor == "-1":
-                    return -1
-                if cursor == "0":
-                    break
-            while (left := await self._call("purge_conns", [k.nodes, k.node_conns(node)],
-                                            [STEP, mode, now], node=node)) > 0:
-                pass
-            if left == -1:
-                return -1
+            for script, key in (("purge_users", [k.nodes, users_key, k.online]),
+                                ("purge_conns", [k.nodes, k.node_conns(node)])):
+                cursor = "0"
+                while True:
+                    cursor = text(await self._call(script, key, [cursor, STEP, mode, stamp()], node=node))
+                    if cursor == "-1":
+                        return -1
+                    if cursor == "0":
+                        break
             done = await self._call("purge_end", [k.nodes, k.node(node), rooms_key, users_key, k.node_conns(node)],
-                                    [mode, now], node=node)
+                                    [mode, stamp()], node=node)
             if done != 0:
                 return int(done)
 
-    async def _purge_rooms(self, node: str, rooms: list[str], mode: str, now: int) -> bool:
+    async def _purge_rooms(self, node: str, rooms: list[str], mode: str, stamp: Callable[[], int]) -> bool:
         """Clean `node` out of `rooms`, one pipelined step per room per round trip; False if it is alive."""
         k = self.keys
         cursors = dict.fromkeys(rooms, "0")
@@ -249,7 +271,7 @@ class RedisMembershipStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for room, cursor in batch:
                     keys = [k.nodes, k.members(room), k.rooms, k.node_rooms(node)]
-                    await self._scripts["purge_room"](keys=keys, args=[node, room, cursor, STEP, mode, now],
+                    await self._scripts["purge_room"](keys=keys, args=[node, room, cursor, STEP, mode, stamp()],
                                                       client=pipe)
                 replies = await self._deadline(pipe.execute())
             for (room, _), reply in zip(batch, replies, strict=True):
@@ -263,7 +285,14 @@ class RedisMembershipStore:
         return True
 
     async def _reregister(self, snapshot: list[tuple[str, str, list[str]]], info: bytes) -> int:
-        """A whole re-registration, in bounded steps: claim, clear the old, add the new, finish."""
+        """A whole re-registration, in bounded steps: claim, clear the old, add the new, finish.
+
+        Every step renews the node's expiry, so a long one is not swept while
+        it runs; a step that finds the node claimed by a sweep stops it (-1:
+        the next heartbeat starts over). The result is checked against the
+        snapshot: nothing else writes for this node meanwhile, so any other
+        count means the registration did not hold.
+        """
         k, node = self.keys, self.node_id
         await self._call("register_begin", [k.nodes, k.node(node)], [self._expiry(_now_ms()), info])
         if await self._purge(node, "reset", 0) != 1:
@@ -271,20 +300,30 @@ class RedisMembershipStore:
         conns = [[conn, user] for conn, user, _ in snapshot]
         for start in range(0, len(conns), REGISTER_STEP):
             if await self._call("register_conns", [k.nodes, k.node_conns(node), k.node_users(node), k.online],
-                                [orjson.dumps(conns[start:start + REGISTER_STEP])]) == -1:
+                                [orjson.dumps(conns[start:start + REGISTER_STEP]), self._expiry(_now_ms())]) == -1:
                 return -1
         by_room: dict[str, list[list[str]]] = {}
         for conn, user, rooms in snapshot:
             for room in rooms:
                 by_room.setdefault(room, []).append([conn, user])
-        for room, members in by_room.items():
-            for start in range(0, len(members), REGISTER_STEP):
-                if await self._call("register_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
-                                    [room, orjson.dumps(members[start:start + REGISTER_STEP])]) == -1:
+        batches = [(room, members[i:i + REGISTER_STEP]) for room, members in by_room.items()
+                   for i in range(0, len(members), REGISTER_STEP)]
+        for start in range(0, len(batches), ROOMS_PER_ROUND):  # one round trip for many small rooms
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room, members in batches[start:start + ROOMS_PER_ROUND]:
+                    await self._scripts["register_room"](
+                        keys=[k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
+                        args=[node, room, orjson.dumps(members), self._expiry(_now_ms())], client=pipe)
+                if -1 in await self._deadline(pipe.execute()):
                     return -1
         now = _now_ms()
-        return int(await self._call("register_end", [k.nodes, k.node(node), k.node_conns(node)],
-                                    [self._expiry(now), now]))
+        clients = int(await self._call("register_end", [k.nodes, k.node(node), k.node_conns(node)],
+                                       [self._expiry(now), now]))
+        if clients != len(snapshot):
+            log.warning("re-registration of %s found %d connections in Redis, expected %d: retrying",
+                        node, clients, len(snapshot))
+            return -1
+        return clients
 
     # -- the ordered writer --------------------------------------------------------
     async def _update(self, name: str, keys: list[str], args: list[Any]) -> Any:

@@ -152,7 +152,7 @@ async def test_a_crashed_membership_writer_is_logged_counted_unready_and_restart
     monkeypatch.setattr(store, "_send", crash_once)
     with caplog.at_level(logging.ERROR, logger="hubnode.supervisor"):
         async with asyncio.timeout(5):  # the connect's write was in the crashed batch: it must not hang
-            a = await Client.open(session, str(redis_hub.make_url("/ws?user_id=alice")))
+            a = await Client.open(session, str(redis_hub.make_url("/ws")))  # anonymous: no limit to check
         ready = await session.get(redis_hub.make_url("/readyz"))
         assert ready.status == 503 and "membership-writer" in (await ready.json())["reason"]
     assert any("membership-writer" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR)
@@ -172,7 +172,7 @@ async def test_membership_writes_have_a_deadline_when_redis_stalls(redis_server:
     try:
         started = time.monotonic()
         async with asyncio.timeout(2.5):
-            assert await store.add_connection("n1:1", "u") is True  # failed, so not refused: reconciled later
+            assert await store.add_connection("n1:1", "u") is None  # unknown: failed, reconciled later
         assert store.counters.failed_updates == 1 and time.monotonic() - started < 2.5
     finally:
         r.execute_command("CLIENT", "UNPAUSE")
@@ -289,3 +289,118 @@ def test_the_edges_import_without_the_app_module() -> None:
     """ws and http_api find the node through hubnode.appkey: importing them does not import hubnode.app."""
     code = "import sys, hubnode.ws, hubnode.http_api; assert 'hubnode.app' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_node_that_comes_back_mid_sweep_rebuilds_its_entries(redis_server: RedisServer, prefix: str) -> None:
+    """The first sweep step claims the node, so if it wakes up half-swept it notices and re-registers exactly."""
+    keys = Keys(prefix)
+    table = [(f"a:{i}", f"u{i % 3}", frozenset({"lobby"})) for i in range(10)]
+    a = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "a", heartbeat=0.5)
+    b = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "b", heartbeat=0.5)
+    await a.start(lambda: table)
+    await b.start(lambda: [])
+    r = sync_redis(redis_server.url)
+    r.zadd(keys.nodes, {"a": int(time.time() * 1000) - 1})  # a was paused: its entry expired
+    reached, gate = asyncio.Event(), asyncio.Event()
+    real_call = b._call
+
+    async def pause_between_steps(name: str, *args: object, **kw: object) -> object:
+        if name == "purge_users":  # the rooms are already purged; the sweeper stalls here
+            reached.set()
+            await gate.wait()
+        return await real_call(name, *args, **kw)  # type: ignore[arg-type]
+
+    b._call = pause_between_steps  # type: ignore[method-assign]
+    sweeping = asyncio.ensure_future(b.sweep())
+    await reached.wait()
+    await a.heartbeat()  # a wakes up: it finds itself claimed and re-registers
+    gate.set()
+    assert await sweeping == []  # the sweep stopped: a is alive
+    state = redis_state(r, prefix)
+    assert membership_of(state, prefix) == {"lobby": {conn: user for conn, user, _ in table}}
+    assert state[f"{prefix}rooms"] == {"lobby": "10"} and state[f"{prefix}online"] == {"u0": "4", "u1": "3", "u2": "3"}
+    assert r.hget(keys.node("a"), "clients") == "10" and r.scard(keys.node_conns("a")) == 10
+    r.close()
+    await a.close()
+    await b.close()
+
+
+async def test_a_long_reregistration_renews_its_expiry_and_is_not_swept(redis_server: RedisServer, prefix: str) -> None:
+    """Each re-registration step pushes the node's expiry forward, so peers never sweep it while it registers."""
+    keys = Keys(prefix)
+    table = [(f"a:{i}", f"u{i}", frozenset({f"room{i}"})) for i in range(600)]
+    a = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "a", heartbeat=0.1)
+    await a.start(lambda: table)
+    r = sync_redis(redis_server.url)
+    expiries: list[float] = []
+    real_call = a._call
+
+    async def watch(name: str, *args: object, **kw: object) -> object:
+        if name.startswith("register_"):
+            expiries.append(r.zscore(keys.nodes, "a") or 0)
+            await asyncio.sleep(0.05)  # a slow Redis: the whole job outlasts the 0.3 s expiry many times over
+        return await real_call(name, *args, **kw)  # type: ignore[arg-type]
+
+    a._call = watch  # type: ignore[method-assign]
+    r.zrem(keys.nodes, "a")  # lost: the next heartbeat re-registers
+    await a.heartbeat()
+    assert len(expiries) >= 8 and expiries == sorted(expiries) and expiries[-1] > expiries[1]
+    assert r.hget(keys.node("a"), "clients") == "600" and len(r.hgetall(f"{prefix}rooms")) == 600
+    assert a.counters.registrations == 2
+    r.close()
+    await a.close()
+
+
+async def test_the_per_user_limit_is_checked_while_a_reregistration_is_pending(
+        redis_server: RedisServer, prefix: str) -> None:
+    """After a failed update the store still checks the limit in Redis; it never admits blindly."""
+    store = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), Keys(prefix), "a", heartbeat=2.0)
+    await store.start(lambda: [])
+    assert [await store.add_connection(f"a:{i}", "alice", 2) for i in range(3)] == [True, True, False]
+    store._dirty = True  # as after a failed update, until the next heartbeat
+    assert [await store.add_connection(f"a:{i}", "alice", 2) for i in range(10, 13)] == [False, False, False]
+    r = sync_redis(redis_server.url)
+    assert r.hget(f"{prefix}online", "alice") == "2"
+    r.close()
+    await store.close()
+
+
+async def test_a_channel_released_during_a_reconnect_is_not_left_subscribed(
+        redis_server: RedisServer, prefix: str) -> None:
+    """A release that falls due while the broker resubscribes after a loss is carried out once it is back."""
+    from hubnode.broker.redis import RedisBroker
+    from hubnode.routing import Change
+    from hubnode.subscriptions import Subscriptions
+
+    keys = Keys(prefix)
+    broker = RedisBroker(redis_server.url, aioredis.Redis.from_url(redis_server.url), keys, "n1",
+                         timeout=2.0, probe_interval=0.5)
+    in_use: set[str] = set()
+    subs = Subscriptions(broker, in_use.__contains__, grace=0.2, pinned=(keys.all, keys.node_channel("n1")))
+    await broker.start(lambda channel, payload: None, wanted=subs.wanted)
+    hot = keys.room_channel("hot")
+    in_use.add(hot)
+    await subs.apply(Change(subscribe=(hot,)))
+    in_use.discard(hot)
+    subs.release([hot])  # the last member left: released after the grace period
+    gate = asyncio.Event()
+    real_subscribe_on = broker._subscribe_on
+
+    async def held(conn: object, channels: list[str]) -> None:
+        await gate.wait()  # the reconnect's SUBSCRIBE round trip, held open
+        await real_subscribe_on(conn, channels)  # type: ignore[arg-type]
+
+    broker._subscribe_on = held  # type: ignore[method-assign]
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await wait_until(lambda: hot not in subs.wanted(), what="the release to fall due while reconnecting")
+    gate.set()
+    await wait_until(lambda: broker.connected, what="the broker to reconnect")
+    await wait_until(lambda: _numsub_zero(r, hot), what="the released channel to be unsubscribed")
+    await subs.close()
+    await broker.close()
+    await r.aclose()
+
+
+async def _numsub_zero(r: aioredis.Redis, channel: str) -> bool:
+    return (await r.pubsub_numsub(channel))[0][1] == 0

@@ -258,3 +258,20 @@ def test_no_lua_script_builds_a_key_name() -> None:
         assert re.findall(r"\.\.", code) in ([], [".."]), path.name  # only `node .. ':*'`, a field pattern
         uses_keys = "redis.call" not in code or "KEYS[" in code or path.name == "common.lua"
         assert uses_keys, path.name
+
+
+async def test_supervisor_keeps_a_task_respawned_before_its_predecessor_was_reaped() -> None:
+    """A name spawned again right after its task returned keeps its factory: a later crash is still caught."""
+    sup = Supervisor(restart_delay=0.01)
+
+    async def finishes() -> None:
+        return None
+
+    async def crashes() -> None:
+        raise RuntimeError("boom")
+
+    sup.spawn("unsubscribe", finishes)
+    await asyncio.sleep(0)  # the first task has returned; its done-callback is still queued
+    sup.spawn("unsubscribe", crashes)
+    await wait_until(lambda: sup.crashes["unsubscribe"] >= 2, what="the crash to be counted and restarted")
+    await sup.close()

@@ -18,15 +18,32 @@ local function decr_field(key, field, by)
   if n <= 0 then redis.call('HDEL', key, field) end
 end
 
+-- A node's hub:nodes score is its expiry (ms); 0 means "claimed by a sweep":
+-- still listed, so any live node finishes the sweep if the first sweeper dies,
+-- but no longer registered, so the node's own next heartbeat or update finds
+-- itself gone and re-registers everything (a sweep cut short by the node
+-- coming back can never leave it half-deleted without it noticing).
 local function registered(nodes, node)
-  return redis.call('ZSCORE', nodes, node)
+  local expiry = redis.call('ZSCORE', nodes, node)
+  return expiry and tonumber(expiry) > 0
 end
 
--- The guard of every step that removes a node's entries. mode 'sweep': only
--- while the node is still expired at `now` (it may have come back: then stop);
--- 'self': the node removes its own entries, always allowed.
-local function may_purge(nodes, node, mode, now)
-  if mode ~= 'sweep' then return true end
-  local expiry = registered(nodes, node)
-  return not expiry or tonumber(expiry) <= tonumber(now)
+-- The guard of every step that removes a node's entries; `stamp` is a time in ms.
+-- 'sweep': only while the node is still expired at `stamp` (it may have come
+-- back: then stop), and the first such step claims it. 'reset' (clearing its
+-- own entries before re-registering): only while the node is still registered,
+-- and each step renews its expiry to `stamp`. 'self' (drain): always.
+local function may_purge(nodes, node, mode, stamp)
+  if mode == 'self' then return true end
+  if mode == 'reset' then
+    if not registered(nodes, node) then return false end
+    redis.call('ZADD', nodes, 'GT', stamp, node)
+    return true
+  end
+  local now = stamp
+  local expiry = redis.call('ZSCORE', nodes, node)
+  if not expiry then return true end
+  if tonumber(expiry) > tonumber(now) then return false end
+  if tonumber(expiry) > 0 then redis.call('ZADD', nodes, 0, node) end
+  return true
 end
