@@ -137,8 +137,8 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        """True when new clients may connect: broker up, every task running, not draining."""
-        return not self.draining and self.broker.connected and self.supervisor.healthy
+        """True when new clients may connect: broker up, registered, every task running, not draining."""
+        return self.unready_reason is None
 
     @property
     def unready_reason(self) -> str | None:
@@ -146,6 +146,8 @@ class Node:
             return "draining"
         if not self.broker.connected:
             return "broker unreachable"
+        if not self.store.ready:
+            return "not registered in the membership store yet"
         if not self.supervisor.healthy:
             return "task down: " + ", ".join(sorted(self.supervisor.down))
         return None

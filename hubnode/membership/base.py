@@ -45,6 +45,11 @@ class MembershipStore(Protocol):
     def counters(self) -> StoreCounters:
         ...
 
+    @property
+    def ready(self) -> bool:
+        """True while this node is registered, so connection counts and limits can be checked."""
+        ...
+
     async def start(self, snapshot: SnapshotSource, supervisor: Supervisor | None = None) -> None:
         """Register this node (before it accepts connections).
 

@@ -30,6 +30,10 @@ class MemoryMembershipStore:
     def counters(self) -> StoreCounters:
         return StoreCounters()
 
+    @property
+    def ready(self) -> bool:
+        return True
+
     async def start(self, snapshot: SnapshotSource, supervisor: Supervisor | None = None) -> None:
         return None
 

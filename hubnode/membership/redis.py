@@ -105,11 +105,16 @@ class RedisMembershipStore:
         self.registrations = 0
         self.swept_nodes = 0
         self._dirty = True  # not registered yet
+        self._registered = False  # the node's entry is known to be in Redis (readiness)
         self._snapshot: SnapshotSource = lambda: ()
         self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
         self._queue: list[_Write] = []
         self._wake = asyncio.Event()
         self._tasks = Supervisor()
+
+    @property
+    def ready(self) -> bool:
+        return self._registered
 
     @property
     def counters(self) -> StoreCounters:
@@ -148,6 +153,7 @@ class RedisMembershipStore:
             await self._register()
         elif await self._call("heartbeat", [self.keys.nodes, self.keys.node(self.node_id)],
                               [self._expiry(now), now]) == 0:
+            self._registered = False
             log.warning("node %s found its registry entry gone (swept or Redis data lost): "
                         "re-registering", self.node_id)
             await self._register()
@@ -397,8 +403,9 @@ class RedisMembershipStore:
             log.warning("membership update %s failed (%s): reconciling on next heartbeat",
                         write.name or "job", result or type(result).__name__)
             result = None
-        elif result == -1:
+        elif result == -1:  # the node is not registered (swept, claimed, or Redis lost its data)
             self._dirty = True
+            self._registered = False
         if not write.future.done():
             write.future.set_result(result)
 
@@ -411,8 +418,10 @@ class RedisMembershipStore:
         result = await self._enqueue(_Write(self._future(), "register", job=partial(self._reregister, snapshot, info)))
         if result is None or result == -1:
             self._dirty = True
+            self._registered = False
             return False
         self.registrations += 1
+        self._registered = True
         return True
 
     # -- internals ---------------------------------------------------------------

@@ -404,3 +404,24 @@ async def test_a_channel_released_during_a_reconnect_is_not_left_subscribed(
 
 async def _numsub_zero(r: aioredis.Redis, channel: str) -> bool:
     return (await r.pubsub_numsub(channel))[0][1] == 0
+
+
+async def test_a_node_not_registered_in_redis_is_not_ready(
+        redis_server: RedisServer, prefix: str, session: aiohttp.ClientSession) -> None:
+    """/readyz is 503 while the node's entry is missing (it would refuse limited users), 200 once re-registered."""
+    server = await start_server(node_config(redis_url=redis_server.url, key_prefix=prefix, heartbeat=60))
+    node = node_of(server)
+    r = sync_redis(redis_server.url)
+    try:
+        assert (await session.get(server.make_url("/readyz"))).status == 200
+        r.zrem(f"{prefix}nodes", node.id)  # swept or lost; no heartbeat comes for a minute
+        a = await Client.open(session, str(server.make_url("/ws")))
+        await a.join("r")  # the join's script answers "not registered"
+        ready = await session.get(server.make_url("/readyz"))
+        assert ready.status == 503 and "not registered" in (await ready.json())["reason"]
+        await node.store.heartbeat()  # the heartbeat re-registers the node with its members
+        assert (await session.get(server.make_url("/readyz"))).status == 200
+        assert [m.conn_id for m in await node.room_clients("r")] == [a.conn_id]
+    finally:
+        r.close()
+        await server.close()
