@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,6 +13,18 @@ from aiohttp.test_utils import TestServer
 from hubnode.app import create_app
 from hubnode.config import Config
 from tests.helpers import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Leaks are reported by the test that made them.
+
+    An unclosed socket, file or client warns (PytestUnraisableExceptionWarning,
+    an error here) only when it is garbage-collected: collecting after each
+    test's own teardown pins the warning on that test, not on a later one.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import pytest
 
 SCALE = float(os.environ.get("HUB_TEST_TIMEOUT_SCALE", "1"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def deadline(seconds: float) -> float:
     return time.monotonic() + seconds * SCALE
+
+
+def missing(reason: str) -> NoReturn:
+    """A system dependency is absent: skip, or fail when HUB_TEST_REQUIRE_ALL=1.
+
+    `make test` sets HUB_TEST_REQUIRE_ALL=1 after `make sysdeps` has installed
+    everything, so there a missing dependency is a failure, not a silent skip.
+    """
+    __tracebackhide__ = True  # report the caller's line, not this one
+    if os.environ.get("HUB_TEST_REQUIRE_ALL") == "1":
+        pytest.fail(f"{reason} (HUB_TEST_REQUIRE_ALL=1)", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -113,9 +126,9 @@ class Client:
         assert reply["type"] == "ack", reply
 
     async def expect_silence(self, timeout: float = 0.3) -> None:
-        """Assert no text frame arrives within `timeout` (used only for negatives)."""
+        """Assert no frame arrives within `timeout` (scaled; used only for negatives)."""
         try:
-            msg = await self.ws.receive(timeout=timeout)
+            msg = await self.ws.receive(timeout=timeout * SCALE)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame {msg.type} {msg.data!r}")
@@ -132,6 +145,17 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
+    """The value of the unlabelled sample `name` in the node's /metrics at `url`."""
+    async with session.get(f"{url}/metrics") as resp:
+        assert resp.status == 200, resp.status
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 class RedisServer:
@@ -157,7 +181,11 @@ class RedisServer:
              "--appendonly", "no", "--dir", self.dir, "--maxmemory-policy", "noeviction",
              *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_sync(self.ping, 10, "redis-server to answer PING")
+        try:
+            wait_until_sync(self.ping, 10, "redis-server to answer PING")
+        except BaseException:
+            self.stop()
+            raise
 
     def ping(self) -> bool:
         try:
@@ -186,7 +214,9 @@ class NodeProcess:
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="hubnode-", suffix=".log", delete=False)
+        fd, name = tempfile.mkstemp(prefix="hubnode-", suffix=".log")
+        os.close(fd)  # no handle kept open here: the child gets its own in start()
+        self.log_path = Path(name)
 
     @property
     def url(self) -> str:
@@ -197,11 +227,16 @@ class NodeProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, wait: bool = True) -> NodeProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hubnode.cli", "--host", "127.0.0.1", "--port", str(self.port),
-             *self.args], stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        with self.log_path.open("ab") as log:  # closed here once the child holds its copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hubnode.cli", "--host", "127.0.0.1", "--port", str(self.port),
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         if wait:
-            wait_until_sync(self.healthy, 15, f"node on port {self.port} to be healthy")
+            try:
+                wait_until_sync(self.healthy, 15, f"node on port {self.port} to be healthy")
+            except BaseException:
+                self.stop()  # a node that never came up must not outlive the test
+                raise
         return self
 
     def healthy(self) -> bool:
@@ -215,7 +250,7 @@ class NodeProcess:
             return False
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -297,10 +332,14 @@ class Cluster:
                                   "--redis-timeout", "1", *extra) for i in range(n)]
 
     def start(self) -> Cluster:
-        for node in self.nodes:
-            node.start(wait=False)
-        for node in self.nodes:
-            wait_until_sync(node.healthy, 15, f"node on port {node.port} to be healthy")
+        try:
+            for node in self.nodes:
+                node.start(wait=False)
+            for node in self.nodes:
+                wait_until_sync(node.healthy, 15, f"node on port {node.port} to be healthy")
+        except BaseException:
+            self.stop()  # callers only stop a cluster that started: leave no orphan nodes behind
+            raise
         return self
 
     def stop(self) -> None:

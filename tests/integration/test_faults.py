@@ -8,17 +8,21 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import msgpack
 import pytest
 
 from tests.helpers import (
+    SCALE,
     Client,
     Cluster,
     RedisServer,
+    deadline,
     free_port,
     membership_of,
+    metric,
     redis_state,
     sync_redis,
     wait_until,
@@ -49,35 +53,62 @@ async def pair_in_room(session: aiohttp.ClientSession, cluster: Cluster, tag: st
     return a, b
 
 
-async def chat_works(sender: Client, receiver: Client, room: str, marker: str, attempts: int = 10) -> None:
-    """Delivery works again: a marker gets through, resent as a client would after `resync`.
+BATCH = 20  # messages that must all arrive, exactly once and in order, once delivery is back
 
-    Delivery is at most once, so a message published while a subscriber was
-    being replaced may be lost (that is what resync announces); one attempt
-    must succeed within the deadline.
+
+def say(room: str, text: str) -> dict[str, object]:
+    return {"type": "room_message", "data": {"room": room, "message": text}}
+
+
+def view(frame: dict[str, Any]) -> tuple[str, object]:
+    """A frame as (type, message) for a room message, else (type, data): short enough to print."""
+    data = frame.get("data")
+    return (frame["type"], data.get("message") if isinstance(data, dict) else data)
+
+
+async def delivery_resumed(sender: Client, receiver: Client, room: str, marker: str, timeout: float = 15.0) -> None:
+    """Readiness: probes are sent until one reaches `receiver`, within a deadline.
+
+    Delivery is at most once, so a probe published while a subscriber was
+    being replaced may be lost (that is what resync announces). Earlier probes
+    and frames from before the recovery are passed over; once the latest probe
+    arrived, ordering means no earlier one can follow it.
     """
-    for attempt in range(attempts):
-        tag = f"{marker}-{attempt}"
-        await sender.send({"type": "room_message", "data": {"room": room, "message": tag}})
-        try:
-            while (await receiver.recv_type("room_message", timeout=1.0))["data"]["message"] != tag:
+    end = deadline(timeout)
+    sent = 0
+    while time.monotonic() < end:
+        tag = f"{marker}-probe-{sent}"
+        sent += 1
+        await sender.send(say(room, tag))
+        with contextlib.suppress(TimeoutError):
+            while view(await receiver.recv(timeout=1.0)) != ("room_message", tag):
                 pass
             return
-        except TimeoutError:
-            continue
-    raise AssertionError(f"no room message got through in {attempts} attempts")
+    raise AssertionError(f"none of {sent} probes reached the receiver within {timeout * SCALE:.1f}s")
+
+
+async def chat_works(sender: Client, receiver: Client, room: str, marker: str, count: int = BATCH) -> None:
+    """Delivery is whole again: after a probe got through, `count` room messages arrive exactly.
+
+    Each of them arrives once, in the order sent, and nothing else reaches the
+    receiver: not a duplicate, not a late resync, not a stray frame.
+    """
+    await delivery_resumed(sender, receiver, room, marker)
+    sent = [f"{marker}-{i}" for i in range(count)]
+    for tag in sent:
+        await sender.send(say(room, tag))
+    got: list[tuple[str, object]] = []
+    try:
+        while len(got) < count:
+            got.append(view(await receiver.recv(timeout=5.0)))
+    except TimeoutError:
+        raise AssertionError(f"only {len(got)} of {count} frames arrived after recovery: {got}") from None
+    assert got == [("room_message", tag) for tag in sent]
+    await receiver.expect_silence()  # and no duplicate of the last one
 
 
 def envelope(msg: dict[str, object]) -> bytes:
     return msgpack.packb({"v": 1, "id": str(time.time_ns()), "origin": "pub:t", "msg": msg})
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    text = await (await session.get(f"{url}/metrics")).text()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 async def test_killed_node_is_swept_and_survivors_deliver(redis_server: RedisServer,
@@ -176,7 +207,8 @@ async def test_client_kill_pubsub_recovers(own_redis: RedisServer, session: aioh
 
 
 async def _ready(session: aiohttp.ClientSession, url: str) -> bool:
-    return (await session.get(f"{url}/readyz")).status == 200
+    async with session.get(f"{url}/readyz") as resp:
+        return resp.status == 200
 
 
 class BlackholeProxy:
@@ -188,6 +220,7 @@ class BlackholeProxy:
         self.server: asyncio.AbstractServer | None = None
         self.links: list[dict[str, bool]] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -198,7 +231,9 @@ class BlackholeProxy:
             link["dead"] = True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.append(up_writer)
         link = {"dead": False}
         self.links.append(link)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
@@ -216,10 +251,18 @@ class BlackholeProxy:
             dst.close()
 
     async def close(self) -> None:
+        """Stop listening, stop the pipes and close both ends of every link (a black-holed pipe never ends)."""
         if self.server is not None:
             self.server.close()
         for task in list(self.tasks):
             task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+        if self.server is not None:
+            await self.server.wait_closed()
 
 
 async def test_blackholed_subscriber_found_by_probe(own_redis: RedisServer, session: aiohttp.ClientSession) -> None:
@@ -232,8 +275,11 @@ async def test_blackholed_subscriber_found_by_probe(own_redis: RedisServer, sess
     helper.nodes[0].args = tuple(a if a != "n1" else "n2" for a in helper.nodes[0].args)
     helper.start()
     try:
-        # the proxy runs on this test's loop, so readiness is awaited here, not in start()
+        # the proxy runs on this test's loop, so readiness is awaited here, not in start(); so is the
+        # registration, which the node retries on its heartbeat: unregistered, it refuses users (503)
         await wait_until(lambda: _ready(session, cluster.nodes[0].url), timeout=10, what="node via proxy ready")
+        r = sync_redis(own_redis.url)
+        await wait_until(lambda: "n1" in r.zrange("hub:nodes", 0, -1), timeout=10, what="node via proxy registered")
         a = await connect(session, cluster, 0, "ba")
         b = await Client.open(session, f"{helper.nodes[0].ws_url}?user_id=bb")
         await a.join("room")

@@ -23,6 +23,7 @@ import hubnode
 from deploy.cluster import find_executable, free_port, nginx_command, nginx_version, render_nginx_conf
 from hubnode.app import create_app
 from hubnode.config import Config, parse_args
+from tests.helpers import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -235,7 +236,7 @@ def test_render_replaces_only_listen_and_servers() -> None:
 def test_rendered_nginx_conf_passes_nginx_t(tmp_path: Path) -> None:
     """`nginx -t` accepts the rendered local configuration, run as this user with a private prefix."""
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        pytest.skip("nginx is not installed (make sysdeps installs it)")
+        missing("nginx is not installed (make sysdeps installs it)")
     exe = find_executable("nginx")
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_conf(nginx_conf(), f"127.0.0.1:{free_port()}", ["127.0.0.1:1", "127.0.0.1:2"]))
