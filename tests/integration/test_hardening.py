@@ -43,6 +43,14 @@ def raw_envelope(msg: dict[str, object], mid: str) -> bytes:
     return msgpack.packb({"v": 1, "id": mid, "origin": "pub:other-language", "msg": msg})
 
 
+async def lobby_member(hub: TestServer, session: aiohttp.ClientSession, redis_server: RedisServer,
+                       prefix: str) -> tuple[Client, aioredis.Redis, str]:
+    """A client in room "lobby", a raw Redis client, and the lobby's channel, for publishing by hand."""
+    a = await Client.open(session, str(hub.make_url("/ws?user_id=alice")))
+    await a.join("lobby")
+    return a, aioredis.Redis.from_url(redis_server.url), Keys(prefix).room_channel("lobby")
+
+
 async def test_a_node_configured_with_a_redis_url_runs_on_redis(
         redis_hub: TestServer, redis_server: RedisServer, prefix: str, session: aiohttp.ClientSession) -> None:
     """Node(Config(redis_url=...)) keeps its membership in Redis and takes messages from other publishers."""
@@ -61,10 +69,7 @@ async def test_a_node_configured_with_a_redis_url_runs_on_redis(
 async def test_reserved_types_from_redis_are_dropped_and_counted(
         redis_hub: TestServer, redis_server: RedisServer, prefix: str, session: aiohttp.ClientSession) -> None:
     """A raw envelope of type ack/error/pong/connected never reaches a client; the drop is counted."""
-    a = await Client.open(session, str(redis_hub.make_url("/ws?user_id=alice")))
-    await a.join("lobby")
-    r = aioredis.Redis.from_url(redis_server.url)
-    channel = Keys(prefix).room_channel("lobby")
+    a, r, channel = await lobby_member(redis_hub, session, redis_server, prefix)
     for i, mtype in enumerate(("ack", "error", "pong", "connected")):
         await r.publish(channel, raw_envelope({"type": mtype, "id": "j", "data": None}, f"forged-{i}"))
     await r.publish(channel, raw_envelope({"type": "after"}, "fine-1"))
@@ -78,10 +83,7 @@ async def test_reserved_types_from_redis_are_dropped_and_counted(
 async def test_same_envelope_published_three_times_is_delivered_once(
         redis_hub: TestServer, redis_server: RedisServer, prefix: str, session: aiohttp.ClientSession) -> None:
     """A republished envelope id (a publisher's retry) is delivered once and counted as a duplicate."""
-    a = await Client.open(session, str(redis_hub.make_url("/ws?user_id=alice")))
-    await a.join("lobby")
-    r = aioredis.Redis.from_url(redis_server.url)
-    channel = Keys(prefix).room_channel("lobby")
+    a, r, channel = await lobby_member(redis_hub, session, redis_server, prefix)
     for _ in range(3):
         await r.publish(channel, raw_envelope({"type": "once", "data": 1}, "same-id"))
     await r.publish(channel, raw_envelope({"type": "next", "data": 2}, "other-id"))

@@ -275,3 +275,22 @@ async def test_supervisor_keeps_a_task_respawned_before_its_predecessor_was_reap
     sup.spawn("unsubscribe", crashes)
     await wait_until(lambda: sup.crashes["unsubscribe"] >= 2, what="the crash to be counted and restarted")
     await sup.close()
+
+
+def test_only_the_supervisor_starts_long_lived_tasks() -> None:
+    """Every create_task in hubnode is the supervisor's, or a short task that is awaited or tracked.
+
+    The allowed ones: a connection's own close (bounded by CLOSE_TIMEOUT, awaited
+    by its handler), the drain's closers (awaited), and store updates (tracked,
+    awaited by their caller and by the drain). A new loop must go through
+    Supervisor.spawn, or this test names it.
+    """
+    root = LUA.parents[1]
+    allowed = {("connection.py", "self.close(code, reason)"), ("node.py", "c.close(CloseCode.GOING_AWAY"),
+               ("node.py", "create_task(coro)"), ("supervisor.py", "factory()")}
+    found = set()
+    for path in root.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if re.search(r"\.(create_task|ensure_future)\(", line) and not line.lstrip().startswith("#"):
+                found.add((path.name, next((a for f, a in allowed if f == path.name and a in line), line.strip())))
+    assert found == allowed
