@@ -245,6 +245,8 @@ class Node:
         checks and counts the user cluster-wide in one atomic step. On return
         the connection is routable cluster-wide (its user channel confirmed);
         `attach` makes it live. Raises Refused, BrokerUnavailable or NodeDraining.
+        The newest connection is the one refused: an attacker holding a stolen
+        token cannot push the rightful user's open sessions out.
         """
         cfg, user = self.config, identity.user_id
         if self.draining:
@@ -396,8 +398,9 @@ class Node:
             return  # control channel: nothing for clients
         if env.msg.type in RESERVED_TYPES:
             self.counters.reserved += 1  # a forged ack/error/pong could settle a client's pending request
-            log.warning("dropped a %r message from %s on %s: the type is reserved for the node",
-                        env.msg.type, env.origin, channel)
+            if self.counters.reserved % 1000 == 1:  # the first, then one line per 1,000: no log flood
+                log.warning("dropped a %r message from %s on %s: the type is reserved for the node "
+                            "(%d dropped so far)", env.msg.type, env.origin, channel, self.counters.reserved)
             return
         if self._recent.seen(env.id, time.monotonic()):
             self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
