@@ -137,7 +137,8 @@ class RedisMembershipStore:
         try:
             self._dirty = False  # queue the unregister behind every change already made
             await self._enqueue(_Write(self._future(), job=partial(self._purge, self.node_id, "self", 0)))
-        finally:
+        finally:  # nothing may use the client after it is closed (it would open a new connection)
+            await self._tasks.stop("sweeper", 1.0)
             await self._tasks.stop("membership-writer", 1.0)
             await self.redis.aclose()
 
