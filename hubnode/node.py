@@ -292,17 +292,13 @@ class Node:
         if conn_id in self.table and conn_id not in self.conns:
             self._release(conn_id, user_id, True)
 
-    async def connect(self, conn: Connection) -> None:
-        """`admit` and `attach` in one call, for a connection built before its checks."""
-        conn_id = await self.admit(conn.identity)
-        conn.id = conn_id
-        self.attach(conn)
-
-    def _release(self, conn_id: str, user_id: str | None, counted: bool) -> None:
+    def _release(self, conn_id: str, user_id: str | None, counted: bool) -> asyncio.Task[None] | None:
+        """Take a connection out of the table and, if it was counted, out of the store (in a tracked task)."""
         change = self.table.remove(conn_id)
         self._subs.release(change.release)
         if counted and not self._stopped.is_set():
-            self._track(self._store_remove(conn_id, user_id, change))
+            return self._track(self._store_remove(conn_id, user_id, change))
+        return None
 
     async def disconnect(self, conn: Connection) -> None:
         """Forget a closed connection: it leaves all rooms, here and in the store.
@@ -315,11 +311,9 @@ class Node:
         if conn.slow:
             self.counters.slow_closes += 1
         self.conns.pop(conn.id, None)
-        change = self.table.remove(conn.id)
-        self._subs.release(change.release)
-        if self._stopped.is_set():
-            return
-        await asyncio.shield(self._track(self._store_remove(conn.id, conn.user_id, change)))
+        update = self._release(conn.id, conn.user_id, True)
+        if update is not None:
+            await asyncio.shield(update)
 
     def _track(self, coro: Any) -> asyncio.Task[None]:
         """Run a store update in a task of its own: a cancelled handler cannot lose it, a drain waits for it."""

@@ -48,7 +48,7 @@ class Subscriptions:
 
     def wanted(self) -> list[str]:
         """Every channel the broker must hold now: what it subscribes on a reconnect."""
-        return [*self._pinned, *(c for c in self._subscribed if c not in self._pinned)]
+        return [*self._pinned, *self._subscribed]  # pinned channels never enter _subscribed
 
     def needed(self, channel: str) -> bool:
         return channel in self._pinned or self._in_use(channel)

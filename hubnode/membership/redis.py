@@ -275,12 +275,9 @@ class RedisMembershipStore:
         cursors = dict.fromkeys(rooms, "0")
         while cursors:
             batch = list(cursors.items())
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room, cursor in batch:
-                    keys = [k.nodes, k.members(room), k.rooms, k.node_rooms(node)]
-                    await self._scripts["purge_room"](keys=keys, args=[node, room, cursor, STEP, mode, stamp()],
-                                                      client=pipe)
-                replies = await self._deadline(pipe.execute())
+            replies = await self._pipeline([
+                ("purge_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
+                 [node, room, cursor, STEP, mode, stamp()]) for room, cursor in batch])
             for (room, _), reply in zip(batch, replies, strict=True):
                 cursor = text(reply)
                 if cursor == "-1":
@@ -316,13 +313,12 @@ class RedisMembershipStore:
         batches = [(room, members[i:i + REGISTER_STEP]) for room, members in by_room.items()
                    for i in range(0, len(members), REGISTER_STEP)]
         for start in range(0, len(batches), ROOMS_PER_ROUND):  # one round trip for many small rooms
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room, members in batches[start:start + ROOMS_PER_ROUND]:
-                    await self._scripts["register_room"](
-                        keys=[k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
-                        args=[node, room, orjson.dumps(members), self._expiry(_now_ms())], client=pipe)
-                if -1 in await self._deadline(pipe.execute()):
-                    return -1
+            replies = await self._pipeline([
+                ("register_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
+                 [node, room, orjson.dumps(members), self._expiry(_now_ms())])
+                for room, members in batches[start:start + ROOMS_PER_ROUND]])
+            if -1 in replies:
+                return -1
         now = _now_ms()
         clients = int(await self._call("register_end", [k.nodes, k.node(node), k.node_conns(node)],
                                        [self._expiry(now), now]))
@@ -388,14 +384,18 @@ class RedisMembershipStore:
 
     async def _send_scripts(self, run: list[_Write]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for write in run:
-                    await self._scripts[write.name](keys=write.keys, args=write.args, client=pipe)
-                results = await self._deadline(pipe.execute(raise_on_error=False))
+            results = await self._pipeline([(w.name, w.keys, w.args) for w in run], raise_on_error=False)
         except Exception as exc:  # any failure fails the batch; none may kill the writer
             results = [exc] * len(run)
         for write, result in zip(run, results, strict=True):
             self._resolve(write, result)
+
+    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]], raise_on_error: bool = True) -> list[Any]:
+        """Run scripts (name, keys, args) in one round trip, in order, with a deadline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, keys, args in calls:
+                await self._scripts[name](keys=keys, args=args, client=pipe)
+            return list(await self._deadline(pipe.execute(raise_on_error=raise_on_error)))
 
     def _resolve(self, write: _Write, result: Any) -> None:
         if isinstance(result, BaseException):
