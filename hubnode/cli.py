@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from hubnode.app import NODE, create_app
+from hubnode.auth import JwtVerifier
 from hubnode.config import Config, ConfigError, parse_args
 from hubnode.logs import setup_logging
+from publisher.core import redact_url as redact
 
 __all__ = ["main"]
 
@@ -20,9 +22,11 @@ log = logging.getLogger("hubnode")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    config = parse_args(argv)  # exits 2 with one line on a bad value
     try:
         config.check_exposure()
+        if config.auth == "jwt":
+            JwtVerifier(config)  # reads --jwt-public-key now: a bad file is a usage error, not a failed start
     except ConfigError as exc:
         print(f"hubnode: {exc}", file=sys.stderr)
         return 2
@@ -51,9 +55,8 @@ async def serve(config: Config) -> int:
         log.error("could not listen on %s:%d: %s", config.host, config.port, exc)
         await runner.cleanup()
         return 1
-    mode = f"redis {config.redis_url}" if config.redis_url else "embedded broker (single node)"
-    log.info("hubnode %s listening on http://%s:%d (ws path /ws, %s)",
-             config.node_id, config.host, config.port, mode)
+    mode = f"redis {redact(config.redis_url)}" if config.redis_url else "embedded broker (single node)"
+    log.info("hubnode %s listening on %s (ws path /ws, %s)", config.node_id, _bound(runner), mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,6 +66,12 @@ async def serve(config: Config) -> int:
     await app[NODE].drain()
     await runner.cleanup()
     return 0
+
+
+def _bound(runner: web.AppRunner) -> str:
+    """The address the socket really has (`--port 0` picks one), as a URL."""
+    host, port = runner.addresses[0][:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 if __name__ == "__main__":

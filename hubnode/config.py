@@ -14,16 +14,19 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
+from hubnode.validate import RULES, Invalid, shown
 from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.keys import DEFAULT_PREFIX
 
 __all__ = ["Config", "ConfigError", "parse_args"]
 
-_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_BOOLS = {"allow_anonymous", "client_broadcast", "client_private"}
+_METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "ID", "key_prefix": "PREFIX",
+             "auth": "none|jwt", "allowed_origins": "ORIGINS", "api_key": "KEYS", "jwt_secret": "SECRET",
+             "jwt_public_key": "FILE", "jwt_audience": "AUD", "jwt_issuer": "ISS",
+             "log_level": "LEVEL", "log_format": "text|json"}
 
 
 class ConfigError(ValueError):
@@ -75,35 +78,19 @@ class Config:
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        if self.auth not in ("none", "jwt"):
-            raise ConfigError(f"--auth {self.auth!r} is not supported (use 'none' or 'jwt')")
+        for f in fields(self):  # each value alone: hubnode.validate says what every setting accepts
+            value = getattr(self, f.name)
+            try:
+                RULES[f.name].check(value)
+            except Invalid as exc:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {shown(f.name, value)}: {exc}") from None
+        # then the settings that only make sense together
         if self.auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
             raise ConfigError("--auth jwt needs --jwt-secret (HS256) or --jwt-public-key FILE (RS256/ES256)")
-        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
-            raise ConfigError("--jwt-secret must be at least 32 bytes (RFC 7518 section 3.2)")
         if self.jwt_secret and self.jwt_public_key:
             raise ConfigError("give either --jwt-secret or --jwt-public-key, not both")
         if self.client_broadcast is None:
             object.__setattr__(self, "client_broadcast", self.auth == "none")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError("--log-format must be 'text' or 'json'")
-        if self.redis_url is not None and self.redis_url.startswith(("redis+cluster", "rediss+cluster")):
-            raise ConfigError("Redis Cluster URLs are not supported yet: point --redis-url "
-                              "at a single Redis primary (redis:// or rediss://)")
-        if not _NODE_ID.fullmatch(self.node_id):
-            raise ConfigError("--node-id may use only letters, digits, '.', '_' and '-' (1-64 characters)")
-        for name in ("heartbeat", "ping_timeout", "redis_timeout", "drain_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("rate", "ping_interval", "unsubscribe_grace", "jwt_leeway", "max_connections",
-                     "max_connections_per_user", "burst", "max_errors"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if self.dedup_window < 0:
-            raise ConfigError("--dedup-window must not be negative")
-        for name in ("max_message_bytes", "max_outbound_bytes", "max_rooms_per_conn", "max_envelope_bytes"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
 
     @property
     def on_loopback(self) -> bool:
@@ -168,64 +155,44 @@ _HELP = {
 }
 
 
-def _to_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/true/yes or 0/false/no, got {text!r}")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block would bury the line that matters."""
 
-
-def _to_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-_STRINGS = {"redis_url", "jwt_secret", "jwt_public_key", "jwt_audience", "jwt_issuer"}
-_BOOLS = {"allow_anonymous", "client_broadcast", "client_private"}
-
-
-def _converter(name: str, default: Any) -> Any:
-    if name in ("allowed_origins", "api_key"):
-        return _to_list
-    if name in _STRINGS:
-        return str
-    if name in _BOOLS:
-        return _to_bool
-    return type(default)
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build a Config from command-line flags and HUB_* environment variables."""
+    """Build a Config from command-line flags and HUB_* environment variables.
+
+    Every value is converted and checked here, each against its own rule
+    (hubnode.validate), so a bad one exits 2 with one line naming the flag or
+    the variable it came from, before anything starts.
+    """
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(prog="hubnode", description="Run a hubnode WebSocket hub node.")
-    base = Config(node_id="x")
+    parser = _Parser(prog="hubnode", description="Run a hubnode WebSocket hub node. Every flag also "
+                     "reads HUB_<FLAG> from the environment; a flag on the command line wins.")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(base, f.name)
-        conv = _converter(f.name, default)
-        env_value = env.get("HUB_" + f.name.upper())
-        if f.name in _BOOLS:
-            parser.add_argument(flag, nargs="?", const=True, type=_to_bool, default=None,
-                                help=_HELP[f.name])
+        if f.name in _BOOLS:  # `--client-private` alone means on
+            parser.add_argument(flag, nargs="?", const="on", default=None, metavar="on|off", help=_HELP[f.name])
         else:
-            parser.add_argument(flag, type=conv, default=None, help=_HELP[f.name])
-        parser.set_defaults(**{f"_env_{f.name}": env_value})
+            parser.add_argument(flag, default=None, metavar=_METAVARS.get(f.name, "N"), help=_HELP[f.name])
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Config):
-        given = getattr(ns, f.name)
+        flag, var = "--" + f.name.replace("_", "-"), "HUB_" + f.name.upper()
+        given, source = getattr(ns, f.name), flag
         if given is None:
-            env_value = getattr(ns, f"_env_{f.name}")
-            if env_value is None:
+            given, source = env.get(var), var
+            if given is None:
                 continue
-            try:
-                given = _converter(f.name, getattr(base, f.name))(env_value)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"HUB_{f.name.upper()}: {exc}")
-        values[f.name] = given
+        try:
+            values[f.name] = RULES[f.name].parse(given)
+        except Invalid as exc:
+            quoted = shown(f.name, given)
+            parser.error(f"{source} {quoted}: {exc}" if source == flag else f"{source}={quoted}: {exc}")
     try:
         return Config(**values)
     except ConfigError as exc:
         parser.error(str(exc))
-        raise  # unreachable: parser.error exits

@@ -20,11 +20,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
+from publisher.core import redact_url as redact
 from publisher.inspect import NodeInfo
 from publisher.sync import Publisher
 
@@ -120,18 +120,6 @@ def _json_arg(flag: str, value: str | None) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{flag} is not valid JSON: {exc}") from None
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, fit for an error message."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return url
 
 
 # -- arguments and main ---------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from publisher.envelope import process_token
 from publisher.keys import DEFAULT_PREFIX, Keys
@@ -23,7 +24,7 @@ from publisher.targets import Target, coerce_message, envelope_for
 
 __all__ = [
     "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Origin", "Outgoing",
-    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_query",
+    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_query", "redact_url",
 ]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -34,6 +35,17 @@ so a huge batch does not build one huge buffer."""
 
 MessageLike = Message | Mapping[str, Any]
 Item = tuple[Target, MessageLike]
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for an error message or a log line."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    except ValueError:
+        return url
 
 
 def default_url() -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
 
 import aiohttp
 
-from tests.helpers import Client, NodeProcess
+from tests.helpers import Client, NodeProcess, wait_until_sync
 
 
 async def test_sigterm_drains_and_exits_zero(session: aiohttp.ClientSession) -> None:
@@ -95,3 +97,39 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+USER_COMMANDS = [  # issue 12: what a user typed, and got a traceback or a lie for
+    (["--redis-url", "redis+sentinel://x"], {}, "--redis-url"),
+    (["--redis-url", "http://x"], {}, "--redis-url"),
+    ([], {"HUB_REDIS_URL": "http://x"}, "HUB_REDIS_URL"),
+    ([], {"HUB_REDIS_URL": "redis+sentinel://x"}, "HUB_REDIS_URL"),
+    (["--log-level", "loud"], {}, "--log-level"),
+    (["--port", "99999"], {}, "--port"),
+    ([], {"HUB_PORT": "-1"}, "HUB_PORT"),
+]
+
+
+def test_bad_configuration_is_one_line_from_the_console_script() -> None:
+    """The real process: exit 2, one line naming the flag or variable, no traceback, nothing started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    for argv, extra, source in USER_COMMANDS:
+        out = subprocess.run([sys.executable, "-m", "hubnode.cli", *argv], capture_output=True, text=True,
+                             timeout=30, env={**env, **extra})
+        assert out.returncode == 2, (argv, extra, out.stderr)
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"hubnode: error: {source}"), (argv, extra, out.stderr)
+        assert "listening" not in out.stderr and out.stdout == ""
+
+
+async def test_port_zero_logs_the_port_it_bound(session: aiohttp.ClientSession) -> None:
+    """`--port 0` takes a free port, and the log line names that port, which then answers."""
+    node = NodeProcess("--port", "0", "--node-id", "anyport")
+    node.start(wait=False)
+    try:
+        wait_until_sync(lambda: "listening on" in node.output(), 15, "the listening line")
+        found = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", node.output())
+        assert found and found[1] != "0", node.output()
+        assert (await session.get(f"http://127.0.0.1:{found[1]}/healthz")).status == 200
+    finally:
+        node.stop()
