@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from publisher.core import redact_url
+from publisher.keys import check_prefix
 
 __all__ = ["RULES", "Invalid", "Rule", "shown"]
 
@@ -153,10 +154,9 @@ def node_id(value: Any) -> None:
 
 
 def key_prefix(value: Any) -> None:
-    """Every key and channel starts with it: no spaces (redis-cli), no braces (Redis Cluster hash tags)."""
-    if not (isinstance(value, str) and 1 <= len(value) <= 64
-            and not any(c.isspace() or not c.isprintable() or c in "{}" for c in value)):
-        raise Invalid("expected 1-64 printable characters without whitespace, '{' or '}' (default 'hub:')")
+    problem = check_prefix(value)
+    if problem:
+        raise Invalid(problem)
 
 
 def text(what: str) -> Callable[[Any], None]:

@@ -19,13 +19,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
 from publisher.core import redact_url as redact
 from publisher.inspect import NodeInfo
+from publisher.keys import check_prefix
 from publisher.sync import Publisher
 
 __all__ = ["main"]
@@ -157,12 +158,18 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other failure of hubctl."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hubctl",
-                                     description="Publish to a hubnode cluster and inspect it.")
+    parser = _Parser(prog="hubctl", description="Publish to a hubnode cluster and inspect it.")
     _global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    shared = argparse.ArgumentParser(add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    shared = _Parser(add_help=False)
     _global_options(shared, suppress=True)
     sub = {name: commands.add_parser(name, parents=[shared], help=text, description=text)
            for name, (_, text) in COMMANDS.items()}
@@ -181,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
     """Run one parsed command; raises on failure (main turns that into one line)."""
     url = args.redis_url or default_url()
     prefix = default_prefix() if args.key_prefix is None else args.key_prefix
+    problem = check_prefix(prefix)
+    if problem:
+        source = "--key-prefix" if args.key_prefix is not None else "HUB_KEY_PREFIX"
+        raise UsageError(f"{source} {prefix!r}: {problem}")
     try:
         pub = Publisher(url, key_prefix=prefix, origin_id=f"hubctl-{os.getpid()}", timeout=args.timeout)
     except ValueError as exc:

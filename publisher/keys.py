@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PREFIX", "Keys"]
+__all__ = ["DEFAULT_PREFIX", "Keys", "check_prefix"]
 
 DEFAULT_PREFIX = "hub:"
+
+
+def check_prefix(prefix: object) -> str | None:
+    """What is wrong with a key prefix, or None.
+
+    It starts every key and channel: whitespace would break redis-cli lines,
+    and braces would become a Redis Cluster hash tag and move keys to other slots.
+    """
+    if not (isinstance(prefix, str) and 1 <= len(prefix) <= 64
+            and not any(c.isspace() or not c.isprintable() or c in "{}" for c in prefix)):
+        return "expected 1-64 printable characters without whitespace, '{' or '}' (default 'hub:')"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +30,11 @@ class Keys:
     """Channel and key names under one `--key-prefix`."""
 
     prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        problem = check_prefix(self.prefix)
+        if problem:
+            raise ValueError(f"key prefix {self.prefix!r}: {problem}")
 
     # -- pub/sub channels -------------------------------------------------
     @property
@@ -77,3 +94,12 @@ class Keys:
     def node_conns(self, node_id: str) -> str:
         """The node's connection ids (SET): makes connect/disconnect updates idempotent."""
         return f"{self.prefix}node:{node_id}:conns"
+
+    # -- the cluster dashboard ------------------------------------------------
+    def node_metrics(self, node_id: str) -> str:
+        """The node's metrics snapshot (STRING, JSON), rewritten every heartbeat and expiring 3 heartbeats later.
+
+        Any node serves the cluster dashboard from these, so the page shows
+        every node's numbers whichever node a load balancer picked.
+        """
+        return f"{self.prefix}node:{node_id}:metrics"

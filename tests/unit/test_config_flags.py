@@ -154,3 +154,36 @@ def test_python_callers_get_the_same_rules(kwargs: dict[str, object], fragment: 
     """`Config(...)` in an application refuses what the command line refuses."""
     with pytest.raises(ConfigError, match=fragment):
         Config(**kwargs)  # type: ignore[arg-type]
+
+
+HUBCTL_BAD = [  # each of hubctl's options and arguments with a bad value; none reaches Redis
+    (["--timeout", "-1", "stats"], "--timeout"),
+    (["--timeout", "nan", "stats"], "--timeout"),
+    (["stats", "--timeout", "soon"], "--timeout"),
+    (["--key-prefix", "a b", "stats"], "--key-prefix"),
+    (["--redis-url", "http://x", "stats"], "Redis URL"),
+    (["--redis-url", "redis+sentinel://x", "rooms"], "Redis URL"),
+    (["nope"], "COMMAND"),
+    (["stats", "--bogus"], "--bogus"),
+    (["publish", "--type", "t"], "--all --room --user"),
+    (["publish", "--room", "a b", "--type", "t"], "room name"),
+    (["publish", "--all", "--type", "ack"], "ack"),
+    (["publish", "--all", "--type", "t", "--data", "{oops"], "--data"),
+    (["members"], "ROOM"),
+    (["members", "{x}"], "room name"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), HUBCTL_BAD)
+def test_hubctl_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from publisher import cli as hubctl
+
+    monkeypatch.setenv("HUB_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens: no case may get that far
+    try:
+        status = hubctl.main(argv)
+    except SystemExit as exc:
+        status = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("hubctl") and fragment in err, err
