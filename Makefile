@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint venv sysdeps clean
+.PHONY: run test lint venv sysdeps sysdeps-cluster clean
 .PHONY: cluster
 
 $(BIN)/python:
@@ -11,19 +11,25 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,speed]'
+	$(BIN)/pip install -q -e '.[server,dev,speed]'
 
 ## make run: install and run one node with the embedded broker on http://127.0.0.1:8080
 run: $(BIN)/python
-	$(BIN)/pip install -q -e '.[speed]'
+	$(BIN)/pip install -q -e '.[server,speed]'
 	$(BIN)/hubnode --host 127.0.0.1 --port 8080
 
 ## make test: install what the tests need (system packages too) and run the suite
 test: sysdeps venv
 	HUB_TEST_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
 
-## system packages the integration tests start for real (idempotent)
-sysdeps:
+## system packages the integration tests start for real (idempotent): redis-server, nginx, chromium
+sysdeps: sysdeps-cluster
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+## what `make cluster` runs besides the nodes: redis-server and nginx (idempotent)
+sysdeps-cluster:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
@@ -31,13 +37,12 @@ sysdeps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light || \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; }; }
-	@command -v chromium >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
-## make cluster: redis-server, three nodes and nginx on http://127.0.0.1:8080, no Docker; Ctrl-C stops them
+## make cluster: redis-server, three nodes and nginx on http://127.0.0.1:8080, no Docker; Ctrl-C stops them.
+## Installs only what it runs: redis-server and nginx (apt, when missing) and the node (.[server,speed]).
 ## (options: make cluster CLUSTER_ARGS="--port 9000 --nodes 5 -- --heartbeat 1")
-cluster: sysdeps venv
+cluster: sysdeps-cluster $(BIN)/python
+	$(BIN)/pip install -q -e '.[server,speed]'
 	$(BIN)/python -m deploy.cluster $(CLUSTER_ARGS)
 
 lint: venv
@@ -52,11 +57,11 @@ clean:
 ## make bench: a short benchmark, hubnode vs python-socketio vs bare asyncio (bench/out/RESULTS-quick.md)
 bench: $(BIN)/python
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) sysdeps
-	$(BIN)/pip install -q -e '.[speed,bench]'
+	$(BIN)/pip install -q -e '.[server,speed,bench]'
 	$(BIN)/python -m bench
 
 ## make bench-full: the full benchmark; rewrites bench/RESULTS.md (several minutes)
 bench-full: $(BIN)/python
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) sysdeps
-	$(BIN)/pip install -q -e '.[speed,bench]'
+	$(BIN)/pip install -q -e '.[server,speed,bench]'
 	$(BIN)/python -m bench --full

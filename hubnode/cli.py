@@ -1,34 +1,39 @@
-"""The `hubnode` console script: run one node until SIGTERM/SIGINT, then drain."""
+"""The `hubnode` console script: check the flags, then run one node until SIGTERM/SIGINT and drain.
+
+The node's own dependencies come with the `server` extra; a worker that
+installed plain `hubnode` for the publisher gets one line saying so instead
+of an ImportError traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from hubnode.app import NODE, create_app
-from hubnode.auth import JwtVerifier
-from hubnode.config import Config, ConfigError, parse_args
-from hubnode.logs import setup_logging
-from publisher.core import redact_url as redact
+from hubnode.config import ConfigError, parse_args
 
 __all__ = ["main"]
 
-log = logging.getLogger("hubnode")
+SERVER_EXTRA = "pip install 'hubnode[server]'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)  # exits 2 with one line on a bad value
     try:
+        from hubnode.auth import JwtVerifier
+        from hubnode.logs import setup_logging
+        from hubnode.serve import serve
+    except ModuleNotFoundError as exc:
+        print(f"hubnode: error: the node needs the server extra ({exc.name} is not installed): {SERVER_EXTRA}",
+              file=sys.stderr)
+        return 2
+    try:
         config.check_exposure()
         if config.auth == "jwt":
             JwtVerifier(config)  # reads --jwt-public-key now: a bad file is a usage error, not a failed start
     except ConfigError as exc:
-        print(f"hubnode: {exc}", file=sys.stderr)
+        print(f"hubnode: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
     try:
@@ -36,42 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         return asyncio.run(serve(config))
     return uvloop.run(serve(config))
-
-
-async def serve(config: Config) -> int:
-    """Serve until a signal; returns the exit code."""
-    app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=1.0)
-    try:
-        await runner.setup()
-    except Exception as exc:
-        log.error("could not start: %s", exc)
-        return 1
-    site = web.TCPSite(runner, config.host, config.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("could not listen on %s:%d: %s", config.host, config.port, exc)
-        await runner.cleanup()
-        return 1
-    mode = f"redis {redact(config.redis_url)}" if config.redis_url else "embedded broker (single node)"
-    log.info("hubnode %s listening on %s (ws path /ws, %s)", config.node_id, _bound(runner), mode)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: draining")
-    await app[NODE].drain()
-    await runner.cleanup()
-    return 0
-
-
-def _bound(runner: web.AppRunner) -> str:
-    """The address the socket really has (`--port 0` picks one), as a URL."""
-    host, port = runner.addresses[0][:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 if __name__ == "__main__":

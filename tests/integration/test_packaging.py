@@ -1,29 +1,125 @@
-"""What `pip install .` gives users carries everything the node needs at run time."""
+"""What users install: the wheel carries what the node needs, and a worker installs the publisher alone.
+
+The README's worker example and its test are executed as written, the worker
+from a fresh venv holding only `pip install hubnode` (issue 12: a worker could
+not install the publisher without aiohttp, PyJWT, prometheus-client and the node).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
+import venv
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import ROOT
+import aiohttp
+import pytest
+
+from tests.helpers import ROOT, Client, NodeProcess, RedisServer
+
+SERVER_ONLY = {"aiohttp", "orjson", "prometheus-client", "pyjwt", "cryptography", "uvloop"}
 
 
-def test_wheel_carries_lua_scripts_and_static_files(tmp_path: Path) -> None:
-    """A non-editable build includes the Lua scripts, the pages and hub.js, and both console scripts."""
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block whose first line starts with `first_line`."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"README.md has {len(found)} blocks starting with {first_line!r}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A non-editable build of the repository, and what the build printed."""
+    out_dir = tmp_path_factory.mktemp("wheel")
     had_build = (ROOT / "build").exists()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out_dir), str(ROOT)],
+                           capture_output=True, text=True, timeout=300)
     if not had_build:  # setuptools builds in the source tree; leave it as it was
         shutil.rmtree(ROOT / "build", ignore_errors=True)
-    wheel = next(tmp_path.glob("hubnode-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
+    assert built.returncode == 0, built.stderr
+    yield next(out_dir.glob("hubnode-*.whl")), built.stdout + built.stderr
+
+
+def test_wheel_carries_lua_scripts_and_static_files(wheel: tuple[Path, str]) -> None:
+    """A non-editable build includes the Lua scripts, the pages and hub.js, and both console scripts."""
+    names = set(zipfile.ZipFile(wheel[0]).namelist())
     lua = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hubnode/membership/lua").glob("*.lua")}
     static = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hubnode/static").iterdir() if p.is_file()}
     assert len(lua) >= 10 and {"hubnode/static/index.html", "hubnode/static/hub.js"} <= static
     assert lua <= names and static <= names, sorted((lua | static) - names)
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    entry_points = zipfile.ZipFile(wheel[0]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "hubnode = hubnode.cli:main" in entry_points and "hubctl = publisher.cli:main" in entry_points
     assert not any(n.startswith(("tests/", "bench/", "deploy/")) for n in names)
+
+
+def test_build_prints_no_deprecation(wheel: tuple[Path, str]) -> None:
+    """`license` is an SPDX string: setuptools no longer warns about a TOML table on every install."""
+    assert "deprecat" not in wheel[1].lower(), wheel[1]
+    metadata = zipfile.ZipFile(wheel[0])
+    text = metadata.read(next(n for n in metadata.namelist() if n.endswith("METADATA"))).decode()
+    assert "License-Expression: MIT" in text
+
+
+@pytest.fixture(scope="module")
+def worker_venv(wheel: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only `pip install hubnode` (the wheel, its dependencies from the index)."""
+    home = tmp_path_factory.mktemp("worker-venv")
+    venv.create(home, with_pip=True)
+    python = home / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel[0])],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return home
+
+
+def test_publisher_install_carries_nothing_of_the_node(worker_venv: Path) -> None:
+    """redis, hiredis and msgpack; none of the node's libraries; `hubnode` explains the extra in one line."""
+    listed = subprocess.run([str(worker_venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout
+    installed = {line.split("==")[0].lower() for line in listed.splitlines()}
+    assert {"hubnode", "redis", "hiredis", "msgpack"} <= installed
+    assert not installed & SERVER_ONLY, installed & SERVER_ONLY
+    assert subprocess.run([str(worker_venv / "bin" / "hubctl"), "--help"], capture_output=True).returncode == 0
+    node = subprocess.run([str(worker_venv / "bin" / "hubnode")], capture_output=True, text=True, timeout=30)
+    assert node.returncode == 2 and node.stderr.count("\n") == 1, node.stderr
+    assert "pip install 'hubnode[server]'" in node.stderr and "Traceback" not in node.stderr
+
+
+async def test_readme_worker_runs_as_written_from_the_fresh_venv(worker_venv: Path, tmp_path: Path,
+                                                                  session: aiohttp.ClientSession) -> None:
+    """`python worker.py 42 alice` with HUB_REDIS_URL set reaches alice and the ops room on a real node."""
+    redis_server = RedisServer()
+    redis_server.start()  # its own Redis: the example uses the default prefix "hub:"
+    node = NodeProcess("--redis-url", redis_server.url, "--node-id", "readme").start()
+    try:
+        alice = await Client.open(session, node.ws_url + "?user_id=alice")
+        operator = await Client.open(session, node.ws_url + "?user_id=op")
+        await operator.join("ops")
+        (tmp_path / "worker.py").write_text(readme_block("# worker.py"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {"HUB_REDIS_URL": redis_server.url}
+        ran = subprocess.run([str(worker_venv / "bin" / "python"), "worker.py", "42", "alice"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == "1 node(s) took it"
+        got = await alice.recv_type("order_shipped")
+        assert got["data"] == {"order": 42} and got["metadata"] == {"source": "worker"} and "user_id" not in got
+        got = await operator.recv_type("order_shipped")
+        assert got["room"] == "ops" and got["data"] == {"order": 42}
+    finally:
+        node.stop()
+        redis_server.stop()
+
+
+def test_readme_worker_test_runs_as_written(tmp_path: Path) -> None:
+    """The README's test of the worker, with RecordingPublisher, passes next to the README's worker.py."""
+    (tmp_path / "worker.py").write_text(readme_block("# worker.py"))
+    (tmp_path / "test_worker.py").write_text(readme_block("# test_worker.py"))
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_worker.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "1 passed" in ran.stdout, ran.stdout + ran.stderr

@@ -204,7 +204,7 @@ def test_dockerfile_runs_hubnode_as_non_root() -> None:
     assert re.search(r'^ENTRYPOINT \["hubnode"\]$', text, re.M)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "hubnode" in scripts
-    assert '"hubnode[speed]"' in text
+    assert '"hubnode[server,speed]"' in text
     assert re.search(r'^HEALTHCHECK [^\n]*\\\n\s+CMD \["python", "-c"', text, re.M), "a python healthcheck (no curl)"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ["hubnode.config", "hubnode.errors", "hubnode.protocol", "hubnode.routing", "hubnode.policy",
+PURE = ["hubnode.config", "hubnode.validate", "hubnode.errors", "hubnode.protocol", "hubnode.routing", "hubnode.policy",
         "publisher.message", "publisher.names", "publisher.keys", "publisher.envelope",
         "publisher.targets"]
 
