@@ -257,3 +257,17 @@ def test_docker_compose_config_accepts_the_file() -> None:
     result = subprocess.run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_make_cluster_installs_only_what_it_runs() -> None:
+    """`make cluster` (dry run): redis-server and nginx from apt, the node's extras; no Chromium, no dev tools."""
+    shutil_make = shutil.which("make")
+    assert shutil_make, "make is not installed"
+    dry = subprocess.run([shutil_make, "-n", "-B", "cluster"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert "apt-get install -y -qq redis-server" in dry and "nginx-light" in dry
+    assert "chromium" not in dry
+    installs = re.findall(r"pip install[^\n]*", dry)
+    assert any(".[server,speed]" in line for line in installs), installs
+    assert not any("dev" in line or "bench" in line for line in installs), installs
+    assert dry.rstrip().endswith("-m deploy.cluster")
