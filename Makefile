@@ -40,7 +40,9 @@ sysdeps-cluster:
 
 ## make cluster: redis-server, three nodes and nginx on http://127.0.0.1:8080, no Docker; Ctrl-C stops them.
 ## Installs only what it runs: redis-server and nginx (apt, when missing) and the node (.[server,speed]).
-## (options: make cluster CLUSTER_ARGS="--port 9000 --nodes 5 -- --heartbeat 1")
+## A process that dies is reported and restarted (--restart on-failure; --restart no keeps it down).
+## Redis listens on 6380 (--redis-port 0: a free port). Flags after -- go to every node:
+## make cluster CLUSTER_ARGS="--port 9000 --nodes 5 --restart no -- --heartbeat 1"
 cluster: sysdeps-cluster $(BIN)/python
 	$(BIN)/pip install -q -e '.[server,speed]'
 	$(BIN)/python -m deploy.cluster $(CLUSTER_ARGS)

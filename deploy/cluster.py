@@ -1,19 +1,35 @@
 """A real local cluster without Docker: redis-server, N hubnode nodes and nginx in front.
 
-    python -m deploy.cluster [--port 8080] [--redis-port P] [--nodes 3] [--keep] [-- NODE FLAGS...]
+    python -m deploy.cluster [--port 8080] [--redis-port 6380] [--nodes 3]
+                             [--restart {no,on-failure,always}] [--keep] [-- NODE FLAGS...]
 
 This is what `make cluster` runs, and what tests/e2e/test_cluster_nginx.py
 boots on free ports. Everything runs as the current user from the venv:
-redis-server without persistence, `hubnode --node-id node1..N` on loopback
-ports, and nginx (the Debian package's binary) with deploy/nginx.conf
-rendered for those ports, in the foreground (`daemon off;`) with its pid
-file, temporary files and the cluster's logs in one working directory.
+redis-server without persistence on a fixed port (6380, so the examples'
+HUB_REDIS_URL stays valid; `--redis-port 0` picks a free one), `hubnode
+--node-id node1..N` on free loopback ports, and nginx (the Debian package's
+binary) with deploy/nginx.conf rendered for those ports, in the foreground
+(`daemon off;`) with its pid file, temporary files and the cluster's logs in
+one working directory. A port it needs that is taken stops it at once, with
+one line saying which and how to choose another.
+
+While it runs, it checks its children every 0.5 s (Cluster.check). One that
+exits is reported on stderr (with the end of its log when it exited with an
+error code), what is left of its process group is killed, and the rest keep
+running. The restart policy decides what follows, as in Docker: `on-failure`
+(the default) restarts a child killed by a signal or exiting non-zero, not
+one that exited 0 (a node drained by `kill -TERM` stays down); `always`
+restarts it whatever its exit; `no` never does. A restart uses the same
+command, so a node keeps its id, port and flags and nginx's upstream entry is
+valid again; it waits 1 s, doubled for each restart of a child that ran less
+than 10 s, up to 30 s, and "NAME restarted (pid N)" is printed once the child
+answers its readiness check (a node's /readyz, which needs its Redis entry).
 
 Each child runs in its own process group, so a Ctrl-C in the terminal
 reaches this script only; it then stops what it started, by PID and in
 order: the nodes first (SIGTERM: they drain, clients get close 1001 and
-reconnect), then nginx, then Redis. Children also get SIGTERM if this script
-dies without cleaning up (Linux parent-death signal).
+reconnect), then nginx, then Redis, and exits 0. Children also get SIGTERM if
+this script dies without cleaning up (Linux parent-death signal).
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -39,18 +56,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import NoReturn
 
-__all__ = ["Cluster", "ClusterError", "find_executable", "main", "nginx_command", "render_nginx_conf"]
+__all__ = ["POLICIES", "Cluster", "ClusterError", "Event", "PortUnavailable", "describe_exit", "find_executable",
+           "main", "nginx_command", "render_nginx_conf", "restart_delay"]
 
 NGINX_TEMPLATE = Path(__file__).with_name("nginx.conf")
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin", "/usr/bin", "/usr/local/bin")
 _LISTEN = re.compile(r"(# cluster\.py: listen address\n)([ \t]*)listen [^;\n]+;")
 _SERVERS = re.compile(r"(# cluster\.py: upstream servers[^\n]*\n)([ \t]*)server [^;\n]+;\n(?:[ \t]*server [^;\n]+;\n)*")
 _SERVER_OPTIONS = "max_fails=1 fail_timeout=5s"
+DEFAULT_REDIS_PORT = 6380  # `python -m deploy.cluster` (make cluster); not 6379, a system Redis's port
+
+POLICIES = ("no", "on-failure", "always")  # --restart, as in Docker
+BACKOFF_FIRST = 1.0  # seconds before the first restart
+BACKOFF_MAX = 30.0  # the doubling stops here
+BACKOFF_RESET = 10.0  # a child that ran this long starts again from BACKOFF_FIRST
+READY_WARN = 30.0  # a restarted child not ready after this long is reported (once)
+LOG_TAIL_LINES = 12  # of a child's log, shown when it exited with an error code
 
 
 class ClusterError(RuntimeError):
     """The cluster could not start or a process died; the message says which and shows its log."""
+
+
+class PortUnavailable(ClusterError):
+    """A fixed port the cluster needs is taken; the message (one line) says which and how to choose another."""
 
 
 # -- pure helpers ----------------------------------------------------------------
@@ -88,6 +119,50 @@ def nginx_command(exe: str, prefix: Path, conf: Path, pid_file: Path, version: t
     if version >= (1, 19, 5):
         cmd[1:1] = ["-e", "stderr"]
     return cmd
+
+
+def restart_delay(policy: str, returncode: int, ran_for: float, last_delay: float | None) -> float | None:
+    """Seconds to wait before restarting a child that exited with `returncode`, or None: do not restart.
+
+    `policy` is one of POLICIES: `no` never restarts, `on-failure` restarts
+    unless the exit code is 0 (a signal or a non-zero code is a failure),
+    `always` always does. The delay is 1 s, doubled for each restart of a
+    child that ran less than 10 s (`ran_for`) since the previous one, up to
+    30 s; `last_delay` is the delay of that previous restart (None: none yet).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"restart policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if policy == "no" or (policy == "on-failure" and returncode == 0):
+        return None
+    if last_delay is None or ran_for >= BACKOFF_RESET:
+        return BACKOFF_FIRST
+    return min(BACKOFF_MAX, last_delay * 2)
+
+
+def describe_exit(returncode: int) -> str:
+    """`-9 (signal SIGKILL)` for a child killed by a signal (Popen's negative code), else the code."""
+    if returncode >= 0:
+        return str(returncode)
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = str(-returncode)
+    return f"{returncode} (signal {name})"
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why `port` cannot be listened on at `host` (already in use, ...), or None when it can.
+
+    SO_REUSEADDR as servers set it: a port with connections in TIME_WAIT
+    (a cluster stopped a moment ago) is free, one with a listener is not.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+    return None
 
 
 def find_executable(name: str) -> str:
@@ -177,6 +252,35 @@ class Proc:
         self.signal(signal.SIGTERM)
         return self.wait_or_kill(timeout)
 
+    def kill_leftovers(self) -> None:
+        """SIGKILL what is left of this exited child's process group (nginx workers outlive a killed master)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(f"  | {line}" for line in self.output(16000).splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class Event:
+    """What Cluster.check() saw, for the user: `kind` is exited, restarted, unready or restart-failed."""
+
+    kind: str
+    name: str
+    text: str
+
+
+@dataclass
+class _Watch:
+    """Supervision state of one child, kept across its restarts."""
+
+    started: float  # time.monotonic() of its last start
+    ready: bool = True  # answered its readiness check since then (start() waits for every child)
+    reported: bool = False  # its exit was reported
+    warned: bool = False  # "not ready" was reported for this start
+    restart_at: float | None = None  # a restart is due then
+    delay: float | None = None  # the backoff of its last restart
+
 
 class Cluster:
     """redis-server, `nodes` hubnode processes and nginx, started and stopped together.
@@ -184,13 +288,18 @@ class Cluster:
     Use as a context manager, or call start() and stop(). `port` 0 picks a
     free port for nginx; `redis_port` 0 a free one for Redis. `node_args` go
     to every node after the cluster's own flags (so they can add, e.g.
-    `--heartbeat 0.5`).
+    `--heartbeat 0.5`). Nothing watches the children unless check() is
+    called (main() does every 0.5 s): it reports exits and applies the
+    `restart` policy (see restart_delay()).
     """
 
     def __init__(self, port: int = 8080, nodes: int = 3, redis_port: int = 0, host: str = "127.0.0.1",
-                 node_args: Sequence[str] = (), workdir: Path | None = None, keep: bool = False) -> None:
+                 node_args: Sequence[str] = (), workdir: Path | None = None, keep: bool = False,
+                 restart: str = "on-failure") -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
+        if restart not in POLICIES:
+            raise ValueError(f"restart policy {restart!r} is not one of {', '.join(POLICIES)}")
         self.host = host
         self.port = port or free_port()
         self.redis_port = redis_port or free_port()
@@ -199,8 +308,12 @@ class Cluster:
         self.node_args = tuple(node_args)
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="hub-cluster-"))
         self.keep = keep
+        self.restart = restart
         self.procs: dict[str, Proc] = {}
+        self.commands: dict[str, list[str]] = {}  # what each child was started with, for its restarts
         self.forced: list[str] = []  # children that ignored SIGTERM past their grace and were killed
+        self.crashed: list[str] = []  # children seen exiting with an error code by check(): keep their logs
+        self._watch: dict[str, _Watch] = {}
 
     # addresses
     @property
@@ -222,6 +335,7 @@ class Cluster:
     def start(self, timeout: float = 30.0) -> Cluster:
         """Start Redis, the nodes and nginx; return once nginx serves and every node is registered."""
         end = time.monotonic() + timeout
+        self.check_ports()
         try:
             self._spawn("redis", [find_executable("redis-server"), "--port", str(self.redis_port),
                                   "--bind", self.host, "--save", "", "--appendonly", "no",
@@ -271,6 +385,51 @@ class Cluster:
         """Children that have exited (none should, until stop())."""
         return [p for p in self.procs.values() if not p.alive()]
 
+    def check_ports(self) -> None:
+        """Raise PortUnavailable (one line) when the nginx or Redis port cannot be listened on.
+
+        Without this, a Redis already on the port would answer the cluster's
+        PING, and the start would time out on nodes from another cluster.
+        """
+        for what, port, flag in (("Redis", self.redis_port, "--redis-port"), ("nginx", self.port, "--port")):
+            problem = port_problem(self.host, port)
+            if problem is not None:
+                raise PortUnavailable(
+                    f"the {what} port {self.host}:{port} {problem}; stop what uses it or choose another port: "
+                    f'make cluster CLUSTER_ARGS="{flag} 0" (a free one) or {flag} N')
+
+    def check(self, now: float | None = None) -> list[Event]:
+        """One supervision step: report children that exited, restart those due, report those back.
+
+        A child found exited is reported once, what is left of its process
+        group is killed, and a restart is scheduled if the policy says so; a
+        restart due by `now` is made with the child's original command; a
+        restarted child is reported once it answers its readiness check (or
+        once, after READY_WARN s, that it does not). Nothing blocks but the
+        readiness probes of restarted children (half a second at most each).
+        `now` is time.monotonic() unless given, so a test can step through
+        the backoff without waiting.
+        """
+        now = time.monotonic() if now is None else now
+        events: list[Event] = []
+        for name in list(self.procs):
+            proc, watch = self.procs[name], self._watch[name]
+            if watch.restart_at is not None:
+                if now >= watch.restart_at:
+                    events += self._restart(name, now)
+            elif not proc.alive():
+                if not watch.reported:
+                    events.append(self._exited(proc, watch, now))
+            elif not watch.ready:
+                if self._ready(name):
+                    watch.ready = True
+                    events.append(Event("restarted", name, f"{name} restarted (pid {proc.pid})"))
+                elif now - watch.started >= READY_WARN and not watch.warned:
+                    watch.warned = True
+                    events.append(Event("unready", name, f"{name} (pid {proc.pid}) is not ready "
+                                                         f"{READY_WARN:g} s after its restart; see {proc.log}"))
+        return events
+
     def logs(self) -> str:
         """The tail of every child's log, for a failure report."""
         return "\n".join(f"--- {p.name} (pid {p.pid}, exit {p.popen.poll()}) ---\n{p.output()}"
@@ -279,13 +438,63 @@ class Cluster:
     # internals
     def _spawn(self, name: str, cmd: list[str]) -> Proc:
         log = self.dir / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open("ab") as out:  # a restart appends: the crash that caused it stays in the log
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, process_group=0,
                 # prctl in a forked child is safe only while this process has one thread
                 preexec_fn=_die_with_parent if threading.active_count() == 1 else None)
         self.procs[name] = Proc(name, popen, log)
+        self.commands[name] = cmd
+        self._watch.setdefault(name, _Watch(started=time.monotonic()))
         return self.procs[name]
+
+    def _exited(self, proc: Proc, watch: _Watch, now: float) -> Event:
+        code = proc.popen.returncode
+        watch.reported = True
+        proc.kill_leftovers()
+        delay = restart_delay(self.restart, code, now - watch.started, watch.delay)
+        if delay is None:
+            plan = f"not restarting it (--restart {self.restart}); the others keep running"
+        else:
+            watch.delay, watch.restart_at = delay, now + delay
+            plan = f"restarting it in {delay:g} s (--restart {self.restart})"
+        text = f"{proc.name} exited with {describe_exit(code)}; {self._impact(proc.name)}; {plan}"
+        if code > 0:  # a crash: its traceback says why (a signal's log says nothing)
+            self.crashed.append(proc.name)
+            text += f"\nthe end of {proc.log}:\n{proc.log_tail()}"
+        return Event("exited", proc.name, text)
+
+    def _restart(self, name: str, now: float) -> list[Event]:
+        watch = self._watch[name]
+        watch.restart_at = None
+        try:
+            self._spawn(name, self.commands[name])
+        except OSError as exc:  # the executable is gone, no memory, ...: try again, later each time
+            watch.delay = delay = min(BACKOFF_MAX, 2 * (watch.delay or BACKOFF_FIRST))
+            watch.restart_at = now + delay
+            return [Event("restart-failed", name, f"could not restart {name}: {exc}; trying again in {delay:g} s")]
+        watch.started, watch.ready, watch.reported, watch.warned = now, False, False, False
+        return []
+
+    def _impact(self, name: str) -> str:
+        """What the exit of child `name` means for clients, in a few words."""
+        if name in self.node_ports:
+            others = [n for n in self.node_ids if n != name and n in self.procs and self.procs[n].alive()]
+            if others:
+                return f"its clients reconnect through nginx to {', '.join(others)}"
+            return "no node is left, so nginx answers 502"
+        if name == "nginx":
+            return f"its clients are cut off and nothing answers on {self.url} (the nodes keep their own ports)"
+        return (f"the nodes have no Redis (/readyz 503, publishes refused) until one answers on port "
+                f"{self.redis_port}, then re-register")
+
+    def _ready(self, name: str) -> bool:
+        """The readiness check of a restarted child: a node's /readyz, nginx's own health, Redis's PING."""
+        if name in self.node_ports:
+            return self._node_ready(name)
+        if name == "nginx":
+            return http_status(self.url + "/nginx-healthz", timeout=0.5) == 200
+        return self._redis_answers()
 
     def _wait(self, ready: Callable[[], bool], end: float, what: str) -> None:
         while not ready():
@@ -298,7 +507,7 @@ class Cluster:
             time.sleep(0.05)
 
     def _node_ready(self, node_id: str) -> bool:
-        return http_status(self.node_url(node_id) + "/readyz") == 200
+        return http_status(self.node_url(node_id) + "/readyz", timeout=0.5) == 200
 
     def _redis_answers(self) -> bool:
         try:
@@ -351,31 +560,83 @@ def summary(cluster: Cluster) -> str:
         f"  {hubctl} nodes",
         f"  {hubctl} members room1",
         f"  redis-cli -p {cluster.redis_port} HGETALL 'hub:members:{{room1}}'",
+        _POLICY_LINES[cluster.restart],
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
 
 
+_POLICY_LINES = {
+    "on-failure": "A node, nginx or Redis that dies is reported and restarted (--restart on-failure); "
+                  "one that exits 0 (kill -TERM: a drained node) stays down.",
+    "always": "A node, nginx or Redis that exits is reported and restarted (--restart always).",
+    "no": "A node, nginx or Redis that exits is reported and stays down (--restart no); the rest keep running.",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line errors, like `hubnode` and `hubctl`: the usage block would bury the line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 (a free one) to 65535, got {text!r}")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of nodes, 1 or more, got {text!r}")
+    return count
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The script's own flags, and the flags after `--` for every node, all checked before anything starts.
+
+    The nodes' flags go through hubnode's own parser (which exits 2 with one
+    line): a node that refuses its flags would otherwise be restarted forever.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     node_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m deploy.cluster",
-        description="Run redis-server, N hubnode nodes and nginx locally (no Docker). "
-                    "Flags after `--` go to every node, e.g. `-- --heartbeat 0.5`.")
-    parser.add_argument("--port", type=int, default=8080, help="nginx port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--redis-port", type=int, default=0, help="redis-server port (default: a free one)")
-    parser.add_argument("--nodes", type=int, default=3, help="number of hubnode nodes (default 3)")
+        description="Run redis-server, N hubnode nodes and nginx locally (no Docker) until Ctrl-C. A child "
+                    "that exits is reported on stderr and the rest keep running; --restart says whether it is "
+                    "restarted. Flags after `--` go to every node, e.g. `-- --heartbeat 0.5`.")
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="nginx port on 127.0.0.1 (default 8080; 0: a free one); a port in use stops the "
+                             "script at once")
+    parser.add_argument("--redis-port", type=_port, default=DEFAULT_REDIS_PORT,
+                        help=f"redis-server port on 127.0.0.1 (default {DEFAULT_REDIS_PORT}; 0: a free one); "
+                             "a port in use stops the script at once")
+    parser.add_argument("--nodes", type=_count, default=3, help="number of hubnode nodes (default 3)")
+    parser.add_argument("--restart", choices=POLICIES, default="on-failure",
+                        help="what to do when a node, nginx or Redis exits; the rest keep running in any case. "
+                             "on-failure (default): restart it unless it exited 0 (kill -TERM drains a node "
+                             "and keeps it down); always: restart it; no: leave it down. Restarts wait 1 s, "
+                             "doubled while a child keeps dying within 10 s, up to 30 s")
     parser.add_argument("--keep", action="store_true", help="keep the working directory and logs on exit")
     args = parser.parse_args(own)
-    if args.nodes < 1:
-        parser.error("--nodes must be at least 1")
+    from hubnode.config import parse_args as node_parse_args  # the node's own rules, its own one-line errors
+
+    node_parse_args(["--redis-url", "redis://127.0.0.1:6380/0", "--node-id", "node1", *node_args])
     return args, node_args
 
 
 class _Stop(Exception):
-    """SIGTERM or SIGHUP: stop like on Ctrl-C."""
+    """SIGTERM or SIGHUP (or SIGINT while supervising): stop like on Ctrl-C."""
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -386,6 +647,44 @@ def _patience(_signum: int, _frame: FrameType | None) -> None:
     print("still stopping (nodes are draining)...", file=sys.stderr, flush=True)
 
 
+class _Sleeper:
+    """Stop signals for the supervision loop: they raise _Stop in sleep() only, never inside a check.
+
+    A restart cut in half by an exception could leave a child started but
+    not recorded, which stop_processes() would not stop; so a signal that
+    arrives during a check is kept and raised by the next sleep().
+    """
+
+    def __init__(self) -> None:
+        self.pending: str | None = None
+        self.sleeping = False
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.pending = signal.Signals(signum).name
+        if self.sleeping:
+            raise _Stop(self.pending)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeping = True
+        try:
+            if self.pending is not None:
+                raise _Stop(self.pending)
+            time.sleep(seconds)
+        finally:
+            self.sleeping = False
+
+
+def supervise(cluster: Cluster, interval: float = 0.5) -> None:
+    """Check the children every `interval` seconds and print what happened, until a stop signal (_Stop)."""
+    sleeper = _Sleeper()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, sleeper.handle)
+    while True:
+        for event in cluster.check():
+            print(event.text, file=sys.stderr, flush=True)
+        sleeper.sleep(interval)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, node_args = parse_args(argv)
     # Ctrl-C even when started from a shell that ignores SIGINT in background jobs
@@ -393,29 +692,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     cluster = Cluster(port=args.port, nodes=args.nodes, redis_port=args.redis_port,
-                      node_args=node_args, keep=args.keep)
+                      node_args=node_args, keep=args.keep, restart=args.restart)
     status = 0
     try:
         cluster.start()
         print(summary(cluster), flush=True)
-        while not cluster.dead():
-            time.sleep(0.5)  # a signal interrupts this at once
-        proc = cluster.dead()[0]
-        print(f"{proc.name} exited with {proc.popen.returncode}; stopping the rest\n{proc.output()}",
-              file=sys.stderr)
-        cluster.keep, status = True, 1
+        supervise(cluster)  # returns only by _Stop
     except (KeyboardInterrupt, _Stop):
         print("\nstopping...", file=sys.stderr, flush=True)
+    except PortUnavailable as exc:  # nothing started: one line, and no (empty) logs directory to keep
+        print(f"cluster: {exc}", file=sys.stderr)
+        cluster.keep, status = False, 1
     except ClusterError as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         cluster.keep, status = True, 1
     finally:
         signal.signal(signal.SIGINT, _patience)
         signal.signal(signal.SIGTERM, _patience)
+        signal.signal(signal.SIGHUP, _patience)
         cluster.stop_processes()
         if cluster.forced:
             print(f"killed after ignoring SIGTERM: {', '.join(cluster.forced)}", file=sys.stderr)
             cluster.keep, status = True, 1
+        if cluster.crashed:  # their tracebacks are in the logs
+            cluster.keep = True
         cluster.stop()
     if cluster.keep:
         print(f"logs kept in {cluster.dir}", file=sys.stderr)

@@ -369,7 +369,8 @@ def test_cluster_script_prints_urls_and_ctrl_c_stops_what_it_started(tmp_path: P
     out = tmp_path / "out.txt"
     port = free_port()
     with out.open("w") as sink:
-        script = subprocess.Popen([sys.executable, "-m", "deploy.cluster", "--port", str(port), "--nodes", "2"],
+        script = subprocess.Popen([sys.executable, "-m", "deploy.cluster", "--port", str(port), "--nodes", "2",
+                                   "--redis-port", "0"],
                                   stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_until_sync(lambda: "Ctrl-C stops everything." in out.read_text() or script.poll() is not None, 30,

@@ -187,3 +187,24 @@ def test_hubctl_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str,
     err = capsys.readouterr().err
     assert status == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("hubctl") and fragment in err, err
+
+
+CLUSTER_BAD = [  # `make cluster CLUSTER_ARGS=...`: its own flags, and node flags after `--`
+    (["--port", "99999"], "--port"), (["--redis-port", "-1"], "--redis-port"), (["--nodes", "0"], "--nodes"),
+    (["--nodes", "x"], "--nodes"), (["--restart", "sometimes"], "--restart"),
+    (["--", "--heartbeat", "nan"], "--heartbeat"), (["--", "--log-level", "loud"], "--log-level"),
+    (["--", "--bogus"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), CLUSTER_BAD)
+def test_cluster_script_refuses_bad_flags_before_starting_anything(argv: list[str], fragment: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A node flag is checked by the node's own rules first: a node refusing it would be restarted forever."""
+    from deploy import cluster
+
+    with pytest.raises(SystemExit) as exit_info:
+        cluster.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and fragment in err, err
