@@ -22,11 +22,15 @@ run: $(BIN)/python
 test: sysdeps venv
 	HUB_TEST_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
 
-## system packages the integration tests start for real (idempotent): redis-server, nginx, chromium
+## system packages the tests start for real (idempotent): redis-server, nginx, chromium, and Node.js
+## with npm (the README's Node.js example and the benchmark's load clients)
 sysdeps: sysdeps-cluster
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	@{ command -v node && command -v npm; } >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
 
 ## what `make cluster` runs besides the nodes: redis-server and nginx (idempotent)
 sysdeps-cluster:
