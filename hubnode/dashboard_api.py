@@ -1,25 +1,33 @@
-"""The JSON the dashboard reads: live nodes, and this node's counters and latency.
+"""The JSON the dashboard reads: live nodes, and every node's counters and latency.
 
 `GET /api/nodes` lists the live nodes of the cluster (from Redis, with the same
 query `hubctl nodes` runs) or, on a single node, just this one.
 `GET /api/metrics` is this node's own counters and delivery-latency histogram,
 cumulative since it started: a reader computes rates and recent latency from
-the difference of two samples, the way Prometheus does. Numbers are per node;
-nothing here sums across the cluster.
+the difference of two samples, the way Prometheus does.
+`GET /api/cluster/metrics` is the same snapshot for every live node: this
+node's read now, the others' as they stored them in Redis on their last
+heartbeat. Behind a load balancer each request may reach another node, so
+the dashboard reads this one and never depends on which node answered.
+Numbers stay per node; the reader sums them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from prometheus_client import Histogram
 
 from hubnode.node import Node
 
-__all__ = ["Buckets", "latency_snapshot", "live_nodes", "metrics_snapshot", "quantile"]
+__all__ = ["Buckets", "cluster_metrics", "latency_snapshot", "live_nodes", "metrics_snapshot", "quantile"]
+
+log = logging.getLogger(__name__)
 
 Buckets = Sequence[tuple[float, float]]
 """Cumulative histogram buckets: (upper bound in seconds, count of observations <= it), +Inf last."""
@@ -52,6 +60,32 @@ def metrics_snapshot(node: Node, latency: Histogram | None = None) -> dict[str, 
         "errors": {str(code): n for code, n in c.errors.items()},
         "latency": latency_snapshot(latency),
     }
+
+
+async def cluster_metrics(node: Node, latency: Histogram | None = None) -> list[dict[str, Any]]:
+    """One snapshot per live node, in node id order: this node's read now, the others' from Redis.
+
+    The serving node is always listed (it is answering, so it is alive, even
+    before its registration shows). A live node with no stored snapshot yet,
+    or an unreadable one, is left out: /api/nodes still lists it.
+    """
+    ids = sorted({info.id for info in await node.nodes()} | {node.id})
+    stored = await node.stored_metrics([i for i in ids if i != node.id])
+    own = metrics_snapshot(node, latency)
+    found = {node.id: own, **{i: s for i, raw in stored.items() if (s := _stored_snapshot(i, raw)) is not None}}
+    return [found[i] for i in ids if i in found]
+
+
+def _stored_snapshot(node_id: str, raw: bytes) -> dict[str, Any] | None:
+    """A snapshot a node stored, or None when it does not decode to that node's snapshot."""
+    try:
+        snapshot = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        snapshot = None
+    if isinstance(snapshot, dict) and snapshot.get("node") == node_id:
+        return snapshot
+    log.debug("ignoring an unreadable metrics snapshot stored for node %s", node_id)  # polled: no log flood
+    return None
 
 
 def latency_snapshot(histogram: Histogram | None) -> dict[str, Any] | None:

@@ -15,13 +15,13 @@ from aiohttp import web
 
 from hubnode.appkey import NODE
 from hubnode.broker.base import BrokerUnavailable
-from hubnode.dashboard_api import live_nodes, metrics_snapshot
+from hubnode.dashboard_api import cluster_metrics, live_nodes, metrics_snapshot
 from hubnode.metrics import LATENCY
 from hubnode.node import Node
 from hubnode.protocol import encodable, unavailable_message
-from publisher.message import Message, MessageError
+from publisher.message import MessageError
 from publisher.names import check_name
-from publisher.targets import target_of
+from publisher.targets import posted_message
 
 __all__ = ["add_routes", "with_api_key"]
 
@@ -72,7 +72,7 @@ async def post_broadcast(request: web.Request) -> web.Response:
     except orjson.JSONDecodeError:
         return _error(400, "bad_json", "body is not valid JSON")
     try:
-        msg = Message.from_wire(raw)
+        target, msg = posted_message(raw)
     except MessageError as exc:
         code = "bad_room" if "'room'" in str(exc) else "bad_message"
         return _error(400, code, str(exc))
@@ -81,7 +81,7 @@ async def post_broadcast(request: web.Request) -> web.Response:
     if not node.broker.connected:
         return _error(503, "unavailable", unavailable_message(False))
     try:
-        await node.publish(target_of(msg), msg)
+        await node.publish(target, msg)
     except MessageError as exc:  # a type reserved for the node, or a message too large
         return _error(400, "bad_message", str(exc))
     except BrokerUnavailable as exc:
@@ -130,6 +130,11 @@ async def get_metrics_json(request: web.Request) -> web.Response:
     return _json(metrics_snapshot(_node(request), request.app.get(LATENCY)))
 
 
+async def get_cluster_metrics(request: web.Request) -> web.Response:
+    """Every live node's snapshot (the dashboard's feed: right whichever node a balancer picks)."""
+    return _json({"nodes": await cluster_metrics(_node(request), request.app.get(LATENCY))})
+
+
 def add_routes(app: web.Application) -> None:
     """/broadcast and /api/* need the API key (when set); health and readiness never do."""
     app.router.add_post("/broadcast", with_api_key(post_broadcast))
@@ -138,5 +143,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/rooms/{room}", with_api_key(get_room))
     app.router.add_get("/api/nodes", with_api_key(get_nodes))
     app.router.add_get("/api/metrics", with_api_key(get_metrics_json))
+    app.router.add_get("/api/cluster/metrics", with_api_key(get_cluster_metrics))
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)

@@ -72,6 +72,8 @@ class NodeCollector(Collector):
         yield _counter("hubnode_reserved_type_drops", "Publications of a node-only type (ack, error, ...) dropped",
                        c.reserved)
         yield _counter("hubnode_heartbeat_failures", "Heartbeats that failed or timed out", c.heartbeat_failures)
+        yield _counter("hubnode_metrics_snapshot_failures", "Metrics snapshots for the dashboard not stored in Redis",
+                       c.metrics_failures)
         s = node.store.counters
         yield _counter("hubnode_membership_update_failures", "Membership writes that failed and were reconciled",
                        s.failed_updates)

@@ -13,8 +13,9 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -28,7 +29,7 @@ from hubnode.dedup import RecentIds
 from hubnode.errors import CloseCode, ErrorCode
 from hubnode.membership.base import Member, MembershipStore, NodeInfo, Stats
 from hubnode.membership.memory import MemoryMembershipStore
-from hubnode.protocol import encode_message, text_frame
+from hubnode.protocol import encode_message
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from hubnode.supervisor import Supervisor
@@ -37,13 +38,16 @@ from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES, Message
 from publisher.targets import Target, coerce_message, envelope_for
 
-__all__ = ["Node", "NodeCounters", "NodeDraining", "Refused"]
+__all__ = ["MetricsSource", "MetricsStore", "Node", "NodeCounters", "NodeDraining", "Refused"]
 
 log = logging.getLogger(__name__)
 
 PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every socket
-RECONNECT_FRAME = text_frame(b'{"type":"system_message","data":{"event":"reconnect"}}')
-"""PROTOCOL.md section 8: sent before close 1001 (no timestamp: it is the same bytes for every node)."""
+
+
+def reconnect_frame() -> bytes:
+    """PROTOCOL.md section 8's notice before close 1001: a Message like any other, so it has its timestamp."""
+    return encode_message(Message("system_message", {"event": "reconnect"}).stamped())
 
 ConnRef = Connection | str
 
@@ -61,11 +65,32 @@ class Refused(Exception):
         self.reason = reason
 
 
+MetricsSource = Callable[[], dict[str, Any]]
+"""This node's metrics snapshot as JSON-ready data (hubnode.dashboard_api's, set by the app)."""
+
+
+@runtime_checkable
+class MetricsStore(Protocol):
+    """A membership store that also shares nodes' metrics snapshots (the Redis store).
+
+    The memory store of a single node has nobody to share them with, so it
+    does not implement this.
+    """
+
+    async def put_metrics(self, payload: bytes) -> None:
+        """Store this node's snapshot, expiring 3 heartbeats later."""
+        ...
+
+    async def node_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored snapshots of these nodes (a node without one is left out)."""
+        ...
+
+
 class NodeCounters:
     """Plain counters the metrics module exposes; cheap enough for the hot path."""
 
     __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published",
-                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures")
+                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures", "metrics_failures")
 
     def __init__(self) -> None:
         self.frames: Counter[str] = Counter()
@@ -73,6 +98,7 @@ class NodeCounters:
         self.duplicates = 0  # envelopes whose id was delivered already (a publisher's retry)
         self.reserved = 0  # envelopes of a node-only type (ack, error, ...) from Redis: dropped
         self.heartbeat_failures = 0
+        self.metrics_failures = 0  # snapshots for the cluster dashboard that could not be stored
         self.delivered = 0
         self.bytes_out = 0
         self.dropped = 0
@@ -121,6 +147,8 @@ class Node:
         self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.latency_observer: Callable[[float], None] | None = None
+        self.metrics_source: MetricsSource | None = None
+        """Set by the app (create_app): in Redis mode the node stores it every heartbeat for the dashboard."""
 
     # -- life cycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -131,6 +159,8 @@ class Node:
             log.warning("broker unreachable at start: serving, not ready, until it connects")
         await self.store.start(self.table.connections, self.supervisor)
         self.supervisor.spawn("heartbeat", self._heartbeat_loop)
+        if self.metrics_source is not None and isinstance(self.store, MetricsStore):
+            self.supervisor.spawn("metrics", self._metrics_loop)
         if self.config.ping_interval > 0:
             self.supervisor.spawn("ping", self._ping_loop)
         log.info("node %s started (%s broker)", self.id, type(self.broker).__name__)
@@ -161,8 +191,9 @@ class Node:
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.drain_timeout)
         log.info("node %s draining %d connections", self.id, len(self.conns))
         conns = list(self.conns.values())
+        notice = reconnect_frame()
         for conn in conns:
-            conn.send(RECONNECT_FRAME)
+            conn.send(notice)
         closers = [asyncio.create_task(c.close(CloseCode.GOING_AWAY, "node shutting down"))
                    for c in conns]
         if closers:
@@ -188,6 +219,7 @@ class Node:
                 log.info("node %s stopped", self.id)
 
     async def _stop_services(self) -> None:
+        await self.supervisor.stop("metrics")  # before the store deletes the snapshot and closes its client
         await self.supervisor.stop("heartbeat")
         await self.supervisor.stop("ping")
         await self._subs.close()
@@ -211,6 +243,29 @@ class Node:
             except Exception as exc:
                 self.counters.heartbeat_failures += 1
                 log.warning("heartbeat failed (%s): %s", type(exc).__name__, exc)
+
+    async def _metrics_loop(self) -> None:
+        """Store this node's metrics snapshot at once, then every heartbeat.
+
+        Any node can then serve the whole cluster's numbers to a dashboard,
+        whichever node a load balancer sends the page's requests to.
+        """
+        while True:
+            await self._share_metrics()
+            await asyncio.sleep(self.config.heartbeat)
+
+    async def _share_metrics(self) -> None:
+        """One snapshot; a failure is a warning (the dashboard lacks this node for a while), never the end."""
+        store, source = self.store, self.metrics_source
+        if source is None or not isinstance(store, MetricsStore):
+            return
+        try:
+            # a bound for any store; the Redis store also bounds the call by --redis-timeout
+            async with asyncio.timeout(2 * self.config.redis_timeout):
+                await store.put_metrics(orjson.dumps(source()))
+        except Exception as exc:
+            self.counters.metrics_failures += 1
+            log.warning("storing the metrics snapshot failed (%s): %s", type(exc).__name__, exc)
 
     async def _ping_loop(self) -> None:
         """One task pings every socket; a peer silent past interval + timeout is dropped.
@@ -399,8 +454,15 @@ class Node:
         if self._recent.seen(env.id, time.monotonic()):
             self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
             return
+        msg = env.msg
+        if msg.room is None and channel != self._all:
+            # A publisher in another language may leave `room` out; the client
+            # still has to know which room the message came through.
+            parsed = self.keys.parse_channel(channel)
+            if parsed is not None and parsed[0] == "room":
+                msg = replace(msg, room=parsed[1])
         try:
-            frame = encode_message(env.msg)
+            frame = encode_message(msg)
         except orjson.JSONEncodeError:  # e.g. nesting deeper than JSON output allows
             self.counters.dropped += 1
             return
@@ -467,6 +529,12 @@ class Node:
 
     async def nodes(self) -> list[NodeInfo]:
         return await self.store.nodes()
+
+    async def stored_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
+        """Other nodes' latest snapshots as stored in Redis (JSON bytes); none on a single node."""
+        if not node_ids or not isinstance(self.store, MetricsStore):
+            return {}
+        return await self.store.node_metrics(node_ids)
 
 
 def _conn_id(conn: ConnRef) -> str:

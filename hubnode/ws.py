@@ -18,7 +18,7 @@ from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode, ErrorCode
-from hubnode.node import RECONNECT_FRAME, Node, NodeDraining, Refused
+from hubnode.node import Node, NodeDraining, Refused, reconnect_frame
 from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
 from hubnode.protocol import (
     Broadcast,
@@ -103,7 +103,7 @@ async def _serve(node: Node, request: web.Request, conn_id: str, identity: Ident
     try:
         node.attach(conn)
     except NodeDraining:
-        conn.send(RECONNECT_FRAME)
+        conn.send(reconnect_frame())
         await conn.close(CloseCode.GOING_AWAY, "node shutting down")
         return ws
     expiry = _expire_at(conn, loop)

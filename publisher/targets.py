@@ -15,7 +15,7 @@ from publisher.keys import Keys
 from publisher.message import Message, MessageError, check_publishable
 from publisher.names import check_name
 
-__all__ = ["Target", "coerce_message", "envelope_for", "target_of"]
+__all__ = ["Target", "coerce_message", "envelope_for", "posted_message", "target_of"]
 
 Kind = Literal["all", "room", "user"]
 
@@ -51,6 +51,33 @@ def target_of(msg: Message) -> Target:
     if msg.user_id is not None:
         return Target("user", msg.user_id)
     return Target("all")
+
+
+def posted_message(raw: Any) -> tuple[Target, Message]:
+    """The target and the message of a POST /broadcast body.
+
+    `room` -> that room; else `to` -> that user; else `user_id` -> that user,
+    the 0.1 form, kept for compatibility. In that last form `user_id` names
+    the recipient, so it is removed from what is delivered: a client must not
+    read its own id as the sender. With `to`, `user_id` may still name a
+    sender the caller vouches for. `room` and `to` together are refused
+    rather than guessed.
+    """
+    if not isinstance(raw, dict):
+        raise MessageError("a message must be a JSON object / msgpack map")
+    body = dict(raw)
+    to = body.pop("to", None)
+    msg = Message.from_wire(body)
+    if to is not None:
+        problem = check_name(to)
+        if problem:
+            raise MessageError(f"'to' (the user to deliver to) {problem}")
+        if msg.room is not None:
+            raise MessageError("'room' and 'to' name two targets: give one")
+        return Target("user", to), msg
+    if msg.room is None and msg.user_id is not None:
+        return Target("user", msg.user_id), replace(msg, user_id=None)
+    return target_of(msg), msg
 
 
 def coerce_message(msg: Message | Mapping[str, Any]) -> Message:

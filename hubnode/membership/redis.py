@@ -136,7 +136,9 @@ class RedisMembershipStore:
         """Remove this node's entries without waiting for a sweep (drain), then disconnect."""
         try:
             self._dirty = False  # queue the unregister behind every change already made
-            await self._enqueue(_Write(self._future(), job=partial(self._purge, self.node_id, "self", 0)))
+            # the snapshot is no membership: deleting it need not wait in the writer's queue
+            await asyncio.gather(self._forget_metrics(), self._enqueue(
+                _Write(self._future(), job=partial(self._purge, self.node_id, "self", 0))))
         finally:  # nothing may use the client after it is closed (it would open a new connection)
             await self._tasks.stop("sweeper", 1.0)
             await self._tasks.stop("membership-writer", 1.0)
@@ -233,6 +235,39 @@ class RedisMembershipStore:
 
     async def _query(self, query: Query[T]) -> T:
         return await drive_async(query, lambda step: self._deadline(run_step(self.redis, step)))
+
+    # -- metrics snapshots (the cluster dashboard) ---------------------------------
+    async def put_metrics(self, payload: bytes) -> None:
+        """Store this node's metrics snapshot, expiring 3 heartbeats later like its registry entry.
+
+        A node that dies takes its numbers with it: no dashboard shows a dead
+        node's counters as if they were current.
+        """
+        await self._deadline(self.redis.set(self.keys.node_metrics(self.node_id), payload,
+                                            px=int(3 * self.heartbeat_interval * 1000)))
+
+    async def node_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored snapshots of `node_ids`, one round trip; a node without one is left out.
+
+        A pipeline of GETs rather than one MGET: each node's key may live in
+        another hash slot of a Redis Cluster, where a multi-key MGET fails.
+        """
+        if not node_ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for node in node_ids:
+            pipe.get(self.keys.node_metrics(node))
+        found = await self._deadline(pipe.execute())
+        return {node: raw if isinstance(raw, bytes) else text(raw).encode()
+                for node, raw in zip(node_ids, found, strict=True) if raw is not None}
+
+    async def _forget_metrics(self) -> None:
+        """Delete this node's snapshot on drain, so a dashboard drops it at once (it expires anyway)."""
+        try:
+            await self._deadline(self.redis.delete(self.keys.node_metrics(self.node_id)))
+        except (RedisError, TimeoutError, OSError) as exc:
+            log.warning("could not delete this node's metrics snapshot (%s): it expires in 3 heartbeats",
+                        type(exc).__name__)
 
     # -- bounded multi-step work ---------------------------------------------------
     async def _purge(self, node: str, mode: str, now: int) -> int:

@@ -1,8 +1,13 @@
 // dashboard.js: /dashboard, refreshed from the HTTP API every second.
 //
-// GET /api/stats, /api/nodes and /api/rooms are cluster-wide; GET /api/metrics
-// is the serving node's own cumulative counters and latency histogram, so
-// rates and recent latency are differences between successive samples.
+// Every route read here is cluster-wide, so the page is right whichever node a
+// load balancer sends each request to: /api/stats, /api/nodes and /api/rooms
+// come from Redis, and /api/cluster/metrics holds every live node's cumulative
+// counters and latency histogram (the answering node's read now, the others'
+// as they stored them on their last heartbeat). Rates and recent latency are
+// differences between two snapshots of the same node process; a snapshot no
+// newer than the last one kept for its node (a repeat, or an older stored one
+// served by another node) is ignored.
 // When the hub has an API key, the page asks for it and keeps it in
 // sessionStorage (this tab only).
 (function () {
@@ -13,9 +18,12 @@
   const WINDOW = 300; // samples kept for the charts: 5 minutes at one a second
   const KEY = "hubnode.apiKey";
   const MAX_ROOMS = 15;
+  const KEEP = 120; // seconds of each node's totals kept (the one-minute tile needs 60)
+  const PALETTE = ["#2563eb", "#15803d", "#dc2626", "#9333ea", "#d97706", "#0891b2", "#db2777", "#4b5563"];
 
-  const history = []; // {t, started, total, clients, delivered, published, mean, p99} per refresh
-  let previous = null; // the last /api/metrics answer
+  const history = []; // per refresh: {clients: {id: n}, delivered: {id: per s}, mean, p99}
+  const nodes = new Map(); // node id -> {snap, rate, latency, totals}: see accept()
+  const colours = new Map(); // node id -> colour, kept for the page's life
 
   // -- fetching ------------------------------------------------------------------
   async function api(path) {
@@ -28,12 +36,13 @@
 
   async function refresh() {
     try {
-      const [stats, nodes, rooms, metrics] = await Promise.all(
-        ["/api/stats", "/api/nodes", "/api/rooms", "/api/metrics"].map(api));
+      const [stats, live, rooms, cluster] = await Promise.all(
+        ["/api/stats", "/api/nodes", "/api/rooms", "/api/cluster/metrics"].map(api));
       showKeyForm(false);
-      record(stats, metrics);
-      render(stats, nodes, rooms.rooms, metrics);
-      setStatus("ok", "node " + nodes.self);
+      cluster.nodes.forEach(accept);
+      record(live.nodes);
+      render(stats, live.nodes, rooms.rooms);
+      setStatus("ok", "live · " + stats.nodes + (stats.nodes === 1 ? " node" : " nodes"));
     } catch (err) {
       if (err.unauthorized) showKeyForm(true);
       else setStatus("bad", "unreachable");
@@ -42,32 +51,74 @@
     }
   }
 
-  // -- turning cumulative counters into rates ---------------------------------------
-  function record(stats, m) {
-    const sample = { t: m.time, started: m.started_at, total: m.delivered,
-                     clients: stats.clients, delivered: null, published: null, mean: null, p99: null };
-    if (previous && m.time > previous.time && m.started_at === previous.started_at) { // same process
-      const dt = m.time - previous.time;
-      sample.delivered = (m.delivered - previous.delivered) / dt;
-      sample.published = (m.published - previous.published) / dt;
-      const now = m.latency, then = previous.latency;
-      if (now && then && now.count > then.count) {
-        sample.mean = (now.sum - then.sum) / (now.count - then.count) * 1000;
-        const delta = now.buckets.map(([le, n], i) => [le === "+Inf" ? Infinity : le, n - then.buckets[i][1]]);
-        sample.p99 = quantile(delta, 0.99) * 1000;
-      }
+  // -- turning each node's cumulative counters into rates ----------------------------
+  // Keep a snapshot only if it is newer than the last one of its node; rates need two of the same process.
+  function accept(snap) {
+    if (!nodes.has(snap.node)) nodes.set(snap.node, { snap: null, rate: null, latency: null, totals: [] });
+    const node = nodes.get(snap.node), prev = node.snap;
+    if (prev && snap.time <= prev.time) return;
+    const same = prev !== null && snap.started_at === prev.started_at; // a restarted node starts over
+    node.rate = same ? (snap.delivered - prev.delivered) / (snap.time - prev.time) : null;
+    node.latency = same ? latencyDelta(snap.latency, prev.latency) : null;
+    if (!same) node.totals = [];
+    node.totals.push({ t: snap.time, total: snap.delivered });
+    while (node.totals[0].t < snap.time - KEEP) node.totals.shift();
+    node.snap = snap;
+  }
+
+  // The observations between two histogram snapshots of one node.
+  function latencyDelta(now, then) {
+    if (!now || !then || now.buckets.length !== then.buckets.length) return null;
+    return { count: now.count - then.count, sum: now.sum - then.sum,
+             buckets: now.buckets.map(([le, n], i) => [le === "+Inf" ? Infinity : le, n - then.buckets[i][1]]) };
+  }
+
+  // Every live node's latest interval, summed: the buckets are the same on every node.
+  function clusterLatency(ids) {
+    let total = null;
+    for (const id of ids) {
+      const d = nodes.has(id) ? nodes.get(id).latency : null;
+      if (!d) continue;
+      if (!total || total.buckets.length !== d.buckets.length) total = { count: 0, sum: 0, buckets: d.buckets.map(([le]) => [le, 0]) };
+      total.count += d.count;
+      total.sum += d.sum;
+      d.buckets.forEach(([, n], i) => { total.buckets[i][1] += n; });
     }
-    previous = m;
+    return total;
+  }
+
+  function record(live) {
+    const sample = { clients: {}, delivered: {}, mean: null, p99: null };
+    for (const n of live) {
+      sample.clients[n.id] = n.clients;
+      const node = nodes.get(n.id);
+      if (node && node.rate != null) sample.delivered[n.id] = node.rate;
+    }
+    const latency = clusterLatency(live.map((n) => n.id));
+    if (latency && latency.count > 0) {
+      sample.mean = latency.sum / latency.count * 1000;
+      sample.p99 = quantile(latency.buckets, 0.99) * 1000;
+    }
     history.push(sample);
     if (history.length > WINDOW) history.shift();
   }
 
-  // Messages this node delivered in the last minute: exact while the node is
-  // younger than that (its counters start at 0), else once a minute of samples is in.
-  function deliveredLastMinute(last) {
-    if (last.t - last.started <= 60) return fmt(last.total);
-    const since = history.find((h) => h.t >= last.t - 60 && h.started === last.started);
-    return !since || since.t > last.t - 55 ? "…" : fmt(last.total - since.total);
+  // Frames every live node delivered in the last minute. Per node: exact while it is
+  // younger than that (its counters start at 0), else once a minute of its snapshots is in.
+  function deliveredLastMinute(ids) {
+    let sum = 0;
+    for (const id of ids) {
+      const last = nodes.has(id) ? nodes.get(id).snap : null;
+      if (!last) return "…";
+      if (last.time - last.started_at <= 60) {
+        sum += last.delivered;
+        continue;
+      }
+      const since = nodes.get(id).totals.find((h) => h.t >= last.time - 60);
+      if (!since || since.t > last.time - 55) return "…";
+      sum += last.delivered - since.total;
+    }
+    return fmt(sum);
   }
 
   // Prometheus' histogram_quantile: interpolate inside the bucket holding the rank.
@@ -87,35 +138,50 @@
   }
 
   // -- rendering ----------------------------------------------------------------------
-  function render(stats, nodes, rooms, metrics) {
-    const last = history[history.length - 1];
+  function render(stats, live, rooms) {
     $("t-nodes").textContent = stats.nodes;
     $("t-clients").textContent = stats.clients;
     $("t-rooms").textContent = stats.rooms;
-    $("t-rate").textContent = deliveredLastMinute(last);
-    $("self-node").textContent = "node " + metrics.node;
+    $("t-rate").textContent = deliveredLastMinute(live.map((n) => n.id));
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
-    renderNodes(nodes);
+    renderNodes(live);
     renderRooms(rooms);
-    chart("clients", [{ key: "clients", label: "clients", color: "#2563eb" }], "");
-    chart("rate", [{ key: "delivered", label: "delivered", color: "#15803d" },
-                   { key: "published", label: "published", color: "#9333ea" }], "/s");
-    chart("latency", [{ key: "mean", label: "mean", color: "#2563eb" },
-                      { key: "p99", label: "p99", color: "#dc2626" }], " ms");
+    const seen = [...new Set(history.flatMap((h) => Object.keys(h.clients)))].sort();
+    chart("clients", seen.map((id) => perNode(id, "clients")), "");
+    chart("rate", seen.map((id) => perNode(id, "delivered")), ""); // the title says "/ s": legends fit one line
+    chart("latency", [{ label: "mean", color: "#2563eb", value: (h) => h.mean, hold: true },
+                      { label: "p99", color: "#dc2626", value: (h) => h.p99, hold: true }], " ms");
   }
 
-  function renderNodes({ self, nodes }) {
-    $("nodes").tBodies[0].replaceChildren(...nodes.map((n) => {
-      const tr = row(n.id === self ? n.id + " (this)" : n.id, n.address || "–", n.clients,
+  // One line per node; its legend shows the latest refresh only (a node gone shows "–").
+  function perNode(id, key) {
+    return { label: id, color: colour(id), value: (h) => h[key][id], hold: false };
+  }
+
+  // A node keeps its colour for the page's life; new nodes take the next one.
+  function colour(id) {
+    if (!colours.has(id)) colours.set(id, PALETTE[colours.size % PALETTE.length]);
+    return colours.get(id);
+  }
+
+  function renderNodes(live) {
+    $("nodes").tBodies[0].replaceChildren(...live.map((n) => {
+      const node = nodes.get(n.id);
+      const d = node ? node.latency : null;
+      const tr = row(n.id, n.clients, node && node.rate != null ? fmt(node.rate) : "–",
+                     d && d.count > 0 ? fmt(quantile(d.buckets, 0.99) * 1000) + " ms" : "–",
                      n.heartbeat_age == null ? "local" : n.heartbeat_age.toFixed(1) + " s ago",
                      n.started_at ? duration(Date.now() / 1000 - n.started_at) : "–", n.version || "–");
       tr.dataset.node = n.id;
-      tr.cells[2].className = tr.cells[3].className = tr.cells[4].className = "num";
-      tr.cells[2].classList.add("clients");
+      if (n.address) tr.title = "address " + n.address;
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.setProperty("--c", colour(n.id));
+      tr.cells[0].prepend(swatch);
+      ["clients", "rate", "p99", "age", "up"].forEach((name, i) => { tr.cells[i + 1].className = "num " + name; });
       // The registry entry expires 3 heartbeats after the last one: age + expires_in = 3 beats.
       const beat = n.heartbeat_age == null ? null : (n.heartbeat_age + n.expires_in) / 3;
-      tr.cells[3].classList.add("age");
-      if (beat && n.heartbeat_age > 1.5 * beat) tr.cells[3].classList.add("late");
+      if (beat && n.heartbeat_age > 1.5 * beat) tr.cells[4].classList.add("late");
       return tr;
     }));
   }
@@ -138,7 +204,7 @@
     $("rooms-more").textContent = sorted.length ? (more > 0 ? `and ${more} more` : "") : "no rooms yet";
   }
 
-  // A line chart of the last WINDOW samples on a canvas; null values leave gaps.
+  // A line chart of the last WINDOW samples on a canvas; missing values leave gaps.
   function chart(name, series, unit) {
     const canvas = $("c-" + name);
     const width = canvas.clientWidth, height = canvas.clientHeight, dpr = window.devicePixelRatio || 1;
@@ -146,7 +212,7 @@
     canvas.height = height * dpr;
     const ctx = canvas.getContext("2d");
     ctx.scale(dpr, dpr);
-    const values = series.flatMap((s) => history.map((h) => h[s.key])).filter((v) => v != null);
+    const values = series.flatMap((s) => history.map(s.value)).filter((v) => v != null);
     const top = niceMax(Math.max(1, ...values)); // an idle chart still gets a readable scale
     const pad = { left: 40, right: 6, top: 6, bottom: 16 };
     const plotW = width - pad.left - pad.right, plotH = height - pad.top - pad.bottom;
@@ -172,21 +238,24 @@
       ctx.beginPath();
       let drawing = false;
       history.forEach((h, i) => {
-        const v = h[s.key];
+        const v = s.value(h);
         if (v == null) { drawing = false; return; }
         if (drawing) ctx.lineTo(x(i), y(v)); else ctx.moveTo(x(i), y(v));
         drawing = true;
       });
       ctx.stroke();
     }
-    // The legend shows each series' latest value (latency has none while nothing is delivered).
+    // The legend shows each series' latest value; a `hold` series its last known one
+    // (latency has none while nothing is delivered).
     $("l-" + name).replaceChildren(...series.map((s) => {
-      const latest = history.findLast((h) => h[s.key] != null);
+      const latest = s.hold ? history.findLast((h) => s.value(h) != null) : history[history.length - 1];
+      const v = latest ? s.value(latest) : null;
       const span = document.createElement("span");
       span.style.setProperty("--c", s.color);
+      span.dataset.series = s.label;
       span.append(s.label + " ");
       const b = document.createElement("b");
-      b.textContent = latest ? fmt(latest[s.key]) + unit : "–";
+      b.textContent = v != null ? fmt(v) + unit : "–";
       span.append(b);
       return span;
     }));

@@ -1,13 +1,16 @@
 """hub.js, the demo chat and the dashboard in a real Chromium (Playwright), on real nodes.
 
 Cluster tests run two `hubnode` processes (nodes "a" and "b") on the session's
-redis-server; single-node tests use the in-process `hub` fixture. Every wait is
+redis-server; single-node tests use the in-process `hub` fixture; the dashboard
+behind nginx runs the `make cluster` topology (deploy.cluster). Every wait is
 a Playwright waiting assertion or `wait_for_function` with a deadline.
 Screenshots go to test-output/browser/.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import signal
 import time
@@ -16,14 +19,16 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
+import aiohttp
 import jwt
 import pytest
 from aiohttp.test_utils import TestServer
 
+from deploy.cluster import Cluster, ClusterError, find_executable
 from hubnode.app import NODE
 from hubnode.errors import CloseCode
 from tests.conftest import node_config, start_server
-from tests.helpers import ROOT, SCALE, NodeProcess, RedisServer, free_port, missing, wait_until_sync
+from tests.helpers import ROOT, SCALE, Client, NodeProcess, RedisServer, free_port, missing, wait_until_sync
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,7 +42,7 @@ UNAVAILABLE: str | None = None
 try:
     from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 except ImportError:  # pragma: no cover - playwright is in the dev extra
-    UNAVAILABLE = "playwright is not installed: pip install -e '.[dev]'"
+    UNAVAILABLE = "playwright is not installed: pip install -e '.[server,dev]'"
 else:
     expect.set_options(timeout=TIMEOUT_MS)
     if not CHROMIUM.exists():  # pragma: no cover - `make sysdeps` installs it
@@ -394,16 +399,16 @@ async def test_demo_shows_resync_after_redis_restart(open_page: Opener) -> None:
 
 # -- the dashboard --------------------------------------------------------------------------
 
-async def test_dashboard_shows_nodes_rooms_and_this_nodes_traffic(cluster: dict[str, NodeProcess],
-                                                                  open_page: Opener) -> None:
-    """The dashboard lists both live nodes with their clients, the room's member count, and node a's traffic."""
+async def test_dashboard_shows_nodes_rooms_and_every_nodes_traffic(cluster: dict[str, NodeProcess],
+                                                                   open_page: Opener) -> None:
+    """The dashboard lists both live nodes with their clients, the room's member count, and both nodes' traffic."""
     a, b = cluster["a"], cluster["b"]
     alice = await open_page(demo_url(a, name="alice", room="ops"))
     bob = await open_page(demo_url(b, name="bob", room="ops"))
     await joined(alice, "ops")
     await joined(bob, "ops")
     dash = await open_page(f"{a.url}/dashboard")
-    await expect(dash.locator("#status")).to_have_text("node a")
+    await expect(dash.locator("#status")).to_have_text("live · 2 nodes")
     for node_id in ("a", "b"):
         row = dash.locator(f"#nodes tr[data-node={node_id}]")
         await expect(row.locator("td.clients")).to_have_text("1")
@@ -413,11 +418,87 @@ async def test_dashboard_shows_nodes_rooms_and_this_nodes_traffic(cluster: dict[
     await expect(dash.locator("#t-clients")).to_have_text("2")
     for n in range(3):
         await say(alice, f"ping {n}")
-        await expect(room_message(alice, "alice", f"ping {n}")).to_be_visible()
-    await expect(dash.locator("#t-rate")).to_have_text("3")  # node a delivered 3 frames, all to alice
+        await expect(room_message(bob, "alice", f"ping {n}")).to_be_visible()
+    # 3 frames to alice on node a, 3 to bob on node b (read from b's snapshot in Redis)
+    await expect(dash.locator("#t-rate")).to_have_text("6")
     await expect(dash.locator("#l-latency b").first).to_have_text(re.compile(r"^[\d.]+ ms$"))
-    await expect(dash.locator("#self-node")).to_have_text("node a")
+    await expect(dash.locator("#nodes")).not_to_contain_text("(this)")
     await shot(dash, "dashboard")
+
+
+@pytest.fixture
+def nginx_cluster() -> Iterator[Cluster]:
+    """The `make cluster` topology on free ports: redis-server, node1..node3 and nginx round-robin in front."""
+    try:
+        find_executable("nginx")
+    except ClusterError as exc:
+        missing(str(exc))
+    cluster = Cluster(port=0, nodes=3, node_args=("--heartbeat", "0.5")).start(timeout=30 * SCALE)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+WATCH_BADGE = """() => {
+  const badge = document.getElementById("status");
+  window.badges = [badge.textContent];
+  new MutationObserver(() => badges.push(badge.textContent))
+    .observe(badge, { childList: true, characterData: true, subtree: true });
+}"""
+
+POSITIVE = re.compile(r"^(?!0$)\d+(\.\d+)?k?$")
+
+
+async def steady_traffic(session: aiohttp.ClientSession, url: str, room: str) -> None:
+    """POST a message to `room` through nginx about 20 times a second, until cancelled."""
+    n = 0
+    while True:
+        async with session.post(f"{url}/broadcast", json={"type": "tick", "data": n, "room": room}) as resp:
+            assert resp.status == 202, await resp.text()
+        n += 1
+        await asyncio.sleep(0.05)  # pacing a load generator, not waiting for anything
+
+
+async def test_dashboard_behind_nginx_shows_every_nodes_series(nginx_cluster: Cluster, open_page: Opener,
+                                                               session: aiohttp.ClientSession) -> None:
+    """Through nginx (each request to another node) the page shows all three nodes' own rates and a steady badge.
+
+    Clients on node1 and node2 receive a steady stream; node3 has none. Each
+    row must show its own node's delivered/s (node3: 0), which no single node's
+    /api/metrics could give, and the badge must not change with the answering node.
+    """
+    c = nginx_cluster
+    clients = [await Client.open(session, c.node_url(n).replace("http", "ws", 1) + "/ws") for n in ("node1", "node2")]
+    traffic: asyncio.Task[None] | None = None
+    try:
+        for client in clients:
+            await client.join("dash")
+        dash = await open_page(f"{c.url}/dashboard")
+        await dash.evaluate(WATCH_BADGE)
+        traffic = asyncio.create_task(steady_traffic(session, c.url, "dash"))
+        for node_id, clients_there in (("node1", "1"), ("node2", "1"), ("node3", "0")):
+            row = dash.locator(f"#nodes tr[data-node={node_id}]")
+            await expect(row.locator("td.clients")).to_have_text(clients_there)
+            await expect(row.locator("td.rate")).to_have_text(POSITIVE if clients_there == "1" else "0")
+        for series in ("mean", "p99"):
+            await expect(dash.locator(f"#l-latency span[data-series={series}] b")).to_have_text(
+                re.compile(r"^[\d.]+k? ms$"))
+        for node_id in ("node1", "node2"):
+            await expect(dash.locator(f"#nodes tr[data-node={node_id}] td.p99")).to_have_text(
+                re.compile(r"^[\d.]+k? ms$"))
+        await expect(dash.locator("#l-rate span[data-series=node1] b")).to_have_text(POSITIVE)
+        await expect(dash.locator("#t-rate")).to_have_text(POSITIVE)
+        await dash.wait_for_function("() => badges.length >= 6", timeout=TIMEOUT_MS)  # 5 refreshes or more
+        await shot(dash, "dashboard-nginx")
+        assert set(await dash.evaluate("badges")) <= {"loading…", "live · 3 nodes"}
+    finally:
+        if traffic is not None:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+        for client in clients:
+            await client.close()
 
 
 async def test_dashboard_asks_for_the_api_key(open_page: Opener) -> None:

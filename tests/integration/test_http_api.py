@@ -25,7 +25,8 @@ async def test_post_broadcast_targets(hub: TestServer, session: aiohttp.ClientSe
     assert (await a.recv_type("n"))["room"] == "r"
     await b.expect_silence()
     await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 2, "user_id": "b"})
-    assert (await b.recv_type("n"))["data"] == 2
+    got = await b.recv_type("n")
+    assert got["data"] == 2 and "user_id" not in got  # it named the recipient: b is not its own sender
     await a.expect_silence()
     await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 3, "metadata": {"k": "v"}})
     for c in (a, b):
@@ -33,10 +34,27 @@ async def test_post_broadcast_targets(hub: TestServer, session: aiohttp.ClientSe
         assert got["data"] == 3 and got["metadata"] == {"k": "v"}
 
 
+async def test_post_broadcast_to_names_the_recipient(hub: TestServer, session: aiohttp.ClientSession) -> None:
+    """`to` targets a user unambiguously; a server-sent message has no sender unless the caller names one."""
+    a, b = await _client(session, hub, "a"), await _client(session, hub, "b")
+    resp = await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 1, "to": "b"})
+    assert resp.status == 202
+    got = await b.recv_type("n")
+    assert got["data"] == 1 and "user_id" not in got and "to" not in got
+    await a.expect_silence()
+    await session.post(hub.make_url("/broadcast"), json={"type": "n", "data": 2, "to": "a", "user_id": "support"})
+    got = await a.recv_type("n")
+    assert got["data"] == 2 and got["user_id"] == "support"  # with `to`, user_id is the sender again
+    await b.expect_silence()
+    resp = await session.post(hub.make_url("/broadcast"), json={"type": "n", "to": "a", "room": "r"})
+    assert resp.status == 400 and "'room' and 'to'" in (await resp.json())["error"]["message"]
+
+
 @pytest.mark.parametrize(("body", "code"), [
     (b"nope", "bad_json"), (b'{"data": 1}', "bad_message"), (b'[1]', "bad_message"),
     (b'{"type": "t", "room": "a b"}', "bad_room"), (b'{"type": "t", "user_id": ""}', "bad_message"),
     (b'{"type": "ack", "id": 1}', "bad_message"), (b'{"type": "error"}', "bad_message"),
+    (b'{"type": "t", "to": "a b"}', "bad_message"), (b'{"type": "t", "to": 7}', "bad_message"),
     (b'{"type": "t", "data": ' + b"[" * 300 + b"]" * 300 + b"}", "bad_message"),
 ])
 async def test_post_broadcast_bad_input_400(hub: TestServer, session: aiohttp.ClientSession,

@@ -140,3 +140,22 @@ async def test_inspection_equals_the_http_api(
     assert all(n.heartbeat_age is None or n.heartbeat_age >= 0 for n in live)
     assert await pub.user_online("alice") == 1 and await pub.user_online("nobody") == 0
     assert len(clients) == 4
+
+
+async def test_raw_publish_without_room_arrives_with_the_room(nodes: tuple[NodeProcess, NodeProcess],
+                                                             redis_server: RedisServer, prefix: str,
+                                                             session: aiohttp.ClientSession) -> None:
+    """An envelope packed by hand (the README's Node.js example leaves `room` out) on a room channel
+    reaches the room's members with `room` filled in, on every node, like the Python publisher's."""
+    import msgpack
+    import redis
+
+    a, b = nodes
+    members = [await open_client(session, a, "u1", ("orders",)), await open_client(session, b, "u2", ("orders",))]
+    envelope = {"v": 1, "id": "raw-1", "origin": "pub:node-1", "msg": {"type": "order_shipped", "data": {"order": 42},
+                                                                      "timestamp": 1}}
+    with redis.Redis.from_url(redis_server.url) as r:
+        assert r.publish(f"{prefix}room:{{orders}}", msgpack.packb(envelope)) == 2
+    for client in members:
+        got = await client.recv_type("order_shipped")
+        assert got["room"] == "orders" and got["data"] == {"order": 42} and "user_id" not in got

@@ -1,0 +1,157 @@
+"""The README says what it shows: its Python API example runs as written, and its table of
+server frames names exactly the fields the frames have.
+
+Issue 12: `python app.py` failed outside the venv and its cluster hint silently
+ran alone; the README promised `timestamp` on every frame while acks have none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import node_config, start_server
+from tests.helpers import ROOT, SCALE, Client, RedisServer, free_port, wait_until, wait_until_sync
+from tests.integration.test_packaging import readme_block
+
+
+async def test_readme_app_runs_as_written_and_joins_the_cluster(tmp_path: Path,
+                                                                 session: aiohttp.ClientSession) -> None:
+    """`.venv/bin/python app.py` with HUB_REDIS_URL: a node registered in that Redis, /notify reaches the lobby.
+
+    Only the port changes (8081 may be taken on a test machine).
+    """
+    port = free_port()
+    source = readme_block("# app.py")
+    assert source.count("8081") == 4  # the comments, Config and run_app: all move together
+    (tmp_path / "app.py").write_text(source.replace("8081", str(port)))
+    redis_server = RedisServer()
+    redis_server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {"HUB_REDIS_URL": redis_server.url}
+    log = tmp_path / "app.log"
+    with log.open("wb") as out:
+        app = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_until_sync(lambda: _answers(f"http://127.0.0.1:{port}/healthz") or app.poll() is not None, 20,
+                        "app.py to serve")
+        assert app.poll() is None, log.read_text()
+        alice = await Client.open(session, f"ws://127.0.0.1:{port}/ws?user_id=alice")
+        await alice.join("lobby")
+        with redis.Redis.from_url(redis_server.url) as r:
+            await wait_until(lambda: r.zcard("hub:nodes") == 1, what="the app's node to register in Redis")
+        resp = await session.post(f"http://127.0.0.1:{port}/notify")
+        assert resp.status == 200 and await resp.json() == {"nodes": 1, "clients": 1}
+        got = await alice.recv_type("notification")
+        assert got["data"] == "hello lobby" and got["room"] == "lobby"
+    finally:
+        app.send_signal(signal.SIGINT)
+        try:
+            app.wait(15)
+        finally:
+            if app.poll() is None:
+                app.kill()
+            redis_server.stop()
+
+
+async def _open(session: aiohttp.ClientSession, url: str, seen: list[tuple[str, dict[str, Any]]]) -> Client:
+    """A Client, keeping its whole `connected` frame (Client.open keeps only its data)."""
+    ws = await session.ws_connect(url)
+    first = await ws.receive_json(timeout=5 * SCALE)
+    seen.append(("connected", first))
+    client = Client(ws)
+    client.connected = first["data"]
+    return client
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def readme_frame_table() -> dict[str, tuple[set[str], set[str]]]:
+    """The README's "server frame | always | only when" table: frame -> (always, optional) fields."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| server frame | always | only when |"):]
+    rows: dict[str, tuple[set[str], set[str]]] = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        frame, always, when = (cell.strip() for cell in line.strip("|").split("|"))
+        name = re.match(r"`(\w+)`", frame)
+        key = name[1] if name else "published"
+        optional = set(re.findall(r"`(\w+)`:", when))
+        rows[key] = (set(re.findall(r"`(\w+)`", always)), optional)
+    return rows
+
+
+async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSession) -> None:
+    """Every kind of frame a client can get, with and without its optional fields, against the table."""
+    table = readme_frame_table()
+    assert set(table) == {"connected", "ack", "error", "pong", "room_message", "private_message", "broadcast",
+                          "system_message", "published"}
+    server: TestServer = await start_server(node_config())
+    seen: list[tuple[str, dict[str, Any]]] = []
+    try:
+        url = str(server.make_url("/ws"))
+        alice, anon = await _open(session, url + "?user_id=alice", seen), await _open(session, url, seen)
+        for client in (alice, anon):
+            seen.append(("ack", await client.request("join_room", "lobby", fid=1)))
+        await alice.send({"type": "room_message", "data": "not an object", "id": 2})
+        seen.append(("error", await alice.recv_type("error")))
+        await alice.send({"type": "no_such_type"})
+        seen.append(("error", await alice.recv_type("error")))
+        await alice.send({"type": "ping", "data": 1, "id": "p"})
+        seen.append(("pong", await alice.recv_type("pong")))
+        await alice.send({"type": "ping", "data": 2})
+        seen.append(("pong", await alice.recv_type("pong")))
+        for sender in (alice, anon):
+            await sender.send({"type": "room_message", "data": {"room": "lobby", "message": "hi"}})
+            seen.append(("room_message", await alice.recv_type("room_message")))
+            await sender.send({"type": "private_message", "data": {"user_id": "alice", "message": "psst"}})
+            seen.append(("private_message", await alice.recv_type("private_message")))
+            await sender.send({"type": "broadcast", "data": {"x": 1}})
+            seen.append(("broadcast", await alice.recv_type("broadcast")))
+        for body in ({"type": "news", "data": 1}, {"type": "news", "room": "lobby", "metadata": {"k": 1}},
+                     {"type": "news", "to": "alice", "user_id": "support"}, {"type": "news", "user_id": "alice"}):
+            assert (await session.post(server.make_url("/broadcast"), json=body)).status == 202
+            seen.append(("published", await alice.recv_type("news")))
+        await server.close()  # drains: system_message reconnect, then close 1001
+        seen.append(("system_message", await alice.recv_type("system_message")))
+    finally:
+        await server.close()
+    for kind, frame in seen:
+        always, optional = table[kind]
+        keys = set(frame)
+        assert always <= keys <= always | optional, (kind, frame, always, optional)
+    with_optional = {(kind, key) for kind, frame in seen for key in frame if key in table[kind][1]}
+    assert with_optional >= {("error", "id"), ("pong", "id"), ("room_message", "user_id"), ("published", "room"),
+                             ("published", "user_id"), ("published", "metadata")}
+
+
+def test_readme_configuration_errors_are_what_the_commands_print() -> None:
+    """The README's console session of bad configuration, run in a shell: the same line, exit 2."""
+    text = (ROOT / "README.md").read_text()
+    session = re.search(r"```console\n(\$ hubnode --port 99999\n.*?)```", text, re.S)
+    assert session, "the Configuration section's console block is missing"
+    lines = session[1].splitlines()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for command, expected in zip(lines[::2], lines[1::2], strict=True):
+        assert command.startswith("$ ")
+        ran = subprocess.run(command[2:], shell=True, env=env, capture_output=True, text=True, timeout=30)
+        assert ran.returncode == 2 and ran.stderr == expected + "\n", (command, ran.stderr)
