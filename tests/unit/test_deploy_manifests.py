@@ -263,8 +263,9 @@ def test_make_cluster_installs_only_what_it_runs() -> None:
     """`make cluster` (dry run): redis-server and nginx from apt, the node's extras; no Chromium, no dev tools."""
     shutil_make = shutil.which("make")
     assert shutil_make, "make is not installed"
-    dry = subprocess.run([shutil_make, "-n", "-B", "cluster"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under make test
+    dry = subprocess.run([shutil_make, "-n", "-B", "--no-print-directory", "cluster"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
     assert "apt-get install -y -qq redis-server" in dry and "nginx-light" in dry
     assert "chromium" not in dry
     installs = re.findall(r"pip install[^\n]*", dry)
