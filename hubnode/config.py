@@ -78,6 +78,9 @@ class Config:
     log_format: str = "text"
 
     def __post_init__(self) -> None:
+        for name in ("allowed_origins", "api_key"):  # a list from Python code is as good as a tuple
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for f in fields(self):  # each value alone: hubnode.validate says what every setting accepts
             value = getattr(self, f.name)
             try:
@@ -167,7 +170,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
 
     Every value is converted and checked here, each against its own rule
     (hubnode.validate), so a bad one exits 2 with one line naming the flag or
-    the variable it came from, before anything starts.
+    the variable it came from, before anything starts. An empty variable
+    counts as unset, as it does for the publishers.
     """
     env = os.environ if env is None else env
     parser = _Parser(prog="hubnode", description="Run a hubnode WebSocket hub node. Every flag also "
@@ -185,7 +189,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         given, source = getattr(ns, f.name), flag
         if given is None:
             given, source = env.get(var), var
-            if given is None:
+            if not given:  # unset, or set empty (`HUB_X=` in an .env file): the default, as publishers read it
                 continue
         try:
             values[f.name] = RULES[f.name].parse(given)

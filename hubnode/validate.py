@@ -30,7 +30,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
+# scheme://host[:port], no path: browsers send http(s) origins, but also capacitor://localhost,
+# chrome-extension://<id> and the like; a path or trailing slash could never match an Origin header
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:\d{1,5})?")
 _REDIS_URL_FORMS = ("redis://[[user]:password@]host[:port][/db], rediss://… (TLS) "
                     "or unix:///path/to/socket[?db=N]")
 
@@ -176,7 +178,8 @@ def origins(value: Any) -> None:
     if value is None:
         return
     if not (isinstance(value, tuple) and value):
-        raise Invalid("expected '*' or a comma-separated list of origins like https://app.example.com")
+        raise Invalid("expected '*' or origins like https://app.example.com (a tuple of strings in Python, "
+                      "a comma-separated list on the command line)")
     for origin in value:
         if origin != "*" and not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
             raise Invalid(f"{origin!r} is not an origin: expected '*' or origins like "
@@ -184,8 +187,10 @@ def origins(value: Any) -> None:
 
 
 def api_keys(value: Any) -> None:
-    if not isinstance(value, tuple) or any(not isinstance(k, str) or not k or any(c.isspace() for c in k)
-                                          for k in value):
+    if not isinstance(value, tuple):
+        raise Invalid("expected keys without whitespace (a tuple of strings in Python, a comma-separated "
+                      "list on the command line)")
+    if any(not isinstance(k, str) or not k or any(c.isspace() for c in k) for k in value):
         raise Invalid("expected one or more comma-separated keys without whitespace")
 
 
@@ -202,8 +207,8 @@ def _key_list(text: str) -> tuple[str, ...]:
 _REDIS_QUERY: dict[str, Callable[[str], Any]] = {
     "db": int, "protocol": int, "max_connections": int, "health_check_interval": int, "socket_read_size": int,
     "socket_timeout": float, "socket_connect_timeout": float, "timeout": float,
-    "socket_keepalive": to_bool, "retry_on_timeout": to_bool,
-    "client_name": str,
+    "socket_keepalive": to_bool, "retry_on_timeout": to_bool, "readonly": to_bool, "legacy_responses": to_bool,
+    "client_name": str, "username": str, "password": str, "retry_on_error": str,
 }
 
 

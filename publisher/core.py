@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from publisher.envelope import process_token
 from publisher.keys import DEFAULT_PREFIX, Keys
@@ -37,15 +37,17 @@ MessageLike = Message | Mapping[str, Any]
 Item = tuple[Target, MessageLike]
 
 
+_USERINFO_PASSWORD = re.compile(r"(//[^/?#@]*?:)[^/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for an error message or a log line."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
-    except ValueError:
-        return url
+    """The URL with any password masked (`user:***@`, `?password=***`), fit for an error or a log line.
+
+    Textual, not parsed: a URL too broken to parse is exactly the one an error
+    message quotes, and it must not leak its password either.
+    """
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
 def default_url() -> str:

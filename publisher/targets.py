@@ -73,7 +73,7 @@ def posted_message(raw: Any) -> tuple[Target, Message]:
         if problem:
             raise MessageError(f"'to' (the user to deliver to) {problem}")
         if msg.room is not None:
-            raise MessageError("'room' and 'to' name two targets: give one")
+            raise MessageError("a message goes to a room or to a user: give either room or to, not both")
         return Target("user", to), msg
     if msg.room is None and msg.user_id is not None:
         return Target("user", msg.user_id), replace(msg, user_id=None)

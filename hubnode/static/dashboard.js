@@ -105,11 +105,13 @@
 
   // Frames every live node delivered in the last minute. Per node: exact while it is
   // younger than that (its counters start at 0), else once a minute of its snapshots is in.
+  // A live node that stores no snapshot (an older version, a failing write) is left out
+  // and the total shown as a lower bound, rather than never showing one.
   function deliveredLastMinute(ids) {
-    let sum = 0;
+    let sum = 0, partial = false;
     for (const id of ids) {
       const last = nodes.has(id) ? nodes.get(id).snap : null;
-      if (!last) return "…";
+      if (!last) { partial = true; continue; }
       if (last.time - last.started_at <= 60) {
         sum += last.delivered;
         continue;
@@ -118,7 +120,7 @@
       if (!since || since.t > last.time - 55) return "…";
       sum += last.delivered - since.total;
     }
-    return fmt(sum);
+    return (partial ? "≥ " : "") + fmt(sum);
   }
 
   // Prometheus' histogram_quantile: interpolate inside the bucket holding the rank.

@@ -47,7 +47,8 @@ async def test_post_broadcast_to_names_the_recipient(hub: TestServer, session: a
     assert got["data"] == 2 and got["user_id"] == "support"  # with `to`, user_id is the sender again
     await b.expect_silence()
     resp = await session.post(hub.make_url("/broadcast"), json={"type": "n", "to": "a", "room": "r"})
-    assert resp.status == 400 and "'room' and 'to'" in (await resp.json())["error"]["message"]
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["code"] == "bad_message" and "not both" in error["message"]
 
 
 @pytest.mark.parametrize(("body", "code"), [

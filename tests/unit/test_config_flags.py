@@ -28,7 +28,7 @@ BAD: dict[str, list[str]] = {
     "key_prefix": ["a b", "{x}:", "", "x" * 65],
     "auth": ["ldap", ""],
     "allow_anonymous": ["maybe", "2"],
-    "allowed_origins": ["https://a.example/", "a.example", "", "ftp://a.example"],
+    "allowed_origins": ["https://a.example/", "a.example", "", "https://a.example/path", "null"],
     "api_key": ["", "a b", ","],
     "jwt_secret": ["short"],
     "jwt_public_key": ["", " "],
@@ -65,7 +65,9 @@ def flag(name: str) -> str:
 
 
 def cases() -> list[tuple[str, str, str]]:
-    return [(name, value, how) for name, values in BAD.items() for value in values for how in ("flag", "env")]
+    """Each bad value as a flag and as a variable (an empty variable means unset: see below)."""
+    return [(name, value, how) for name, values in BAD.items() for value in values for how in ("flag", "env")
+            if how == "flag" or value]
 
 
 def test_every_setting_has_a_rule_and_bad_values() -> None:
@@ -101,11 +103,22 @@ def test_bad_value_is_one_line_and_exit_2(name: str, value: str, how: str, monke
         assert value not in lines[0]
 
 
-def test_redis_password_is_masked_in_the_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("url", "masked"), [
+    ("redis://:s3cret-pw@h:6379/db0", "redis://:***@h:6379/db0"),
+    ("redis://user:s3cret-pw@[::1", "redis://user:***@[::1"),  # too broken to parse: masked all the same
+    ("unix:///tmp/r.sock?password=s3cret-pw&db=x", "unix:///tmp/r.sock?password=***&db=x"),
+])
+def test_redis_password_is_masked_in_the_error(url: str, masked: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        cli.main(["--redis-url", "redis://:s3cret-pw@h:6379/db0"])
+        cli.main(["--redis-url", url])
     err = capsys.readouterr().err
-    assert "s3cret-pw" not in err and "redis://:***@h:6379/db0" in err
+    assert "s3cret-pw" not in err and masked in err, err
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    """`HUB_REDIS_URL=` in an .env file means no Redis, as it does for the publishers and hubctl."""
+    cfg = parse_args([], {"HUB_REDIS_URL": "", "HUB_KEY_PREFIX": "", "HUB_PORT": ""})
+    assert (cfg.redis_url, cfg.key_prefix, cfg.port) == (None, "hub:", 8080)
 
 
 @pytest.mark.parametrize("argv", [["--no-such-flag"], ["--port"], ["extra"]])
@@ -139,8 +152,9 @@ def test_unreadable_jwt_public_key_is_refused_before_start(content: str | None, 
 def test_good_values_still_parse() -> None:
     """The rules do not refuse what users write: 0 = unlimited/off, upper-case choices, IPv6, unix sockets."""
     cfg = parse_args(["--port", "0", "--host", "::1", "--log-level", "DEBUG", "--max-connections", "0",
-                      "--ping-interval", "0", "--rate", "0", "--redis-url", "unix:///run/redis.sock?db=2",
-                      "--allowed-origins", "http://localhost:3000,https://app.example.com,http://[::1]:8080"], {})
+                      "--ping-interval", "0", "--rate", "0", "--redis-url", "unix:///run/redis.sock?db=2&password=x",
+                      "--allowed-origins", "http://localhost:3000,https://app.example.com,http://[::1]:8080,"
+                      "capacitor://localhost,chrome-extension://abcdefghijklmnop"], {})
     assert (cfg.port, cfg.host, cfg.log_level, cfg.max_connections) == (0, "::1", "debug", 0)
     assert parse_args([], {"HUB_REDIS_URL": "rediss://user:pw@redis.internal:6380/1?ssl_cert_reqs=none"}).redis_url
     assert parse_args(["--client-private"], {}).client_private is True
@@ -149,11 +163,17 @@ def test_good_values_still_parse() -> None:
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"port": 99999}, "--port"), ({"heartbeat": math.nan}, "--heartbeat"), ({"log_level": "loud"}, "--log-level"),
     ({"redis_url": "http://x"}, "--redis-url"), ({"api_key": ("a b",)}, "--api-key"),
+    ({"allowed_origins": "*"}, "a tuple of strings"),
 ])
 def test_python_callers_get_the_same_rules(kwargs: dict[str, object], fragment: str) -> None:
     """`Config(...)` in an application refuses what the command line refuses."""
     with pytest.raises(ConfigError, match=fragment):
         Config(**kwargs)  # type: ignore[arg-type]
+
+
+def test_python_lists_are_taken_as_tuples() -> None:
+    cfg = Config(allowed_origins=["https://app.example.com"], api_key=["k1"])  # type: ignore[arg-type]
+    assert cfg.allowed_origins == ("https://app.example.com",) and cfg.api_key == ("k1",)
 
 
 HUBCTL_BAD = [  # each of hubctl's options and arguments with a bad value; none reaches Redis
