@@ -56,7 +56,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import NoReturn
+from typing import Any
+
+from hubnode.validate import RULES, Invalid, Rule, integer, whole
+from publisher.usage import OneLineParser
 
 __all__ = ["POLICIES", "Cluster", "ClusterError", "Event", "PortUnavailable", "describe_exit", "find_executable",
            "main", "nginx_command", "render_nginx_conf", "restart_delay"]
@@ -574,31 +577,18 @@ _POLICY_LINES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """One-line errors, like `hubnode` and `hubctl`: the usage block would bury the line that matters."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 0 (a free one) to 65535, got {text!r}")
-    return port
+def _checked(rule: Rule) -> Callable[[str], Any]:
+    """An argparse type from one of hubnode's setting rules: the same values, the same words."""
+    def convert(text: str) -> Any:
+        try:
+            return rule.parse(text)
+        except Invalid as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return convert
 
 
-def _count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of nodes, 1 or more, got {text!r}")
-    return count
+_PORT = _checked(RULES["port"])
+_NODE_COUNT = _checked(Rule(integer, whole(1)))
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -610,18 +600,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     argv = list(sys.argv[1:] if argv is None else argv)
     node_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m deploy.cluster",
         description="Run redis-server, N hubnode nodes and nginx locally (no Docker) until Ctrl-C. A child "
                     "that exits is reported on stderr and the rest keep running; --restart says whether it is "
                     "restarted. Flags after `--` go to every node, e.g. `-- --heartbeat 0.5`.")
-    parser.add_argument("--port", type=_port, default=8080,
+    parser.add_argument("--port", type=_PORT, default=8080,
                         help="nginx port on 127.0.0.1 (default 8080; 0: a free one); a port in use stops the "
                              "script at once")
-    parser.add_argument("--redis-port", type=_port, default=DEFAULT_REDIS_PORT,
+    parser.add_argument("--redis-port", type=_PORT, default=DEFAULT_REDIS_PORT,
                         help=f"redis-server port on 127.0.0.1 (default {DEFAULT_REDIS_PORT}; 0: a free one); "
                              "a port in use stops the script at once")
-    parser.add_argument("--nodes", type=_count, default=3, help="number of hubnode nodes (default 3)")
+    parser.add_argument("--nodes", type=_NODE_COUNT, default=3, help="number of hubnode nodes (default 3)")
     parser.add_argument("--restart", choices=POLICIES, default="on-failure",
                         help="what to do when a node, nginx or Redis exits; the rest keep running in any case. "
                              "on-failure (default): restart it unless it exited 0 (kill -TERM drains a node "

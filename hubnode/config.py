@@ -7,18 +7,18 @@ wins over the environment.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NoReturn
+from typing import Any
 
 from hubnode.validate import RULES, Invalid, shown
 from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.keys import DEFAULT_PREFIX
+from publisher.usage import OneLineParser
 
 __all__ = ["Config", "ConfigError", "parse_args"]
 
@@ -158,13 +158,6 @@ _HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the usage block would bury the line that matters."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build a Config from command-line flags and HUB_* environment variables.
 
@@ -174,7 +167,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     counts as unset, as it does for the publishers.
     """
     env = os.environ if env is None else env
-    parser = _Parser(prog="hubnode", description="Run a hubnode WebSocket hub node. Every flag also "
+    parser = OneLineParser(prog="hubnode", description="Run a hubnode WebSocket hub node. Every flag also "
                      "reads HUB_<FLAG> from the environment; a flag on the command line wins.")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 from publisher.core import redact_url
 from publisher.keys import check_prefix
 
-__all__ = ["RULES", "Invalid", "Rule", "shown"]
+__all__ = ["RULES", "Invalid", "Rule", "integer", "shown", "whole"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -64,7 +64,7 @@ def _text(text: str) -> str:
     return text
 
 
-def _integer(text: str) -> int:
+def integer(text: str) -> int:
     try:
         return int(text.strip())
     except ValueError:
@@ -278,7 +278,7 @@ _NON_NEGATIVE = whole(0)
 
 RULES: dict[str, Rule] = {
     "host": Rule(_text, host),
-    "port": Rule(_integer, whole(0, 65535, "0 picks a free port")),
+    "port": Rule(integer, whole(0, 65535, "0 picks a free port")),
     "redis_url": Rule(_text, redis_url),
     "node_id": Rule(_text, node_id),
     "key_prefix": Rule(_text, key_prefix),
@@ -293,21 +293,21 @@ RULES: dict[str, Rule] = {
     "jwt_leeway": Rule(_number, amount(False)),
     "client_broadcast": Rule(to_bool, optional_bool),
     "client_private": Rule(to_bool, boolean),
-    "max_message_bytes": Rule(_integer, _POSITIVE_BYTES),
-    "max_outbound_bytes": Rule(_integer, _POSITIVE_BYTES),
-    "max_rooms_per_conn": Rule(_integer, whole(1)),
-    "max_connections": Rule(_integer, whole(0, meaning="0 = unlimited")),
-    "max_connections_per_user": Rule(_integer, whole(0, meaning="0 = unlimited")),
+    "max_message_bytes": Rule(integer, _POSITIVE_BYTES),
+    "max_outbound_bytes": Rule(integer, _POSITIVE_BYTES),
+    "max_rooms_per_conn": Rule(integer, whole(1)),
+    "max_connections": Rule(integer, whole(0, meaning="0 = unlimited")),
+    "max_connections_per_user": Rule(integer, whole(0, meaning="0 = unlimited")),
     "rate": Rule(_number, amount(False, "frames per second", "0 = off")),
-    "burst": Rule(_integer, whole(1)),
-    "max_errors": Rule(_integer, _NON_NEGATIVE),
+    "burst": Rule(integer, whole(1)),
+    "max_errors": Rule(integer, _NON_NEGATIVE),
     "heartbeat": Rule(_number, amount(True)),
     "unsubscribe_grace": Rule(_number, amount(False)),
     "drain_timeout": Rule(_number, amount(True)),
     "ping_interval": Rule(_number, amount(False, "0 = off")),
     "ping_timeout": Rule(_number, amount(True)),
     "redis_timeout": Rule(_number, amount(True)),
-    "max_envelope_bytes": Rule(_integer, _POSITIVE_BYTES),
+    "max_envelope_bytes": Rule(integer, _POSITIVE_BYTES),
     "dedup_window": Rule(_number, amount(False, "0 = off")),
     "log_level": Rule(_lower, log_level),
     "log_format": Rule(_lower, choice("text", "json")),

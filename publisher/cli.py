@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import redis
 
@@ -28,6 +28,7 @@ from publisher.core import redact_url as redact
 from publisher.inspect import NodeInfo
 from publisher.keys import check_prefix
 from publisher.sync import Publisher
+from publisher.usage import OneLineParser
 
 __all__ = ["main"]
 
@@ -158,18 +159,11 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, like every other failure of hubctl."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hubctl", description="Publish to a hubnode cluster and inspect it.")
+    parser = OneLineParser(prog="hubctl", description="Publish to a hubnode cluster and inspect it.")
     _global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    shared = _Parser(add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    shared = OneLineParser(add_help=False)
     _global_options(shared, suppress=True)
     sub = {name: commands.add_parser(name, parents=[shared], help=text, description=text)
            for name, (_, text) in COMMANDS.items()}
