@@ -17,16 +17,18 @@ from typing import Any
 
 from hubnode.validate import RULES, Invalid, shown
 from publisher.envelope import MAX_ENVELOPE_BYTES
+from publisher.history import HistoryPolicy
 from publisher.keys import DEFAULT_PREFIX
 from publisher.usage import OneLineParser
 
 __all__ = ["Config", "ConfigError", "parse_args"]
 
-_BOOLS = {"allow_anonymous", "client_broadcast", "client_private"}
+_BOOLS = {"allow_anonymous", "client_broadcast", "client_private", "history_users"}
 _METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "ID", "key_prefix": "PREFIX",
              "auth": "none|jwt", "allowed_origins": "ORIGINS", "api_key": "KEYS", "jwt_secret": "SECRET",
              "jwt_public_key": "FILE", "jwt_audience": "AUD", "jwt_issuer": "ISS",
-             "log_level": "LEVEL", "log_format": "text|json"}
+             "log_level": "LEVEL", "log_format": "text|json",
+             "history_rooms": "PATTERNS", "history_ttl": "SECONDS"}
 
 
 class ConfigError(ValueError):
@@ -74,11 +76,15 @@ class Config:
     redis_timeout: float = 5.0
     max_envelope_bytes: int = MAX_ENVELOPE_BYTES
     dedup_window: float = 60.0
+    history_size: int = 0
+    history_ttl: int = 300
+    history_rooms: tuple[str, ...] = ("*",)
+    history_users: bool = True
     log_level: str = "info"
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        for name in ("allowed_origins", "api_key"):  # a list from Python code is as good as a tuple
+        for name in ("allowed_origins", "api_key", "history_rooms"):  # a list from Python code is as good as a tuple
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for f in fields(self):  # each value alone: hubnode.validate says what every setting accepts
@@ -94,6 +100,11 @@ class Config:
             raise ConfigError("give either --jwt-secret or --jwt-public-key, not both")
         if self.client_broadcast is None:
             object.__setattr__(self, "client_broadcast", self.auth == "none")
+
+    @property
+    def history(self) -> HistoryPolicy:
+        """The node's history settings, in the form publishers share."""
+        return HistoryPolicy(self.history_size, self.history_ttl, self.history_rooms, self.history_users)
 
     @property
     def on_loopback(self) -> bool:
@@ -153,6 +164,10 @@ _HELP = {
     "redis_timeout": "timeout of every Redis command, seconds",
     "max_envelope_bytes": "largest payload taken from Redis; larger ones are dropped, counted, and cause a resync",
     "dedup_window": "seconds a node remembers delivered envelope ids to drop a republished one (0 = off)",
+    "history_size": "messages each room or user stream keeps for recovery (0 = off)",
+    "history_ttl": "seconds after its last publish a stream's history expires",
+    "history_rooms": "comma-separated room names or prefix* that keep history (default *)",
+    "history_users": "whether user streams keep history (--no-history-users turns it off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
 }
@@ -175,6 +190,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
             parser.add_argument(flag, nargs="?", const="on", default=None, metavar="on|off", help=_HELP[f.name])
         else:
             parser.add_argument(flag, default=None, metavar=_METAVARS.get(f.name, "N"), help=_HELP[f.name])
+    parser.add_argument("--no-history-users", dest="history_users", action="store_const", const="off",
+                        help="user streams keep no history")
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Config):

@@ -19,6 +19,7 @@ from hubnode.dashboard_api import cluster_metrics, live_nodes, metrics_snapshot
 from hubnode.metrics import LATENCY
 from hubnode.node import Node
 from hubnode.protocol import encodable, unavailable_message
+from publisher.history import MAX_LIMIT
 from publisher.message import MessageError
 from publisher.names import check_name
 from publisher.targets import posted_message
@@ -108,6 +109,47 @@ async def get_room(request: web.Request) -> web.Response:
         {"conn_id": m.conn_id, "user_id": m.user_id, "node": m.node} for m in members]})
 
 
+async def get_room_history(request: web.Request) -> web.Response:
+    return await _history(request, "room")
+
+
+async def get_user_history(request: web.Request) -> web.Response:
+    return await _history(request, "user")
+
+
+async def _history(request: web.Request, kind: str) -> web.Response:
+    """`?since=O&limit=L`: the stream's messages above O, oldest first (PROTOCOL.md section 10).
+
+    `epoch` is null for a stream without history. Reading never creates one.
+    """
+    name = request.match_info["name"]
+    problem = check_name(name)
+    if problem:
+        return _error(400, "bad_room" if kind == "room" else "bad_message",
+                      f"{'room name' if kind == 'room' else 'user id'} {problem}")
+    try:
+        since = _query_int(request, "since", 0, 0, None)
+        limit = _query_int(request, "limit", 100, 1, MAX_LIMIT)
+    except ValueError as exc:
+        return _error(400, "bad_message", str(exc))
+    try:
+        found = await _node(request).stream_history(kind, name, since, limit)
+    except BrokerUnavailable as exc:
+        return _error(503, "unavailable", f"history cannot be read now: {exc}")
+    return _json(found.to_json())
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) < low or (
+            high is not None and int(raw) > high):
+        upper = f" to {high}" if high is not None else " or more"
+        raise ValueError(f"{name} {raw[:40]!r}: expected a whole number from {low}{upper}")
+    return int(raw)
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     return _json({"ok": True, "node": _node(request).id})
 
@@ -141,6 +183,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/stats", with_api_key(get_stats))
     app.router.add_get("/api/rooms", with_api_key(get_rooms))
     app.router.add_get("/api/rooms/{room}", with_api_key(get_room))
+    app.router.add_get("/api/rooms/{name}/history", with_api_key(get_room_history))
+    app.router.add_get("/api/users/{name}/history", with_api_key(get_user_history))
     app.router.add_get("/api/nodes", with_api_key(get_nodes))
     app.router.add_get("/api/metrics", with_api_key(get_metrics_json))
     app.router.add_get("/api/cluster/metrics", with_api_key(get_cluster_metrics))

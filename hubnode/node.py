@@ -27,16 +27,18 @@ from hubnode.config import Config
 from hubnode.connection import Connection
 from hubnode.dedup import RecentIds
 from hubnode.errors import CloseCode, ErrorCode
+from hubnode.history import Opening, StreamKeeper
 from hubnode.membership.base import Member, MembershipStore, NodeInfo, Stats
 from hubnode.membership.memory import MemoryMembershipStore
-from hubnode.protocol import encode_message
+from hubnode.protocol import Since, encode_message, encode_positioned
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from hubnode.supervisor import Supervisor
-from publisher.envelope import EnvelopeError, unpack
+from publisher.envelope import Envelope, EnvelopeError, unpack
+from publisher.history import History
 from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES, Message
-from publisher.targets import Target, coerce_message, envelope_for
+from publisher.targets import Target, coerce_message, pack_for
 
 __all__ = ["MetricsSource", "MetricsStore", "Node", "NodeCounters", "NodeDraining", "Refused"]
 
@@ -146,6 +148,10 @@ class Node:
         self._seq = itertools.count(1)
         self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        self._openings: dict[str, Opening] = {}  # admitted connections' user-stream reads, until attach
+        self.history = StreamKeeper(self.broker, self.keys, self.config.history, fan_out=self._fan_out,
+                                    frame_of=self._frame_of, resync=self._resync_conns, track=self._track,
+                                    subscribers=self.table.subscribers)
         self.latency_observer: Callable[[float], None] | None = None
         self.metrics_source: MetricsSource | None = None
         """Set by the app (create_app): in Redis mode the node stores it every heartbeat for the dashboard."""
@@ -290,7 +296,7 @@ class Node:
     def next_conn_id(self) -> str:
         return f"{self.id}:{next(self._seq)}"
 
-    async def admit(self, identity: Identity) -> str:
+    async def admit(self, identity: Identity, since: Since | None = None) -> str:
         """Reserve a connection for `identity` before the upgrade; returns its conn id.
 
         Both connection limits are checked after the reservation is made, never
@@ -299,7 +305,9 @@ class Node:
         and for this node's share of the user's connections, and the store
         checks and counts the user cluster-wide in one atomic step. On return
         the connection is routable cluster-wide (its user channel confirmed);
-        `attach` makes it live. Raises Refused, BrokerUnavailable or NodeDraining.
+        `attach` makes it live. When the user's stream keeps history it is read
+        here (recovering from `since`), so a stream that cannot be read refuses
+        the connection before the upgrade. Raises Refused, BrokerUnavailable or NodeDraining.
         The newest connection is the one refused: an attacker holding a stolen
         token cannot push the rightful user's open sessions out.
         """
@@ -314,8 +322,14 @@ class Node:
         conn_id = self.next_conn_id()
         change = self.table.add(conn_id, user)
         counted = False
+        user_channel = self.keys.user_channel(user) if user is not None else None
+        history = user is not None and self.history.covers("user", user)
+        if history:
+            self.history.expect(user_channel, conn_id)  # type: ignore[arg-type]
         try:
-            await self._subs.apply(change, confirm=[self.keys.user_channel(user)] if user is not None else ())
+            await self._subs.apply(change, confirm=[user_channel] if user_channel is not None else ())
+            if history:
+                self._openings[conn_id] = await self.history.open("user", user, conn_id, since)  # type: ignore[arg-type]
             added = await self.store.add_connection(conn_id, user, limit)
             counted = added is not False
             if added is False:
@@ -340,7 +354,15 @@ class Node:
             raise NodeDraining("node draining")
         self.conns[conn.id] = conn
         data = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
-        conn.send(encode_message(Message("connected", data).stamped()))
+        opening = self._openings.pop(conn.id, None)
+        if opening is None:
+            conn.send(encode_message(Message("connected", data).stamped()))
+            return
+
+        def connected(position: dict[str, Any]) -> None:
+            conn.send(encode_message(Message("connected", {**data, **position}).stamped()))
+        # `connected`, then what the user's stream missed, then its live messages
+        self.history.finish(opening, conn, connected, answer_first=True)
 
     def abandon(self, conn_id: str, user_id: str | None) -> None:
         """Give back an admitted connection that never became live (the upgrade failed)."""
@@ -350,7 +372,13 @@ class Node:
     def _release(self, conn_id: str, user_id: str | None, counted: bool) -> asyncio.Task[None] | None:
         """Take a connection out of the table and, if it was counted, out of the store (in a tracked task)."""
         change = self.table.remove(conn_id)
+        self._openings.pop(conn_id, None)
+        channels = [self.keys.room_channel(room) for room in change.rooms]
+        if user_id is not None:
+            channels.append(self.keys.user_channel(user_id))
+        self.history.forget(conn_id, channels)
         self._subs.release(change.release)
+        self.history.released(change.release)
         if counted and not self._stopped.is_set():
             return self._track(self._store_remove(conn_id, user_id, change))
         return None
@@ -385,10 +413,15 @@ class Node:
                         conn_id, exc_info=True)
 
     # -- rooms ---------------------------------------------------------------
-    async def join(self, conn_id: str, room: str) -> ErrorCode | None:
+    async def join(self, conn_id: str, room: str, since: Since | None = None,
+                   ack: Callable[[dict[str, Any] | None], None] | None = None) -> ErrorCode | None:
         """Join; returns once the room channel is confirmed subscribed, or an error code.
 
-        Raises ValueError for a connection this node does not have.
+        In a room with history the stream is read after the subscription is
+        confirmed: what the connection missed since `since` is sent, then
+        `ack(data)` is called with the position, then live messages follow
+        (PROTOCOL.md section 10). `ack` is called only on success. Raises
+        ValueError for a connection this node does not have.
         """
         if conn_id not in self.table:
             raise ValueError(f"no connection {conn_id!r} on this node")
@@ -397,17 +430,37 @@ class Node:
         joined = self.table.rooms_of(conn_id)
         if room not in joined and len(joined) >= self.config.max_rooms_per_conn:
             return ErrorCode.TOO_MANY_ROOMS
+        channel = self.keys.room_channel(room)
         change = self.table.join(conn_id, room)
+        history = change.changed and self.history.covers("room", room)
+        if history:
+            self.history.expect(channel, conn_id)  # nothing live reaches it before its replay and ack
+        opening: Opening | None = None
         try:
             # the table says which channel is new; confirm waits for one another join has in flight
-            await self._subs.apply(change, confirm=[self.keys.room_channel(room)])
+            await self._subs.apply(change, confirm=[channel])
             # a leave or a disconnect may have run while we waited for Redis
             if change.changed and room in self.table.rooms_of(conn_id):
+                if history:
+                    opening = await self.history.open("room", room, conn_id, since)
                 await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
         except BrokerUnavailable:
             if change.changed:
-                self._subs.release(self.table.leave(conn_id, room).release)
+                released = self.table.leave(conn_id, room).release
+                self._subs.release(released)
+                self.history.released(released)
+            self.history.end_sync(channel, conn_id)
             return ErrorCode.UNAVAILABLE
+        except BaseException:
+            self.history.end_sync(channel, conn_id)
+            raise
+        conn = self.conns.get(conn_id)
+        if opening is not None and conn is not None and room in self.table.rooms_of(conn_id):
+            self.history.finish(opening, conn, ack or _ignore, answer_first=False)
+            return None
+        self.history.end_sync(channel, conn_id)
+        if ack is not None:
+            ack({"recovered": False} if since is not None and not history and change.changed else None)
         return None
 
     def local_room_count(self) -> int:
@@ -422,7 +475,9 @@ class Node:
         change = self.table.leave(conn_id, room)
         if not change.changed:
             return
+        self.history.end_sync(self.keys.room_channel(room), conn_id)
         self._subs.release(change.release)
+        self.history.released(change.release)
         try:
             await self.store.remove_member(room, conn_id, self.table.user_of(conn_id), bool(change.emptied))
         except Exception:
@@ -431,9 +486,9 @@ class Node:
     # -- publishing and fan-out ------------------------------------------------
     async def publish(self, target: Target, msg: Message, exclude: str | None = None) -> int:
         """Publish through the broker; returns how many nodes took it (BrokerUnavailable)."""
-        channel, payload = envelope_for(target, msg.stamped(), self.id, self.keys, exclude)
+        packed = pack_for(target, msg.stamped(), self.id, self.keys, exclude)
         self.counters.published += 1
-        return await self.broker.publish(channel, payload)
+        return await self.history.publish(target, packed)
 
     def on_message(self, channel: str, payload: bytes) -> None:
         """Broker callback: deliver one publication to the local connections it targets."""
@@ -451,9 +506,16 @@ class Node:
                 log.warning("dropped a %r message from %s on %s: the type is reserved for the node "
                             "(%d dropped so far)", env.msg.type, env.origin, channel, self.counters.reserved)
             return
+        if env.offset is not None and self.history.streams.tracked(channel):
+            if not self.history.on_live(channel, env):
+                return  # delivered already, or held until the stream is read (PROTOCOL.md section 10)
         if self._recent.seen(env.id, time.monotonic()):
             self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
             return
+        self._fan_out(channel, env)
+
+    def _frame_of(self, channel: str, env: Envelope) -> bytes | None:
+        """The client frame of an envelope; None when it cannot be written as JSON."""
         msg = env.msg
         if msg.room is None and channel != self._all:
             # A publisher in another language may leave `room` out; the client
@@ -462,9 +524,17 @@ class Node:
             if parsed is not None and parsed[0] == "room":
                 msg = replace(msg, room=parsed[1])
         try:
-            frame = encode_message(msg)
+            if env.offset is not None and env.epoch is not None:
+                return encode_positioned(msg, env.offset, env.epoch)
+            return encode_message(msg)
         except orjson.JSONEncodeError:  # e.g. nesting deeper than JSON output allows
             self.counters.dropped += 1
+            return None
+
+    def _fan_out(self, channel: str, env: Envelope) -> None:
+        """Encode once, write the same bytes to every local target, awaiting none."""
+        frame = self._frame_of(channel, env)
+        if frame is None:
             return
         exclude = env.exclude
         sent = 0
@@ -474,21 +544,46 @@ class Node:
                     sent += 1
         else:
             conns = self.conns
-            for conn_id in self.table.subscribers(channel):
-                target = conns.get(conn_id)
-                if target is not None and conn_id != exclude and target.send(frame):
-                    sent += 1
+            syncing = self.history.streams.syncing(channel) if env.offset is not None else None
+            if syncing is None:
+                for conn_id in self.table.subscribers(channel):
+                    target = conns.get(conn_id)
+                    if target is not None and conn_id != exclude and target.send(frame):
+                        sent += 1
+            else:  # some connections are catching up on this stream: each takes what is above its floor
+                passes, offset, epoch = self.history.streams.passes, env.offset, env.epoch or ""
+                for conn_id in list(self.table.subscribers(channel)):
+                    target = conns.get(conn_id)
+                    if (target is not None and conn_id != exclude
+                            and (conn_id not in syncing or passes(channel, conn_id, offset, epoch))  # type: ignore[arg-type]
+                            and target.send(frame)):
+                        sent += 1
         self.counters.delivered += sent
         self.counters.bytes_out += sent * len(frame)
         if sent and env.ts is not None and self.latency_observer is not None:
             self.latency_observer(max(0.0, time.time() - env.ts))
 
     def on_resync(self) -> None:
-        """Broker callback after a lost subscription: messages may be gone, tell clients."""
+        """Broker callback after a lost subscription: messages may be gone.
+
+        Streams with history are read back from Redis and delivered by the
+        node itself; only connections with a stream that has none (or could
+        not be recovered) are told to `resync` (PROTOCOL.md section 10).
+        Without history on this node, every connection is told.
+        """
         self.counters.resyncs += 1
+        if not self.config.history.enabled:
+            self._resync_conns(list(self.conns))
+            return
+        without = self.history.on_resync(self.table.channels())
+        self._resync_conns({conn_id for channel in without for conn_id in self.table.subscribers(channel)})
+
+    def _resync_conns(self, conn_ids: Any) -> None:
         frame = encode_message(Message("system_message", {"event": "resync"}).stamped())
-        for conn in list(self.conns.values()):
-            conn.send(frame)
+        for conn_id in conn_ids:
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                conn.send(frame)
 
     # -- the Hub API (mirrors the seed's Hub) -----------------------------------
     async def broadcast_to_all(self, msg: Message | dict[str, Any]) -> int:
@@ -530,11 +625,19 @@ class Node:
     async def nodes(self) -> list[NodeInfo]:
         return await self.store.nodes()
 
+    async def stream_history(self, kind: str, name: str, since: int = 0, limit: int = 100) -> History:
+        """A room's or user's history as `GET /api/rooms/<room>/history` answers it (BrokerUnavailable)."""
+        return await self.history.history(kind, name, since, limit)
+
     async def stored_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
         """Other nodes' latest snapshots as stored in Redis (JSON bytes); none on a single node."""
         if not node_ids or not isinstance(self.store, MetricsStore):
             return {}
         return await self.store.node_metrics(node_ids)
+
+
+def _ignore(data: dict[str, Any] | None) -> None:
+    """The ack of a join nobody answers (the Hub API's join_room)."""
 
 
 def _conn_id(conn: ConnRef) -> str:

@@ -17,23 +17,33 @@ from typing import Any
 import orjson
 
 from hubnode.errors import ErrorCode
+from publisher.history import client_view
 from publisher.message import Message
 from publisher.names import check_name
 
 __all__ = [
     "unavailable_message",
     "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PrivateMessage",
-    "ProtocolError", "RoomMessage", "encodable", "encode_ack", "encode_error", "encode_message",
-    "parse_frame", "text_frame",
+    "ProtocolError", "RoomMessage", "Since", "encodable", "encode_ack", "encode_error", "encode_message",
+    "encode_positioned", "parse_frame", "since_of", "since_param", "text_frame",
 ]
 
 FrameId = int | str | None
 
 
 @dataclass(frozen=True, slots=True)
+class Since:
+    """Where a client says it was in a stream (PROTOCOL.md section 10)."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
 class JoinRoom:
     room: str
     id: FrameId = None
+    since: Since | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +130,41 @@ def _room_or_error(room: Any, fid: FrameId) -> str | ProtocolError:
 
 
 def _join(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    """A room name, or `{"room": R, "since": {"offset": O, "epoch": E}}` (since optional)."""
+    since: Since | None = None
+    if isinstance(data, dict):
+        if data.get("since") is not None:
+            found = since_of(data["since"])
+            if isinstance(found, str):
+                return ProtocolError(ErrorCode.BAD_MESSAGE, f"'since' {found}", fid)
+            since = found
+        data = data.get("room")
     room = _room_or_error(data, fid)
-    return room if isinstance(room, ProtocolError) else JoinRoom(room, fid)
+    return room if isinstance(room, ProtocolError) else JoinRoom(room, fid, since)
+
+
+_SINCE_SHAPE = 'must be {"offset": a whole number >= 0, "epoch": a string of 1-64 characters}'
+
+
+def since_of(raw: Any) -> Since | str:
+    """A `since` object, or what is wrong with it."""
+    if not isinstance(raw, dict):
+        return _SINCE_SHAPE
+    offset, epoch = raw.get("offset"), raw.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return _SINCE_SHAPE
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+        return _SINCE_SHAPE
+    return Since(offset, epoch)
+
+
+def since_param(text: str) -> Since | str:
+    """`?since=<offset>:<epoch>` of a connect URL, or what is wrong with it."""
+    offset, sep, epoch = text.partition(":")
+    if not sep or not offset.isascii() or not offset.isdigit() or len(offset) > 18:
+        return "since must be <offset>:<epoch>, the offset a whole number >= 0"
+    found = since_of({"offset": int(offset), "epoch": epoch})
+    return "since must be <offset>:<epoch>, the epoch 1-64 characters" if isinstance(found, str) else found
 
 
 def _leave(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
@@ -186,6 +229,11 @@ def encode_message(msg: Message) -> bytes:
     return text_frame(orjson.dumps(msg.to_wire()))
 
 
+def encode_positioned(msg: Message, offset: int, epoch: str) -> bytes:
+    """The frame of a message of a stream with history: its `offset` and `epoch` at top level."""
+    return text_frame(orjson.dumps(client_view(msg, offset, epoch)))
+
+
 def unavailable_message(maybe_published: bool) -> str:
     """The text of an `unavailable` error: true to what is known of the publish.
 
@@ -198,8 +246,11 @@ def unavailable_message(maybe_published: bool) -> str:
     return "broker unreachable: nothing was published"
 
 
-def encode_ack(fid: int | str) -> bytes:
-    return text_frame(orjson.dumps({"type": "ack", "id": fid}))
+def encode_ack(fid: int | str, data: Any = None) -> bytes:
+    """An ack; a join of a room with history carries the stream's position in `data`."""
+    if data is None:
+        return text_frame(orjson.dumps({"type": "ack", "id": fid}))
+    return text_frame(orjson.dumps({"type": "ack", "id": fid, "data": data}))
 
 
 def encode_error(code: ErrorCode, message: str, fid: FrameId = None) -> bytes:

@@ -265,6 +265,15 @@ def shown(name: str, value: Any) -> str:
     return repr(value)
 
 
+def history_rooms(value: Any) -> None:
+    from publisher.history import parse_patterns
+
+    try:
+        parse_patterns(value) if isinstance(value, str | tuple | list) else parse_patterns("")
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 def log_level(value: Any) -> None:
     choice("debug", "info", "warning", "error")(value)
 
@@ -309,6 +318,10 @@ RULES: dict[str, Rule] = {
     "redis_timeout": Rule(_number, amount(True)),
     "max_envelope_bytes": Rule(integer, _POSITIVE_BYTES),
     "dedup_window": Rule(_number, amount(False, "0 = off")),
+    "history_size": Rule(integer, whole(0, 1_000_000, "0 = off")),
+    "history_ttl": Rule(integer, whole(1)),
+    "history_rooms": Rule(to_list, history_rooms),
+    "history_users": Rule(to_bool, boolean),
     "log_level": Rule(_lower, log_level),
     "log_format": Rule(_lower, choice("text", "json")),
 }

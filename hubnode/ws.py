@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -29,10 +30,12 @@ from hubnode.protocol import (
     PrivateMessage,
     ProtocolError,
     RoomMessage,
+    Since,
     encode_ack,
     encode_error,
     encode_message,
     parse_frame,
+    since_param,
     unavailable_message,
 )
 from publisher.message import Message
@@ -75,8 +78,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     checked = await _check_handshake(node, request)
     if isinstance(checked, web.Response):
         return checked
+    since: Since | None = None
+    raw_since = request.query.get("since")
+    if raw_since is not None and checked.user_id is not None:  # an anonymous connection has no user stream
+        found = since_param(raw_since)
+        if isinstance(found, str):
+            return _refuse(400, found)
+        since = found
     try:
-        conn_id = await node.admit(checked)
+        conn_id = await node.admit(checked, since)
     except Refused as exc:
         return _refuse(exc.status, exc.reason)
     except (BrokerUnavailable, NodeDraining) as exc:
@@ -160,7 +170,13 @@ async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
         return
     node.counters.frames[_FRAME_TYPES[type(frame)]] += 1
     try:
-        outcome = await _execute(node, conn, frame)
+        if isinstance(frame, JoinRoom):  # its ack may carry the stream's position, and comes after the replay
+            outcome = await _join(node, conn, frame)
+            if outcome is None:
+                conn.streak.ok()
+                return
+        else:
+            outcome = await _execute(node, conn, frame)
     except BrokerUnavailable as exc:
         outcome = (ErrorCode.UNAVAILABLE, unavailable_message(exc.maybe_published))
     if outcome is not None:
@@ -178,15 +194,23 @@ def _fail(conn: Connection, code: ErrorCode, message: str, fid: int | str | None
         conn.close_soon(CloseCode.POLICY, "too many errors in a row")
 
 
+async def _join(node: Node, conn: Connection, frame: JoinRoom) -> Outcome:
+    """Join; on success the node sends the replay, then this frame's ack (with the position), then live messages."""
+    if not await node.authorize(conn.identity, "join_room", frame.room):
+        return (ErrorCode.FORBIDDEN, f"not allowed to join {frame.room!r}")
+    fid = frame.id
+
+    def ack(data: dict[str, Any] | None) -> None:
+        if fid is not None:
+            conn.send(encode_ack(fid, data))
+    code = await node.join(conn.id, frame.room, frame.since, ack)
+    return None if code is None else (code, _JOIN_ERRORS[code])
+
+
 async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
-    """Carry out one valid frame; returns the error to report, or None."""
+    """Carry out one valid frame (not a join); returns the error to report, or None."""
     sender = conn.user_id
     match frame:
-        case JoinRoom(room=room):
-            if not await node.authorize(conn.identity, "join_room", room):
-                return (ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
-            code = await node.join(conn.id, room)
-            return None if code is None else (code, _JOIN_ERRORS[code])
         case LeaveRoom(room=room):
             await node.leave(conn.id, room)
         case Ping(data=data, id=fid):

@@ -24,8 +24,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from publisher import core, inspect
+from publisher import core, history, inspect
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
+from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
 from publisher.query import Query, Step, drive_async, run_step
 from publisher.targets import Target
@@ -52,9 +53,12 @@ class AsyncPublisher:
 
     def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
                  origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
+                 history_size: int | None = None, history_ttl: int | None = None,
+                 history_rooms: str | None = None, history_users: bool | None = None,
                  client: aioredis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
         self._origin = core.Origin(origin_id)
+        self.history_policy = HistoryPolicy.resolve(history_size, history_ttl, history_rooms, history_users)
         if retries < 0:
             raise ValueError("retries must not be negative")
         self.retries = retries
@@ -86,11 +90,11 @@ class AsyncPublisher:
         Every item is validated before the first is sent.
         """
         batch = core.prepare_many(items, self.origin, self.keys)
-        return await self._run(core.publish_query(batch)) if batch else []
+        return await self._run(core.publish_query(batch, self.keys, self.history_policy)) if batch else []
 
     async def _publish(self, target: Target, msg: MessageLike) -> int:
         outgoing = core.prepare(target, msg, self.origin, self.keys)
-        return (await self._run(core.publish_query([outgoing])))[0]
+        return (await self._run(core.publish_query([outgoing], self.keys, self.history_policy)))[0]
 
     # -- inspection: as Publisher's (PROTOCOL.md section 7; publisher.inspect) --
     async def rooms(self) -> dict[str, int]:
@@ -113,6 +117,11 @@ class AsyncPublisher:
 
     async def user_online(self, user_id: str) -> int:
         return await self._run(inspect.user_online(self.keys, user_id))
+
+    async def history(self, room: str | None = None, *, user: str | None = None, since: int = 0,
+                      limit: int = 100) -> History:
+        kind, name = history.target_of_query(room, user)
+        return await self._run(history.history_query(self.keys, kind, name, since, history.check_limit(limit)))
 
     # -- the I/O: the only part that differs from Publisher --------------------
     async def _run(self, query: Query[T]) -> T:

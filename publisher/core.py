@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from publisher.envelope import process_token
+from publisher.history import HistoryPolicy
+from publisher.history import publish_call as stream_publish_call
 from publisher.keys import DEFAULT_PREFIX, Keys
 from publisher.message import Message, MessageError
 from publisher.names import check_name
-from publisher.query import Call, Query
-from publisher.targets import Target, coerce_message, envelope_for
+from publisher.query import Call, Query, ScriptCall
+from publisher.targets import Target, coerce_message, pack_for
 
 __all__ = [
     "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Origin", "Outgoing",
-    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_query", "redact_url",
+    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_call", "publish_query",
+    "receivers", "redact_url",
 ]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -107,6 +110,7 @@ class Outgoing:
     message: Message
     channel: str
     payload: bytes
+    id: str = ""
 
 
 def prepare(target: Target, msg: MessageLike, origin: str, keys: Keys) -> Outgoing:
@@ -119,12 +123,12 @@ def prepare(target: Target, msg: MessageLike, origin: str, keys: Keys) -> Outgoi
         raise MessageError(f"expected a Target, got {type(target).__name__}")
     message = coerce_message(msg)
     try:
-        channel, payload = envelope_for(target, message, origin, keys)
+        packed = pack_for(target, message, origin, keys)
     except MessageError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:  # msgpack's ways of refusing a value
         raise MessageError(f"message cannot be encoded with msgpack: {exc}") from None
-    return Outgoing(target, message, channel, payload)
+    return Outgoing(target, message, packed.channel, packed.payload, packed.id)
 
 
 def prepare_many(items: Iterable[Item], origin: str, keys: Keys) -> list[Outgoing]:
@@ -140,18 +144,31 @@ def prepare_many(items: Iterable[Item], origin: str, keys: Keys) -> list[Outgoin
     return batch
 
 
-def publish_query(batch: Sequence[Outgoing], batch_size: int = BATCH_SIZE) -> Query[list[int]]:
-    """PUBLISH every item in order; answers the node count of each.
+def publish_call(out: Outgoing, keys: Keys, history: HistoryPolicy) -> Call | ScriptCall:
+    """A plain PUBLISH for `all`; for a room or a user the history script (it appends when the stream has history)."""
+    if out.target.kind == "all":
+        return Call("publish", (out.channel, out.payload))
+    return stream_publish_call(keys, out.target, out.channel, out.payload, out.id, history)
 
-    One item is one plain command; more go in pipelines of `batch_size`.
+
+def receivers(reply: Any) -> int:
+    """The node count of a PUBLISH reply or of the history script's {receivers, offset, epoch}."""
+    return int(reply[0]) if isinstance(reply, list | tuple) else int(reply)
+
+
+def publish_query(batch: Sequence[Outgoing], keys: Keys, history: HistoryPolicy,
+                  batch_size: int = BATCH_SIZE) -> Query[list[int]]:
+    """Publish every item in order; answers the node count of each.
+
+    One item is one command; more go in pipelines of `batch_size`.
     Pipelines keep the order because one connection sends them in sequence.
     """
     if len(batch) == 1:
-        reply = yield Call("publish", (batch[0].channel, batch[0].payload))
-        return [int(reply)]
+        reply = yield publish_call(batch[0], keys, history)
+        return [receivers(reply)]
     counts: list[int] = []
     for start in range(0, len(batch), batch_size):
         part = batch[start:start + batch_size]
-        replies = yield [Call("publish", (o.channel, o.payload)) for o in part]
-        counts.extend(int(r) for r in replies)
+        replies = yield [publish_call(o, keys, history) for o in part]
+        counts.extend(receivers(r) for r in replies)
     return counts

@@ -1,6 +1,12 @@
 """The msgpack envelope every node and publisher puts on a Redis channel.
 
-`{"v": 1, "id": str, "origin": str, "msg": {...}, "exclude"?: conn_id, "ts"?: float}`
+`{"v": 1, "id": str, "origin": str, "msg": {...}, "exclude"?: conn_id, "ts"?: float,
+  "offset"?: int, "epoch"?: str}`
+
+`offset` and `epoch` are the message's position in its room's or user's
+stream (PROTOCOL.md section 10). Only the publish script adds them
+(`publisher.history`), so `pack` never writes them; `unpack` reads them and
+ignores a malformed pair rather than dropping the message.
 
 `ts` (publish time, Unix seconds as a float) is an optional field this
 implementation adds so nodes can measure publish-to-deliver latency; other
@@ -70,6 +76,8 @@ class Envelope:
     id: str = ""
     exclude: str | None = None
     ts: float | None = None
+    offset: int | None = None
+    epoch: str | None = None
 
 
 def pack(env: Envelope) -> bytes:
@@ -107,4 +115,8 @@ def unpack(payload: bytes) -> Envelope:
         raise EnvelopeError("'exclude' must be a string")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
         ts = None
-    return Envelope(msg=msg, origin=origin, id=mid, exclude=exclude, ts=ts)
+    offset, epoch = raw.get("offset"), raw.get("epoch")
+    if (isinstance(offset, bool) or not isinstance(offset, int) or offset < 1
+            or not isinstance(epoch, str) or not 0 < len(epoch) <= 64):
+        offset = epoch = None
+    return Envelope(msg=msg, origin=origin, id=mid, exclude=exclude, ts=ts, offset=offset, epoch=epoch)

@@ -95,6 +95,19 @@ class Keys:
         """The node's connection ids (SET): makes connect/disconnect updates idempotent."""
         return f"{self.prefix}node:{node_id}:conns"
 
+    # -- stream history (PROTOCOL.md section 10) -----------------------------
+    def stream(self, kind: str, name: str) -> str:
+        """A room's or user's history (STREAM; entry id `<offset>-1`, field `p` = the envelope as published).
+
+        `kind` is "room" or "user"; the name is the hash tag, so the stream,
+        its meta and its channel share one Redis Cluster slot.
+        """
+        return f"{self.prefix}stream:{kind}:{{{name}}}"
+
+    def stream_meta(self, kind: str, name: str) -> str:
+        """The stream's position (HASH: `epoch`, `offset`, `size`, `ttl`, `last_id`)."""
+        return f"{self.prefix}stream:{kind}:{{{name}}}:meta"
+
     # -- the cluster dashboard ------------------------------------------------
     def node_metrics(self, node_id: str) -> str:
         """The node's metrics snapshot (STRING, JSON), rewritten every heartbeat and expiring 3 heartbeats later.

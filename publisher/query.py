@@ -16,9 +16,9 @@ already parsed (HSCAN as `(cursor, dict)`, ZRANGEBYSCORE WITHSCORES as pairs).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
-__all__ = ["Call", "Query", "Step", "drive", "drive_async", "pipeline_step", "run_step", "text"]
+__all__ = ["Call", "Query", "ScriptCall", "Step", "drive", "drive_async", "pipeline_step", "run_step", "text"]
 
 T = TypeVar("T")
 
@@ -35,7 +35,40 @@ class Call(NamedTuple):
         return getattr(client, self.name)(*self.args, **(self.kwargs or {}))
 
 
-Step = Call | list[Call]
+class _Script(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def sha(self) -> str: ...
+
+
+class ScriptCall(NamedTuple):
+    """One run of a Lua script shipped with the package (EVALSHA, loading it when Redis lacks it).
+
+    On a plain client, redis-py's Script loads the script and retries on
+    NOSCRIPT (nothing ran then, so the retry is safe); in a pipeline, the
+    pipeline loads every script it carries before it sends the commands, so
+    a batch is never half-run because Redis restarted and forgot the script.
+    """
+
+    script: _Script
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+    def on(self, client: Any) -> Any:
+        script = client.register_script(self.script.text)
+        scripts = getattr(client, "scripts", None)
+        if isinstance(scripts, set):  # a pipeline: queue the command, load the script at execute
+            scripts.add(script)
+            return client.evalsha(script.sha, len(self.keys), *self.keys, *self.args)
+        return script(keys=list(self.keys), args=list(self.args))
+
+
+Step = Call | ScriptCall | list[Call | ScriptCall]
 Query = Generator[Step, Any, T]
 
 
@@ -59,7 +92,7 @@ async def drive_async(query: Query[T], execute: Callable[[Step], Awaitable[Any]]
         return done.value  # type: ignore[no-any-return]
 
 
-def pipeline_step(client: Any, step: list[Call]) -> Any:
+def pipeline_step(client: Any, step: list[Call | ScriptCall]) -> Any:
     """Queue a list of calls on a fresh non-transactional pipeline; return the pipeline.
 
     The caller runs `pipe.execute()` (blocking or awaited): the one line in which

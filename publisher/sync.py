@@ -28,8 +28,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from publisher import core, inspect
+from publisher import core, history, inspect
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
+from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
 from publisher.query import Query, Step, drive, run_step
 from publisher.targets import Target
@@ -62,6 +63,10 @@ class Publisher:
     (unique to the process by default); `timeout` bounds every Redis command,
     in seconds; `retries` resends a publish that timed out or lost its
     connection, safely (nodes deduplicate by envelope id).
+    `history_size`, `history_ttl`, `history_rooms`, `history_users` are the
+    nodes' `--history-*` settings (default: HUB_HISTORY_*, else off): a
+    publish to a stream they cover creates its history; a publish to a
+    stream that already has history appends to it whatever they say.
     Pass `client=` to reuse a redis.Redis you own: the publisher then never
     closes it, and its timeouts and ordering are the client's.
 
@@ -70,9 +75,12 @@ class Publisher:
 
     def __init__(self, url: str | None = None, *, key_prefix: str | None = None,
                  origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
+                 history_size: int | None = None, history_ttl: int | None = None,
+                 history_rooms: str | None = None, history_users: bool | None = None,
                  client: redis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
         self._origin = core.Origin(origin_id)
+        self.history_policy = HistoryPolicy.resolve(history_size, history_ttl, history_rooms, history_users)
         if retries < 0:
             raise ValueError("retries must not be negative")
         self.retries = retries
@@ -104,11 +112,11 @@ class Publisher:
         nothing of the batch went out.
         """
         batch = core.prepare_many(items, self.origin, self.keys)
-        return self._run(core.publish_query(batch)) if batch else []
+        return self._run(core.publish_query(batch, self.keys, self.history_policy)) if batch else []
 
     def _publish(self, target: Target, msg: MessageLike) -> int:
         outgoing = core.prepare(target, msg, self.origin, self.keys)
-        return self._run(core.publish_query([outgoing]))[0]
+        return self._run(core.publish_query([outgoing], self.keys, self.history_policy))[0]
 
     # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
     def rooms(self) -> dict[str, int]:
@@ -138,6 +146,15 @@ class Publisher:
     def user_online(self, user_id: str) -> int:
         """How many connections `user_id` has cluster-wide (0: offline)."""
         return self._run(inspect.user_online(self.keys, user_id))
+
+    def history(self, room: str | None = None, *, user: str | None = None, since: int = 0,
+                limit: int = 100) -> History:
+        """A room's (or with `user=`, a user's) history: messages with offset above `since`, oldest first.
+
+        As `GET /api/rooms/<room>/history`: `epoch` is None when the stream has no history.
+        """
+        kind, name = history.target_of_query(room, user)
+        return self._run(history.history_query(self.keys, kind, name, since, history.check_limit(limit)))
 
     # -- the I/O: the only part that differs from AsyncPublisher ---------------
     def _run(self, query: Query[T]) -> T:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+from publisher import envelope as _envelope
 from publisher.envelope import MAX_ENVELOPE_BYTES, Envelope, pack
 from publisher.keys import Keys
 from publisher.message import Message, MessageError, check_publishable
 from publisher.names import check_name
 
-__all__ = ["Target", "coerce_message", "envelope_for", "posted_message", "target_of"]
+__all__ = ["Packed", "Target", "coerce_message", "envelope_for", "pack_for", "posted_message", "target_of"]
 
 Kind = Literal["all", "room", "user"]
 
@@ -94,9 +95,16 @@ def coerce_message(msg: Message | Mapping[str, Any]) -> Message:
     return checked.stamped()
 
 
-def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
-                 exclude: str | None = None) -> tuple[str, bytes]:
-    """(channel, payload) for one publish: the single place publishes are packed.
+class Packed(NamedTuple):
+    """One packed publish: the channel, the envelope bytes and the envelope id (the history script's retry key)."""
+
+    channel: str
+    payload: bytes
+    id: str
+
+
+def pack_for(target: Target, msg: Message, origin: str, keys: Keys, exclude: str | None = None) -> Packed:
+    """The single place publishes are packed.
 
     A message to a room carries the room's name, as the seed's BroadcastToRoom did.
     Raises MessageError for a type reserved for the node (`check_publishable`)
@@ -105,8 +113,16 @@ def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
     check_publishable(msg)
     if target.kind == "room" and msg.room is None:
         msg = replace(msg, room=target.name)
-    payload = pack(Envelope(msg=msg, origin=origin, exclude=exclude))
+    mid = _envelope.new_message_id()  # looked up at call time: tests may fix it
+    payload = pack(Envelope(msg=msg, origin=origin, id=mid, exclude=exclude))
     if len(payload) > MAX_ENVELOPE_BYTES:
         raise MessageError(f"message packs to {len(payload)} bytes, over the limit of {MAX_ENVELOPE_BYTES} "
                            "that nodes accept from Redis")
-    return target.channel(keys), payload
+    return Packed(target.channel(keys), payload, mid)
+
+
+def envelope_for(target: Target, msg: Message, origin: str, keys: Keys,
+                 exclude: str | None = None) -> tuple[str, bytes]:
+    """(channel, payload) for one publish: `pack_for` without the id."""
+    packed = pack_for(target, msg, origin, keys, exclude)
+    return packed.channel, packed.payload

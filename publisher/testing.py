@@ -27,8 +27,9 @@ from typing import Any, cast
 import redis
 
 from publisher.envelope import Envelope, unpack
+from publisher.history import PUBLISH_SCRIPT
 from publisher.message import Message
-from publisher.query import Call, Step
+from publisher.query import Call, ScriptCall, Step
 from publisher.sync import Publisher
 from publisher.targets import Kind, Target
 
@@ -94,12 +95,16 @@ class RecordingPublisher(Publisher):
             return [self._record(call) for call in step]
         return self._record(step)
 
-    def _record(self, call: Call) -> int:
-        if call.name != "publish":
+    def _record(self, call: Call | ScriptCall) -> int:
+        if isinstance(call, ScriptCall) and call.script is PUBLISH_SCRIPT:
+            channel, payload = call.args[0], call.args[1]  # a room or user publish, through the history script
+        elif isinstance(call, Call) and call.name == "publish":
+            channel, payload = call.args
+        else:
+            name = call.script.name if isinstance(call, ScriptCall) else call.name
             raise NotImplementedError(
-                f"RecordingPublisher has no Redis: {call.name}() cannot be answered; "
+                f"RecordingPublisher has no Redis: {name}() cannot be answered; "
                 "use a real Publisher to inspect a hub")
-        channel, payload = call.args
         parsed = self.keys.parse_channel(channel)
         assert parsed is not None and parsed[0] != "node", channel  # core only targets all/room/user
         envelope = unpack(payload)

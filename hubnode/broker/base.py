@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from hubnode.supervisor import Supervisor
+    from publisher.history import HistoryPolicy, StreamRead, StreamRef
 
 __all__ = ["Broker", "BrokerCounters", "BrokerUnavailable", "MessageHandler", "ResyncHandler", "WantedChannels"]
 
@@ -89,6 +90,20 @@ class Broker(Protocol):
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """Publish; returns how many nodes took it. Raises BrokerUnavailable."""
+        ...
+
+    async def publish_stream(self, ref: StreamRef, payload: bytes, envelope_id: str, size: int, ttl: int) -> int:
+        """Publish to a room's or user's channel, appending to its history when it has one
+        (or when `size` > 0 creates it); one atomic step. Raises BrokerUnavailable."""
+        ...
+
+    async def read_stream(self, ref: StreamRef, since: int, limit: int = 0,
+                          create: HistoryPolicy | None = None) -> StreamRead:
+        """The stream's position and its envelopes above `since` (-1: position only).
+
+        With `create`, a stream without an epoch gets one at offset 0.
+        Raises BrokerUnavailable.
+        """
         ...
 
     async def close(self) -> None:

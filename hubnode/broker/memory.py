@@ -6,10 +6,13 @@ single node has exactly the same message path as a cluster, minus the network.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from hubnode.broker.base import BrokerCounters, BrokerUnavailable, MessageHandler, ResyncHandler, WantedChannels
+from hubnode.broker.streams import MemoryStreams
+from publisher.history import HistoryPolicy, StreamRead, StreamRef
 
 if TYPE_CHECKING:
     from hubnode.supervisor import Supervisor
@@ -24,6 +27,7 @@ class MemoryBroker:
         self._handler: MessageHandler | None = None
         self._channels: set[str] = set()
         self._closed = False
+        self.streams = MemoryStreams()
 
     @property
     def connected(self) -> bool:
@@ -57,6 +61,19 @@ class MemoryBroker:
         assert self._handler is not None
         self._handler(channel, payload)
         return 1
+
+    async def publish_stream(self, ref: StreamRef, payload: bytes, envelope_id: str, size: int, ttl: int) -> int:
+        self._check()
+        body = self.streams.append(ref, payload, envelope_id, size, ttl, time.monotonic())
+        if body == b"":
+            return 0  # a retry of what was just delivered
+        return await self.publish(ref.channel, payload if body is None else body)
+
+    async def read_stream(self, ref: StreamRef, since: int, limit: int = 0,
+                          create: HistoryPolicy | None = None) -> StreamRead:
+        self._check()
+        made = None if create is None else (create.size, create.ttl)
+        return self.streams.read(ref, since, limit, made, time.monotonic())
 
     async def close(self) -> None:
         self._closed = True

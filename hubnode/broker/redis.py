@@ -38,6 +38,15 @@ from hubnode.broker.base import BrokerCounters, BrokerUnavailable, MessageHandle
 from hubnode.broker.resp import SubscriberConnection, connect_subscriber
 from hubnode.supervisor import Supervisor
 from publisher.envelope import MAX_ENVELOPE_BYTES
+from publisher.history import (
+    PUBLISH_SCRIPT,
+    READ_SCRIPT,
+    HistoryPolicy,
+    StreamRead,
+    StreamRef,
+    new_epoch,
+    read_call,
+)
 from publisher.keys import Keys
 
 __all__ = ["RedisBroker"]
@@ -89,6 +98,8 @@ class RedisBroker:
         self.overflows = 0
         self.oversized = 0
         self._ever_up = False  # a restarted loop must still resync after its first connection
+        self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
+        self._read_script = client.register_script(READ_SCRIPT.text)
 
     @property
     def connected(self) -> bool:
@@ -179,6 +190,30 @@ class RedisBroker:
             # the command may have reached Redis before the answer was lost:
             # never resend it here, and never claim that nothing went out
             raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None
+
+    async def publish_stream(self, ref: StreamRef, payload: bytes, envelope_id: str, size: int, ttl: int) -> int:
+        """lua/publish.lua: append when the stream has history, then PUBLISH, atomically.
+
+        A NOSCRIPT answer (Redis restarted and forgot the script) means nothing
+        ran: redis-py's Script loads it and sends it again, which is safe.
+        """
+        if not self.connected:
+            raise BrokerUnavailable("Redis is unreachable")
+        try:
+            reply = await self._publish_script(keys=[ref.stream, ref.meta],
+                                               args=[ref.channel, payload, envelope_id, size, ttl, new_epoch()])
+        except RedisError as exc:
+            raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None
+        return int(reply[0])
+
+    async def read_stream(self, ref: StreamRef, since: int, limit: int = 0,
+                          create: HistoryPolicy | None = None) -> StreamRead:
+        call = read_call(ref, since, limit, create)
+        try:
+            reply = await self._read_script(keys=list(call.keys), args=list(call.args))
+        except RedisError as exc:
+            raise BrokerUnavailable(f"history read failed: {exc}") from None
+        return StreamRead.from_reply(reply)
 
     # -- the subscriber connection ---------------------------------------------------
     def _on_push(self, reply: Any) -> None:

@@ -109,16 +109,21 @@ def test_message_ids_differ_in_a_forked_child() -> None:
 
 
 class FlakyRedis(fakeredis.FakeRedis):
-    """A client whose first PUBLISH times out after reaching Redis."""
+    """A client whose first publish (PUBLISH, or the history script rooms and users go through) times out after reaching Redis."""
 
     fail = 1
 
     def publish(self, channel: Any, message: Any, **kwargs: Any) -> Any:
-        count = super().publish(channel, message, **kwargs)
+        return self._flaky(super().publish(channel, message, **kwargs))
+
+    def evalsha(self, *args: Any) -> Any:
+        return self._flaky(super().evalsha(*args))
+
+    def _flaky(self, reply: Any) -> Any:
         if FlakyRedis.fail:
             FlakyRedis.fail -= 1
             raise redis.TimeoutError("timed out after sending")
-        return count
+        return reply
 
 
 def test_publisher_retry_resends_the_same_envelope_id() -> None:

@@ -1,0 +1,310 @@
+"""Stream history (PROTOCOL.md section 10): which streams keep it, how a publish appends, how it is read.
+
+A room and a user each have a *stream*. With history, a publish appends the
+envelope to a Redis STREAM, gives it the next offset and publishes it, in one
+Lua script (`lua/publish.lua`) whose keys share the channel's hash tag, so
+the step is atomic and stays inside one Redis Cluster slot. The node, the
+HTTP API, the Hub API, `Publisher`, `AsyncPublisher` and hubctl all publish
+to rooms and users through that script, whatever their own settings: a
+stream that has history is appended to by everyone, so its offsets never skip.
+
+Pure apart from reading the two Lua files: no redis, no asyncio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NamedTuple
+
+import msgpack
+
+from publisher.envelope import EnvelopeError, unpack
+from publisher.keys import Keys
+from publisher.message import Message
+from publisher.names import check_name
+from publisher.query import Query, ScriptCall
+from publisher.targets import Target
+
+__all__ = [
+    "DEFAULT_TTL", "PUBLISH_SCRIPT", "READ_SCRIPT", "History", "HistoryPolicy", "LuaScript", "StreamRead",
+    "StreamRef", "client_view", "history_query", "new_epoch", "parse_patterns", "publish_call", "read_call",
+    "splice", "stream_of",
+]
+
+DEFAULT_TTL = 300
+MAX_EPOCH_CHARS = 64
+
+
+class LuaScript(NamedTuple):
+    """A script shipped with the package: its text and the SHA1 Redis knows it by."""
+
+    name: str
+    text: str
+    sha: str
+
+
+def _load(name: str) -> LuaScript:
+    text = (resources.files("publisher") / "lua" / f"{name}.lua").read_text()
+    return LuaScript(name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+PUBLISH_SCRIPT = _load("publish")
+"""KEYS: stream, meta. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch.
+Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
+
+READ_SCRIPT = _load("read")
+"""KEYS: stream, meta. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.
+Answers {epoch or nil, top, entries kept, [envelope, ...]}."""
+
+
+def new_epoch() -> str:
+    """A fresh epoch: random, so a stream recreated after a loss never reuses one."""
+    return os.urandom(5).hex()
+
+
+# -- which streams keep history ---------------------------------------------------
+
+def parse_patterns(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`--history-rooms`: comma-separated room names or `prefix*` (`*` = every room).
+
+    Raises ValueError naming the bad pattern.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    patterns = tuple(p.strip() for p in items if p.strip())
+    if not patterns:
+        raise ValueError("expected room names or prefix* patterns, comma-separated (default '*')")
+    for pattern in patterns:
+        stem = pattern[:-1] if pattern.endswith("*") else pattern
+        if stem and check_name(stem):
+            raise ValueError(f"pattern {pattern!r}: a room name {check_name(stem)}, optionally ending in *")
+        if "*" in stem:
+            raise ValueError(f"pattern {pattern!r}: '*' may only end a pattern")
+    return patterns
+
+
+def matches(patterns: Sequence[str], room: str) -> bool:
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if room.startswith(pattern[:-1]):
+                return True
+        elif room == pattern:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """A node's or publisher's history settings (`--history-size` and friends).
+
+    `size` 0 turns this party's history off; it still appends to streams that
+    already have history (the script decides, with the stream's own settings).
+    """
+
+    size: int = 0
+    ttl: int = DEFAULT_TTL
+    rooms: tuple[str, ...] = ("*",)
+    users: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"history size {self.size!r}: expected a whole number >= 0 (0 = off)")
+        if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
+            raise ValueError(f"history ttl {self.ttl!r}: expected whole seconds >= 1")
+        object.__setattr__(self, "rooms", parse_patterns(self.rooms))
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def covers(self, kind: str, name: str) -> bool:
+        """Whether this party keeps history for the room or user stream `name`."""
+        if self.size <= 0:
+            return False
+        if kind == "room":
+            return matches(self.rooms, name)
+        return kind == "user" and self.users
+
+    def size_for(self, target: Target) -> int:
+        """The size this party asks for when publishing to `target` (0: none of its own)."""
+        return self.size if self.covers(target.kind, target.name) else 0
+
+    @classmethod
+    def resolve(cls, size: int | None = None, ttl: int | None = None, rooms: str | Sequence[str] | None = None,
+                users: bool | None = None, env: Mapping[str, str] | None = None) -> HistoryPolicy:
+        """The settings given, the HUB_HISTORY_* variables for the others (as `from_env`)."""
+        base = cls.from_env(env)
+        return cls(base.size if size is None else size, base.ttl if ttl is None else ttl,
+                   base.rooms if rooms is None else parse_patterns(rooms), base.users if users is None else users)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HistoryPolicy:
+        """HUB_HISTORY_SIZE, HUB_HISTORY_TTL, HUB_HISTORY_ROOMS, HUB_HISTORY_USERS, as the node reads them.
+
+        A worker deployed beside the nodes then creates the same streams they do.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in ("size", "ttl"):
+            raw = env.get(f"HUB_HISTORY_{name.upper()}")
+            if raw:
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"HUB_HISTORY_{name.upper()}={raw!r}: expected a whole number") from None
+        if env.get("HUB_HISTORY_ROOMS"):
+            values["rooms"] = env["HUB_HISTORY_ROOMS"]
+        users = (env.get("HUB_HISTORY_USERS") or "").strip().lower()
+        if users:
+            if users not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"HUB_HISTORY_USERS={users!r}: expected on or off")
+            values["users"] = users in ("1", "true", "yes", "on")
+        return cls(**values)
+
+
+# -- streams ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StreamRef:
+    """A room's or user's stream: its channel and its two keys."""
+
+    kind: str
+    name: str
+    channel: str
+    stream: str
+    meta: str
+
+
+def stream_of(keys: Keys, kind: str, name: str) -> StreamRef:
+    """The stream of room or user `name` ("room"/"user")."""
+    channel = keys.room_channel(name) if kind == "room" else keys.user_channel(name)
+    return StreamRef(kind, name, channel, keys.stream(kind, name), keys.stream_meta(kind, name))
+
+
+def publish_call(keys: Keys, target: Target, channel: str, payload: bytes, envelope_id: str,
+                 policy: HistoryPolicy) -> ScriptCall:
+    """The script call that publishes to a room or user, appending to its history when it has one."""
+    ref = stream_of(keys, target.kind, target.name)
+    return ScriptCall(PUBLISH_SCRIPT, (ref.stream, ref.meta),
+                      (channel, payload, envelope_id, policy.size_for(target), policy.ttl, new_epoch()))
+
+
+def read_call(ref: StreamRef, since: int, limit: int = 0, create: HistoryPolicy | None = None) -> ScriptCall:
+    """The script call that reads a stream's position and its entries above `since` (-1: none).
+
+    With `create`, a stream without an epoch gets one (offset 0): a stream
+    covered by history always has a position.
+    """
+    if create is None:
+        extra: tuple[Any, ...] = (0, "", 0, 0)
+    else:
+        extra = (1, new_epoch(), create.size, create.ttl)
+    return ScriptCall(READ_SCRIPT, (ref.stream, ref.meta), (since, limit, *extra))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """What a read of a stream found: its position and the envelopes above the offset asked for."""
+
+    epoch: str | None
+    top: int
+    kept: int
+    payloads: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> StreamRead:
+        epoch, top, kept, payloads = reply
+        if isinstance(epoch, bytes):
+            epoch = epoch.decode()
+        return cls(epoch or None, int(top), int(kept), tuple(payloads))
+
+    def recovers(self, offset: int, epoch: str) -> bool:
+        """PROTOCOL.md section 10: the same epoch, and offset + 1 still in the window (or nothing missed)."""
+        return (self.epoch is not None and epoch == self.epoch
+                and self.top - self.kept <= offset <= self.top)
+
+
+# -- what clients see ------------------------------------------------------------------
+
+def client_view(msg: Message, offset: int | None, epoch: str | None) -> dict[str, Any]:
+    """The JSON map a client receives: the message, with its position when it has one."""
+    out = msg.to_wire()
+    if offset is not None:
+        out["offset"] = offset
+        out["epoch"] = epoch
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """`GET /api/rooms/<room>/history`'s answer: the position and the messages above `since`."""
+
+    epoch: str | None
+    offset: int
+    messages: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset, "messages": self.messages}
+
+
+def history_of(read: StreamRead, ref: StreamRef) -> History:
+    """Decode a read into the messages as clients received them (a room's messages name the room)."""
+    messages = []
+    for payload in read.payloads:
+        try:
+            env = unpack(payload)
+        except EnvelopeError:
+            continue  # written by something else than the script: not a message anyone received
+        msg = env.msg
+        if ref.kind == "room" and msg.room is None:
+            msg = Message(msg.type, msg.data, ref.name, msg.user_id, msg.timestamp, msg.metadata, msg.id)
+        messages.append(client_view(msg, env.offset, env.epoch))
+    return History(read.epoch, read.top, messages)
+
+
+MAX_LIMIT = 10_000
+
+
+def check_limit(limit: object) -> int:
+    """A history read's `limit`: 1 to 10,000 messages (ValueError otherwise)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit {limit!r}: expected a whole number from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def target_of_query(room: str | None, user: str | None) -> tuple[str, str]:
+    """("room", R) or ("user", U) for a history read; exactly one must be given (ValueError)."""
+    if (room is None) == (user is None):
+        raise ValueError("give a room or a user (user=...), not both")
+    kind, name = ("room", room) if room is not None else ("user", user)
+    problem = check_name(name)
+    if problem:
+        raise ValueError(f"{'room name' if kind == 'room' else 'user id'} {problem}")
+    return kind, str(name)
+
+
+def history_query(keys: Keys, kind: str, name: str, since: int = 0, limit: int = 100) -> Query[History]:
+    """Read a room's or user's history: messages with offset above `since`, oldest first, at most `limit`."""
+    ref = stream_of(keys, kind, name)
+    reply = yield read_call(ref, max(0, since), limit)
+    return history_of(StreamRead.from_reply(reply), ref)
+
+
+# -- the same append, in Python, for the embedded broker ---------------------------------
+
+def splice(payload: bytes, offset: int, epoch: str) -> bytes:
+    """The envelope with `offset` and `epoch` added, byte for byte as lua/publish.lua builds it."""
+    head = payload[0] if payload else 0
+    if 0x80 <= head <= 0x8F:
+        count, body = head - 0x80, payload[1:]
+    elif head == 0xDE and len(payload) >= 3:
+        count, body = (payload[1] << 8) | payload[2], payload[3:]
+    else:
+        raise EnvelopeError("the envelope must be a msgpack map")
+    count += 2
+    header = bytes((0x80 + count,)) if count <= 15 else bytes((0xDE, count >> 8, count & 0xFF))
+    tail: bytes = msgpack.packb("offset") + msgpack.packb(offset) + msgpack.packb("epoch") + msgpack.packb(epoch)
+    return header + body + tail
