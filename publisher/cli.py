@@ -1,6 +1,7 @@
 """`hubctl`: publish to a hub and look inside it from a shell (PROTOCOL.md section 9).
 
-    hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON]
+    hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON] [--history-size N ...]
+    hubctl history (ROOM | --user U) [--since O] [--limit L]
     hubctl rooms | hubctl members ROOM | hubctl nodes | hubctl stats
 
 Everything goes through `Publisher`, so hubctl validates, packs and reads
@@ -25,6 +26,7 @@ import redis
 
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
 from publisher.core import redact_url as redact
+from publisher.history import HistoryPolicy
 from publisher.inspect import NodeInfo
 from publisher.keys import check_prefix
 from publisher.sync import Publisher
@@ -53,6 +55,24 @@ def cmd_publish(pub: Publisher, args: argparse.Namespace) -> Output:
     else:
         channel, count = pub.keys.all, pub.broadcast_to_all(msg)
     return {"channel": channel, "nodes": count}, [f"published on {channel}: {_plural(count, 'node')} took it"]
+
+
+def cmd_history(pub: Publisher, args: argparse.Namespace) -> Output:
+    if (args.room is None) == (args.user is None):
+        raise UsageError("give a ROOM or --user U, not both")
+    found = pub.history(args.room, user=args.user, since=args.since, limit=args.limit)
+    what = f"room {args.room}" if args.room is not None else f"user {args.user}"
+    if found.epoch is None:
+        return found.to_json(), [f"{what} has no history"]
+    head = f"{what}: epoch {found.epoch}, offset {found.offset}, {_plural(len(found.messages), 'message')}"
+    rows = [[m["offset"], time.strftime("%H:%M:%S", time.localtime(m["timestamp"])), m["type"],
+             m.get("user_id") or "-", _short(m.get("data"))] for m in found.messages]
+    return found.to_json(), [head, *table(["OFFSET", "TIME", "TYPE", "FROM", "DATA"], rows)] if rows else [head]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def cmd_rooms(pub: Publisher, args: argparse.Namespace) -> Output:
@@ -128,6 +148,7 @@ def _json_arg(flag: str, value: str | None) -> Any:
 
 COMMANDS: dict[str, tuple[Callable[[Publisher, argparse.Namespace], Output], str]] = {
     "publish": (cmd_publish, "publish one message to all, a room or a user"),
+    "history": (cmd_history, "a room's or user's stored messages, oldest first"),
     "rooms": (cmd_rooms, "rooms and their member counts"),
     "members": (cmd_members, "the connections in one room"),
     "nodes": (cmd_nodes, "live nodes, their heartbeat and client counts"),
@@ -159,6 +180,19 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low or (high is not None and number > high):
+            upper = f" to {high}" if high is not None else " or more"
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low}{upper}, not {value!r}")
+        return number
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="hubctl", description="Publish to a hubnode cluster and inspect it.")
     _global_options(parser, suppress=False)
@@ -174,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub["publish"].add_argument("--type", required=True, metavar="T", help="message type")
     sub["publish"].add_argument("--data", metavar="JSON", help="message data (JSON; default null)")
     sub["publish"].add_argument("--metadata", metavar="JSON", help="message metadata (a JSON object)")
+    sub["publish"].add_argument("--history-size", type=_whole(0), metavar="N",
+                                help="keep the last N messages of the room or user stream (env HUB_HISTORY_SIZE; "
+                                     "a stream that has history is appended to anyway)")
+    sub["publish"].add_argument("--history-ttl", type=_whole(1), metavar="S",
+                                help="seconds the history lives after its last publish (env HUB_HISTORY_TTL)")
+    sub["publish"].add_argument("--history-rooms", metavar="PATTERNS",
+                                help="rooms that keep history: names or prefix*, comma-separated (default *)")
+    sub["publish"].add_argument("--history-users", choices=("on", "off"), help="whether user streams keep history")
+    sub["history"].add_argument("room", metavar="ROOM", nargs="?")
+    sub["history"].add_argument("--user", metavar="U", help="the user's stream instead of a room's")
+    sub["history"].add_argument("--since", type=_whole(0), default=0, metavar="O",
+                                help="messages with offset above O (default 0: all kept)")
+    sub["history"].add_argument("--limit", type=_whole(1, 10_000), default=100, metavar="L",
+                                help="at most L messages (default 100)")
     sub["members"].add_argument("room", metavar="ROOM")
     return parser
 
@@ -186,8 +234,16 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         source = "--key-prefix" if args.key_prefix is not None else "HUB_KEY_PREFIX"
         raise UsageError(f"{source} {prefix!r}: {problem}")
+    users = getattr(args, "history_users", None)
     try:
-        pub = Publisher(url, key_prefix=prefix, origin_id=f"hubctl-{os.getpid()}", timeout=args.timeout)
+        history = HistoryPolicy.resolve(getattr(args, "history_size", None), getattr(args, "history_ttl", None),
+                                        getattr(args, "history_rooms", None), None if users is None else users == "on")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        pub = Publisher(url, key_prefix=prefix, origin_id=f"hubctl-{os.getpid()}", timeout=args.timeout,
+                        history_size=history.size, history_ttl=history.ttl, history_rooms=",".join(history.rooms),
+                        history_users=history.users)
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}") from None
     with pub:

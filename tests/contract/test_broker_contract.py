@@ -114,3 +114,92 @@ async def test_redis_broker_close_is_bounded_while_probing(redis_server: RedisSe
         await b.close()
         assert time.monotonic() - started < 1.0
         assert not b.connected
+
+
+# -- stream history (PROTOCOL.md section 10): the same offsets, epochs and window on both brokers --------
+
+def _envelope(n: int, mid: str = "") -> tuple[bytes, str]:
+    from publisher.envelope import Envelope, pack
+    from publisher.message import Message
+
+    mid = mid or f"m-{n}"
+    return pack(Envelope(Message("t", n, room="h"), "pub:test", id=mid)), mid
+
+
+async def _publish_n(broker: Broker, keys: Keys, count: int, size: int = 5, name: str = "h") -> None:
+    from publisher.history import stream_of
+
+    ref = stream_of(keys, "room", name)
+    for n in range(1, count + 1):
+        payload, mid = _envelope(n)
+        await broker.publish_stream(ref, payload, mid, size, 60)
+
+
+async def test_stream_publish_appends_with_contiguous_offsets_and_delivers_them(broker: Broker, keys: Keys) -> None:
+    """Each publish gets the next offset and the same epoch; subscribers get the positioned envelope."""
+    from publisher.envelope import unpack
+
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe([keys.room_channel("h")])
+    await _publish_n(broker, keys, 3)
+    await wait_until(lambda: len(rec.got) == 3, what="three deliveries")
+    envs = [unpack(payload) for _, payload in rec.got]
+    assert [e.offset for e in envs] == [1, 2, 3] and len({e.epoch for e in envs}) == 1
+    assert [e.msg.data for e in envs] == [1, 2, 3] and envs[0].epoch is not None
+
+
+async def test_stream_read_keeps_exactly_the_window(broker: Broker, keys: Keys) -> None:
+    """With size 5 and 8 publishes, offsets 4-8 are kept; a read above 5 returns 6-8; recovery rules follow."""
+    from publisher.envelope import unpack
+    from publisher.history import stream_of
+
+    await broker.start(Recorder())
+    await _publish_n(broker, keys, 8)
+    ref = stream_of(keys, "room", "h")
+    read = await broker.read_stream(ref, 5)
+    assert (read.top, read.kept) == (8, 5) and read.epoch is not None
+    assert [unpack(p).offset for p in read.payloads] == [6, 7, 8]
+    assert read.recovers(3, read.epoch) and read.recovers(8, read.epoch)
+    assert not read.recovers(2, read.epoch)  # offset 3 left the window
+    assert not read.recovers(9, read.epoch)  # beyond the newest offset
+    assert not read.recovers(5, "another-epoch")
+    assert [unpack(p).offset for p in (await broker.read_stream(ref, 0, 2)).payloads] == [4, 5]
+
+
+async def test_stream_without_history_is_a_plain_publish_and_reads_create_only_when_asked(
+        broker: Broker, keys: Keys) -> None:
+    """Size 0 on a stream without history publishes without a position; a read with create makes epoch, offset 0."""
+    from publisher.envelope import unpack
+    from publisher.history import HistoryPolicy, stream_of
+
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe([keys.room_channel("plain")])
+    ref = stream_of(keys, "room", "plain")
+    payload, mid = _envelope(1)
+    await broker.publish_stream(ref, payload, mid, 0, 60)
+    await wait_until(lambda: rec.got, what="delivery")
+    assert unpack(rec.got[0][1]).offset is None and rec.got[0][1] == payload
+    assert (await broker.read_stream(ref, -1)).epoch is None
+    created = await broker.read_stream(ref, -1, create=HistoryPolicy(size=3))
+    assert created.epoch is not None and created.top == 0
+    # now the stream has history: a publisher with none of its own appends anyway
+    payload, mid = _envelope(2)
+    await broker.publish_stream(ref, payload, mid, 0, 60)
+    await wait_until(lambda: len(rec.got) == 2, what="second delivery")
+    second = unpack(rec.got[1][1])
+    assert (second.offset, second.epoch) == (1, created.epoch)
+
+
+async def test_stream_retry_of_the_latest_publish_is_not_appended_twice(broker: Broker, keys: Keys) -> None:
+    """The same envelope id sent again (a publisher's retry after a timeout) keeps one entry and one offset."""
+    from publisher.history import stream_of
+
+    await broker.start(Recorder())
+    ref = stream_of(keys, "room", "r")
+    payload, mid = _envelope(1, "same-id")
+    await broker.publish_stream(ref, payload, mid, 5, 60)
+    await broker.publish_stream(ref, payload, mid, 5, 60)
+    read = await broker.read_stream(ref, 0)
+    assert (read.top, len(read.payloads)) == (1, 1)

@@ -49,9 +49,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]
 def test_wheel_carries_lua_scripts_and_static_files(wheel: tuple[Path, str]) -> None:
     """A non-editable build includes the Lua scripts, the pages and hub.js, and both console scripts."""
     names = set(zipfile.ZipFile(wheel[0]).namelist())
-    lua = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hubnode/membership/lua").glob("*.lua")}
+    lua = {p.relative_to(ROOT).as_posix() for folder in ("hubnode/membership/lua", "publisher/lua")
+           for p in (ROOT / folder).glob("*.lua")}
     static = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hubnode/static").iterdir() if p.is_file()}
-    assert len(lua) >= 10 and {"hubnode/static/index.html", "hubnode/static/hub.js"} <= static
+    assert {"publisher/lua/publish.lua", "publisher/lua/read.lua"} <= lua
+    assert len(lua) >= 12 and {"hubnode/static/index.html", "hubnode/static/hub.js"} <= static
     assert lua <= names and static <= names, sorted((lua | static) - names)
     entry_points = zipfile.ZipFile(wheel[0]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "hubnode = hubnode.cli:main" in entry_points and "hubctl = publisher.cli:main" in entry_points

@@ -340,3 +340,45 @@ def test_hubctl_times_out_on_a_silent_server() -> None:
         result = hubctl("--redis-url", url, "--timeout", "0.3", "stats")
     assert result.returncode == 1
     assert result.stderr.strip() == f"hubctl: error: Redis at {url} did not answer within 0.3s"
+
+
+# -- history (PROTOCOL.md section 10) ------------------------------------------------------
+
+def test_history_script_adds_exactly_the_bytes_the_embedded_broker_adds(
+        redis_server: RedisServer, prefix: str, keys: Keys, listeners: list[Listener]) -> None:
+    """lua/publish.lua and publisher.history.splice build the same envelope, byte for byte (fixmap and map16)."""
+    import msgpack
+
+    from publisher.history import PUBLISH_SCRIPT, splice
+
+    room = listen(listeners, redis_server.url, keys.room_channel("h"))
+    client = redis.Redis.from_url(redis_server.url)
+    script = client.register_script(PUBLISH_SCRIPT.text)
+    small = msgpack.packb({"v": 1, "id": "a", "origin": "o", "msg": {"type": "t"}})
+    large = msgpack.packb({"v": 1, "id": "b", "origin": "o", "msg": {"type": "t"}, **{f"x{i}": i for i in range(14)}})
+    for payload, mid in ((small, "a"), (large, "b")):
+        offset, epoch = script(keys=[keys.stream("room", "h"), keys.stream_meta("room", "h")],
+                               args=[keys.room_channel("h"), payload, mid, 10, 60, "ep0"])[1:]
+        got = room.next(5.0)["data"]
+        assert got == splice(payload, offset, epoch.decode())
+    client.close()
+
+
+def test_publisher_with_history_creates_the_stream_and_a_publisher_without_appends_to_it(
+        redis_server: RedisServer, prefix: str, raw: redis.Redis) -> None:
+    """history_size creates the stream; any publisher then appends (offsets never skip); history() reads it."""
+    with Publisher(redis_server.url, key_prefix=prefix, history_size=3, history_ttl=30) as with_history, \
+            Publisher(redis_server.url, key_prefix=prefix, history_size=0) as without:
+        without.broadcast_to_room("h", {"type": "t", "data": 0})  # no stream yet: no history
+        with_history.broadcast_to_room("h", {"type": "t", "data": 1})
+        without.broadcast_to_room("h", {"type": "t", "data": 2})
+        with_history.broadcast_to_room("h", {"type": "t", "data": 3})
+        without.broadcast_to_room("h", {"type": "t", "data": 4})
+        found = without.history("h")
+        assert found.offset == 4 and [m["offset"] for m in found.messages] == [2, 3, 4]
+        assert [m["data"] for m in found.messages] == [2, 3, 4] and all(m["room"] == "h" for m in found.messages)
+        assert without.history("h", since=3).messages[0]["data"] == 4
+        assert 0 < raw.ttl(f"{prefix}stream:room:{{h}}") <= 30
+        assert without.history(user="nobody").epoch is None
+        with pytest.raises(ValueError):
+            without.history("h", user="u")
