@@ -109,7 +109,10 @@ def test_message_ids_differ_in_a_forked_child() -> None:
 
 
 class FlakyRedis(fakeredis.FakeRedis):
-    """A client whose first publish (PUBLISH, or the history script rooms and users go through) times out after reaching Redis."""
+    """A client whose first publish times out after reaching Redis.
+
+    Rooms and users publish through the history script (EVALSHA), `all` with PUBLISH.
+    """
 
     fail = 1
 
