@@ -74,6 +74,13 @@ class NodeCollector(Collector):
         yield _counter("hubnode_heartbeat_failures", "Heartbeats that failed or timed out", c.heartbeat_failures)
         yield _counter("hubnode_metrics_snapshot_failures", "Metrics snapshots for the dashboard not stored in Redis",
                        c.metrics_failures)
+        h = node.history
+        yield _counter("hubnode_history_recoveries", "Streams this node read back after a subscriber loss or a gap",
+                       h.recoveries)
+        yield _counter("hubnode_history_recovered_messages",
+                       "Messages delivered from history: node recoveries and clients' replays", h.recovered_messages)
+        yield _counter("hubnode_history_unrecovered", "Stream recoveries that failed (members were sent resync)",
+                       h.unrecovered)
         s = node.store.counters
         yield _counter("hubnode_membership_update_failures", "Membership writes that failed and were reconciled",
                        s.failed_updates)

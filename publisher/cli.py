@@ -2,6 +2,7 @@
 
     hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON] [--history-size N ...]
     hubctl history (ROOM | --user U) [--since O] [--limit L]
+    hubctl script (publish | read)            # print a shipped Lua script, for publishers in other languages
     hubctl rooms | hubctl members ROOM | hubctl nodes | hubctl stats
 
 Everything goes through `Publisher`, so hubctl validates, packs and reads
@@ -26,7 +27,7 @@ import redis
 
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
 from publisher.core import redact_url as redact
-from publisher.history import HistoryPolicy
+from publisher.history import PUBLISH_SCRIPT, READ_SCRIPT, HistoryPolicy
 from publisher.inspect import NodeInfo
 from publisher.keys import check_prefix
 from publisher.sync import Publisher
@@ -73,6 +74,12 @@ def cmd_history(pub: Publisher, args: argparse.Namespace) -> Output:
 def _short(value: Any, width: int = 60) -> str:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def cmd_script(pub: Publisher, args: argparse.Namespace) -> Output:
+    """No Redis needed: the text a publisher in another language loads (SCRIPT LOAD, then EVALSHA)."""
+    script = PUBLISH_SCRIPT if args.name == "publish" else READ_SCRIPT
+    return {"name": script.name, "sha": script.sha, "text": script.text}, [script.text.rstrip("\n")]
 
 
 def cmd_rooms(pub: Publisher, args: argparse.Namespace) -> Output:
@@ -149,6 +156,7 @@ def _json_arg(flag: str, value: str | None) -> Any:
 COMMANDS: dict[str, tuple[Callable[[Publisher, argparse.Namespace], Output], str]] = {
     "publish": (cmd_publish, "publish one message to all, a room or a user"),
     "history": (cmd_history, "a room's or user's stored messages, oldest first"),
+    "script": (cmd_script, "print the Lua script that publishes with history (publish) or reads it (read)"),
     "rooms": (cmd_rooms, "rooms and their member counts"),
     "members": (cmd_members, "the connections in one room"),
     "nodes": (cmd_nodes, "live nodes, their heartbeat and client counts"),
@@ -222,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="messages with offset above O (default 0: all kept)")
     sub["history"].add_argument("--limit", type=_whole(1, 10_000), default=100, metavar="L",
                                 help="at most L messages (default 100)")
+    sub["script"].add_argument("name", choices=("publish", "read"))
     sub["members"].add_argument("room", metavar="ROOM")
     return parser
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import redis
 from aiohttp.test_utils import TestServer
 
@@ -99,12 +100,16 @@ def readme_frame_table() -> dict[str, tuple[set[str], set[str]]]:
     return rows
 
 
-async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSession) -> None:
-    """Every kind of frame a client can get, with and without its optional fields, against the table."""
+@pytest.mark.parametrize("history", [0, 10], ids=["no-history", "history"])
+async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSession, history: int) -> None:
+    """Every kind of frame a client can get, with and without its optional fields, against the table.
+
+    Twice: without history, and with it (positions on messages, acks and `connected`).
+    """
     table = readme_frame_table()
     assert set(table) == {"connected", "ack", "error", "pong", "room_message", "private_message", "broadcast",
                           "system_message", "published"}
-    server: TestServer = await start_server(node_config())
+    server: TestServer = await start_server(node_config(history_size=history))
     seen: list[tuple[str, dict[str, Any]]] = []
     try:
         url = str(server.make_url("/ws"))
@@ -141,6 +146,9 @@ async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSess
     with_optional = {(kind, key) for kind, frame in seen for key in frame if key in table[kind][1]}
     assert with_optional >= {("error", "id"), ("pong", "id"), ("room_message", "user_id"), ("published", "room"),
                              ("published", "user_id"), ("published", "metadata")}
+    positioned = {("ack", "data"), ("room_message", "offset"), ("room_message", "epoch"),
+                  ("private_message", "offset"), ("published", "offset"), ("published", "epoch")}
+    assert (with_optional >= positioned) if history else not (with_optional & positioned)
 
 
 def test_readme_configuration_errors_are_what_the_commands_print() -> None:
