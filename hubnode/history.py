@@ -44,11 +44,12 @@ class Opening:
     since: Since | None
     recovered: bool
     entries: list[Item]
+    asked: bool = True  # False: `since` is where a member already was (a repeated join), not the client's
 
     def answer(self, last: int) -> dict[str, Any]:
         """The ack's (or `connected`'s) history data."""
         data: dict[str, Any] = {"offset": last, "epoch": self.read.epoch}
-        if self.since is not None:
+        if self.since is not None and self.asked:
             data = {"recovered": self.recovered, **data}
         return data
 
@@ -115,24 +116,35 @@ class StreamKeeper:
         return False
 
     # -- a connection joins or connects ---------------------------------------------------
-    def expect(self, channel: str, conn_id: str) -> None:
+    def expect(self, channel: str, conn_id: str) -> Position | None:
         """Call right after the routing table made the connection a member, before any await:
-        from then until `finish`, its live messages of the channel are buffered, not sent."""
+        from then until `finish`, its live messages of the channel are buffered, not sent.
+
+        Returns where an existing member already was (for `open`), else None.
+        """
+        was = self.streams.conn_position(channel, conn_id)
         self.streams.begin_sync(channel, conn_id)
+        return was
 
     def end_sync(self, channel: str, conn_id: str) -> None:
         self.streams.end_sync(channel, conn_id)
 
-    async def open(self, kind: str, name: str, conn_id: str, since: Since | None) -> Opening:
+    async def open(self, kind: str, name: str, conn_id: str, since: Since | None,
+                   where: Position | None = None) -> Opening:
         """Read the stream for a connection that is `expect`ed and whose channel is confirmed subscribed.
 
+        A member joining again without `since` continues from where it is:
+        what was in flight to it is read back, not lost to the buffer.
         Raises BrokerUnavailable; the caller then calls `end_sync`.
         """
         ref = self.ref(kind, name)
+        asked = since is not None
+        if since is None and where is not None:
+            since = Since(where.offset, where.epoch)
         read = await self.broker.read_stream(ref, since.offset if since is not None else -1, 0, create=self.policy)
         recovered = since is not None and read.recovers(since.offset, since.epoch)
         entries = _decode(read.payloads) if recovered else []
-        return Opening(ref.channel, conn_id, read, since, recovered, entries)
+        return Opening(ref.channel, conn_id, read, since, recovered, entries, asked)
 
     def finish(self, opening: Opening, conn: Connection, answer: Callable[[dict[str, Any]], None],
                answer_first: bool) -> None:
@@ -151,8 +163,8 @@ class StreamKeeper:
         merged = merge(opening.entries, buffered, start, epoch)
         if opening.recovered:
             self.recovered_messages += len(merged.replay)
-        if answer_first:  # `connected`: where the replay that follows it ends
-            answer(opening.answer(merged.last))
+        if answer_first:  # `connected`: the client's own offset, the replay follows above it (or the top)
+            answer(opening.answer(start))
         floor = Position(epoch, merged.last)
         for _, _, env in merged.replay:
             self._send(conn, channel, env)

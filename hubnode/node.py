@@ -12,10 +12,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import orjson
 
@@ -25,6 +24,7 @@ from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
 from hubnode.connection import Connection
+from hubnode.counters import MetricsSource, MetricsStore, NodeCounters
 from hubnode.dedup import RecentIds
 from hubnode.errors import CloseCode, ErrorCode
 from hubnode.history import Opening, StreamKeeper
@@ -65,48 +65,6 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-MetricsSource = Callable[[], dict[str, Any]]
-"""This node's metrics snapshot as JSON-ready data (hubnode.dashboard_api's, set by the app)."""
-
-
-@runtime_checkable
-class MetricsStore(Protocol):
-    """A membership store that also shares nodes' metrics snapshots (the Redis store).
-
-    The memory store of a single node has nobody to share them with, so it
-    does not implement this.
-    """
-
-    async def put_metrics(self, payload: bytes) -> None:
-        """Store this node's snapshot, expiring 3 heartbeats later."""
-        ...
-
-    async def node_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
-        """The stored snapshots of these nodes (a node without one is left out)."""
-        ...
-
-
-class NodeCounters:
-    """Plain counters the metrics module exposes; cheap enough for the hot path."""
-
-    __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published",
-                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures", "metrics_failures")
-
-    def __init__(self) -> None:
-        self.frames: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.duplicates = 0  # envelopes whose id was delivered already (a publisher's retry)
-        self.reserved = 0  # envelopes of a node-only type (ack, error, ...) from Redis: dropped
-        self.heartbeat_failures = 0
-        self.metrics_failures = 0  # snapshots for the cluster dashboard that could not be stored
-        self.delivered = 0
-        self.bytes_out = 0
-        self.dropped = 0
-        self.resyncs = 0
-        self.slow_closes = 0
-        self.published = 0
 
 
 class Node:
@@ -343,7 +301,7 @@ class Node:
             raise
         return conn_id
 
-    def attach(self, conn: Connection) -> None:
+    def attach(self, conn: Connection, since: Since | None = None) -> None:
         """Make an admitted connection live: it joins the fan-out and gets `connected` first.
 
         Raises NodeDraining when a drain began since `admit` (the reservation
@@ -353,9 +311,11 @@ class Node:
             self._release(conn.id, conn.user_id, True)
             raise NodeDraining("node draining")
         self.conns[conn.id] = conn
-        data = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
+        data: dict[str, Any] = {"conn_id": conn.id, "user_id": conn.user_id, "node": self.id}
         opening = self._openings.pop(conn.id, None)
         if opening is None:
+            if since is not None and conn.user_id is not None:
+                data["recovered"] = False  # the user's stream keeps no history on this node
             conn.send(encode_message(Message("connected", data).stamped()))
             return
 
@@ -432,18 +392,23 @@ class Node:
             return ErrorCode.TOO_MANY_ROOMS
         channel = self.keys.room_channel(room)
         change = self.table.join(conn_id, room)
-        history = change.changed and self.history.covers("room", room)
+        # a repeated join of a room with history is answered like a first one: replay above
+        # `since` (the client asked for it), the position in the ack
+        history = self.history.covers("room", room)
+        where = None
         if history:
-            self.history.expect(channel, conn_id)  # nothing live reaches it before its replay and ack
+            was = self.history.expect(channel, conn_id)  # from here, nothing live reaches it before its replay and ack
+            where = None if change.changed else was  # a member joining again continues from where it was
         opening: Opening | None = None
         try:
             # the table says which channel is new; confirm waits for one another join has in flight
             await self._subs.apply(change, confirm=[channel])
             # a leave or a disconnect may have run while we waited for Redis
-            if change.changed and room in self.table.rooms_of(conn_id):
+            if room in self.table.rooms_of(conn_id):
                 if history:
-                    opening = await self.history.open("room", room, conn_id, since)
-                await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
+                    opening = await self.history.open("room", room, conn_id, since, where)
+                if change.changed:
+                    await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
         except BrokerUnavailable:
             if change.changed:
                 released = self.table.leave(conn_id, room).release
@@ -460,7 +425,7 @@ class Node:
             return None
         self.history.end_sync(channel, conn_id)
         if ack is not None:
-            ack({"recovered": False} if since is not None and not history and change.changed else None)
+            ack({"recovered": False} if since is not None and not history else None)
         return None
 
     def local_room_count(self) -> int:

@@ -185,6 +185,19 @@ class Streams:
         else:
             state.syncs[conn_id] = _Sync(floor=floor)
 
+    def conn_position(self, channel: str, conn_id: str) -> Position | None:
+        """The last offset a member already got: its floor while it has one, else the channel's position.
+
+        None while it is still reading, or when nothing is known.
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            return None
+        sync = state.syncs.get(conn_id)
+        if sync is not None:
+            return sync.floor
+        return state.position
+
     def end_sync(self, channel: str, conn_id: str) -> None:
         state = self._channels.get(channel)
         if state is not None:

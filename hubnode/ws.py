@@ -92,12 +92,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except (BrokerUnavailable, NodeDraining) as exc:
         return _refuse(503, "node draining" if isinstance(exc, NodeDraining) else "broker unreachable")
     try:
-        return await _serve(node, request, conn_id, checked)
+        return await _serve(node, request, conn_id, checked, since)
     finally:  # the upgrade failed or the handler was cancelled before the connection went live
         node.abandon(conn_id, checked.user_id)
 
 
-async def _serve(node: Node, request: web.Request, conn_id: str, identity: Identity) -> web.StreamResponse:
+async def _serve(node: Node, request: web.Request, conn_id: str, identity: Identity,
+                 since: Since | None) -> web.StreamResponse:
     cfg = node.config
     # autoping off: the node's single ping task does the pinging, and pongs
     # reach the read loop as signs of life
@@ -111,7 +112,7 @@ async def _serve(node: Node, request: web.Request, conn_id: str, identity: Ident
                       max_outbound=cfg.max_outbound_bytes, bucket=TokenBucket(cfg.rate, cfg.burst),
                       streak=ErrorStreak(cfg.max_errors), now=loop.time())
     try:
-        node.attach(conn)
+        node.attach(conn, since)
     except NodeDraining:
         conn.send(reconnect_frame())
         await conn.close(CloseCode.GOING_AWAY, "node shutting down")

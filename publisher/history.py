@@ -73,16 +73,18 @@ def parse_patterns(text: str | Sequence[str]) -> tuple[str, ...]:
 
     Raises ValueError naming the bad pattern.
     """
+    expected = "expected room names or prefix* patterns, comma-separated (default '*')"
     items = text.split(",") if isinstance(text, str) else list(text)
     patterns = tuple(p.strip() for p in items if p.strip())
     if not patterns:
-        raise ValueError("expected room names or prefix* patterns, comma-separated (default '*')")
+        raise ValueError(expected)
     for pattern in patterns:
         stem = pattern[:-1] if pattern.endswith("*") else pattern
-        if stem and check_name(stem):
-            raise ValueError(f"pattern {pattern!r}: a room name {check_name(stem)}, optionally ending in *")
         if "*" in stem:
-            raise ValueError(f"pattern {pattern!r}: '*' may only end a pattern")
+            raise ValueError(f"{expected}; in {pattern!r} a '*' is not at the end")
+        problem = check_name(stem) if stem else None
+        if problem:
+            raise ValueError(f"{expected}; {pattern!r}: a room name {problem}")
     return patterns
 
 

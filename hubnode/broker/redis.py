@@ -42,6 +42,7 @@ from publisher.history import (
     PUBLISH_SCRIPT,
     READ_SCRIPT,
     HistoryPolicy,
+    LuaScript,
     StreamRead,
     StreamRef,
     new_epoch,
@@ -98,8 +99,7 @@ class RedisBroker:
         self.overflows = 0
         self.oversized = 0
         self._ever_up = False  # a restarted loop must still resync after its first connection
-        self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
-        self._read_script = client.register_script(READ_SCRIPT.text)
+        self._scripts: dict[str, Any] = {}  # redis-py Script objects, made on first use
 
     @property
     def connected(self) -> bool:
@@ -191,6 +191,12 @@ class RedisBroker:
             # never resend it here, and never claim that nothing went out
             raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None
 
+    def _script(self, script: LuaScript) -> Any:
+        found = self._scripts.get(script.name)
+        if found is None:
+            found = self._scripts[script.name] = self._pub.register_script(script.text)
+        return found
+
     async def publish_stream(self, ref: StreamRef, payload: bytes, envelope_id: str, size: int, ttl: int) -> int:
         """lua/publish.lua: append when the stream has history, then PUBLISH, atomically.
 
@@ -200,7 +206,7 @@ class RedisBroker:
         if not self.connected:
             raise BrokerUnavailable("Redis is unreachable")
         try:
-            reply = await self._publish_script(keys=[ref.stream, ref.meta],
+            reply = await self._script(PUBLISH_SCRIPT)(keys=[ref.stream, ref.meta],
                                                args=[ref.channel, payload, envelope_id, size, ttl, new_epoch()])
         except RedisError as exc:
             raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None
@@ -210,7 +216,7 @@ class RedisBroker:
                           create: HistoryPolicy | None = None) -> StreamRead:
         call = read_call(ref, since, limit, create)
         try:
-            reply = await self._read_script(keys=list(call.keys), args=list(call.args))
+            reply = await self._script(READ_SCRIPT)(keys=list(call.keys), args=list(call.args))
         except RedisError as exc:
             raise BrokerUnavailable(f"history read failed: {exc}") from None
         return StreamRead.from_reply(reply)

@@ -6,6 +6,9 @@
 //                               /ws: without a load balancer, list the nodes and
 //                               hub.js moves to the next one when one goes away.
 // Messages are sent as {text, node}, so a reader sees which node each came from.
+// On nodes with history (--history-size), hub.js recovers what was sent while
+// the page was reconnecting: the log shows no gap and no duplicate, and a
+// notice says when a stream could not be recovered.
 (function () {
   "use strict";
 
@@ -34,7 +37,14 @@
       note(`disconnected (code ${e.code}${e.reason ? ": " + e.reason : ""})${wait}`);
     });
     hub.on("reconnect", () => note("this node is shutting down: moving to another one"));
-    hub.on("resync", () => note("the node briefly lost the cluster: some messages may be missing"));
+    hub.on("resync", () => note("the node briefly lost the cluster: some messages may be missing", "warn"));
+    // After a reconnect, per stream: did the node replay everything we missed?
+    hub.on("recovered", (e) => {
+      if (e.stream === "room" && e.room !== room) return;
+      const what = e.stream === "room" ? "#" + e.room : "private messages";
+      if (e.recovered) note(`back on ${what}: nothing missed`);
+      else note(`${what}: messages sent while reconnecting could not be recovered, some may be missing`, "warn");
+    });
     hub.on("error", (m) => note("error: " + m.data.code + (m.room ? " (" + m.room + ")" : "")));
     hub.on("room_message", (m) => {
       if (m.room !== room) return;
@@ -157,14 +167,14 @@
     div.dataset.from = from || "";
     if (kind === "private") div.append(text("span", to ? "to " + to : "private", "tag private"));
     if (kind === "broadcast") div.append(text("span", "everyone", "tag"));
-    div.append(text("span", from || "anonymous", "who"), text("span", String(body.text)));
+    div.append(text("span", from || "anonymous", "who"), text("span", String(body.text), "text"));
     const when = new Date((timestamp || Date.now() / 1000) * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     div.append(text("span", (body.node ? "via node " + body.node + " · " : "") + when, "meta"));
     append(div);
   }
 
-  function note(message) {
-    append(text("div", message, "msg system"));
+  function note(message, kind) {
+    append(text("div", message, "msg system" + (kind ? " " + kind : "")));
   }
 
   function append(el) {

@@ -1,4 +1,4 @@
-// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4).
+// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4 and 10).
 //
 //   <script src="/hub.js"></script>            -> window.HubClient
 //   import { HubClient } from "/hub.mjs";      -> the same class as an ES module
@@ -7,6 +7,7 @@
 //   hub.on("room_message", (msg) => console.log(msg.user_id, msg.data.message));
 //   await hub.join("lobby");                   // resolves on the server's ack
 //   await hub.sendToRoom("lobby", "hello");    // rejects with err.code, e.g. "not_in_room"
+//   hub.on("recovered", (e) => { if (!e.recovered) refetch(e.room); });  // after a reconnect
 //
 // What it does for you:
 // - every request carries an id; its Promise settles on the matching `ack` or
@@ -19,6 +20,12 @@
 //   been stable for a while; on close 1001 (node draining) it reconnects at
 //   once, to the next URL when several are given; all joined rooms are
 //   re-joined on every new connection;
+// - recovery (streams with history, PROTOCOL.md section 10): it keeps the
+//   position (offset, epoch) of each joined room and of the user's own stream,
+//   re-joins with `since` and reconnects with `?since=`, so the node replays
+//   what was missed; it drops a message whose offset it has already delivered
+//   (merge by offset, never by timing); a `recovered` event says, per stream
+//   re-established on a new connection, whether nothing was lost;
 // - `resync` (the node lost Redis for a while: messages may be missing) and
 //   `reconnect` (the node is going away) system messages become events;
 // - while the tab is hidden it pings the server, and drops a connection whose
@@ -68,6 +75,14 @@
       this._handlers = new Map();
       this._pending = new Map(); // id -> {type, data, resolve, reject, timer, sent}
       this._nextId = 1;
+      // Stream positions (section 10). Rooms: room -> {offset, epoch, conn, acked}, created
+      // by the first ack or message of a wanted room; offset/epoch stay null when the
+      // room has no history; conn: the connection (this._conn) it was last seen on,
+      // acked: the one whose join ack it last had.
+      this._streams = new Map();
+      this._user = null; // the user stream: {user, offset, epoch}, from `connected` frames
+      this._userSince = null; // the `since` the current attempt's URL carries, or null
+      this._conn = 0; // serial of the current connection: 1 for the first `connected` frame
       this._urlIndex = 0;
       this._attempt = 0;
       this._ws = null;
@@ -89,7 +104,10 @@
     // Listen to a message type ("room_message", "private_message", "broadcast",
     // "connected", any type the server publishes, "*" for every message) or to
     // a client event: "disconnected" {code, reason, delay}, "resync",
-    // "reconnect", "error" (an error frame not tied to a request).
+    // "reconnect", "error" (an error frame not tied to a request), "recovered"
+    // {stream: "room"|"user", room, recovered, offset, epoch}: a stream was
+    // re-established on a new connection (or joined with `since`); recovered
+    // false means messages may be missing: refetch that stream's state.
     on(type, fn) {
       if (!this._handlers.has(type)) this._handlers.set(type, new Set());
       this._handlers.get(type).add(fn);
@@ -102,16 +120,19 @@
       return this;
     }
 
-    join(room) {
+    // options.since: {offset, epoch}, a position the app already has (say from
+    // GET /api/rooms/<room>/history): the node first sends what came after it.
+    join(room, options = {}) {
       this.rooms.add(room);
-      return this._request("join_room", room).catch((err) => {
-        if (!["timeout", "disconnected", "left", "closed"].includes(err.code)) this.rooms.delete(room);
+      const since = options && options.since ? { offset: options.since.offset, epoch: options.since.epoch } : null;
+      return this._request("join_room", room, this.options.timeout, { since }).catch((err) => {
+        if (!["timeout", "disconnected", "left", "closed"].includes(err.code)) this._forget(room);
         throw err;
       });
     }
 
     leave(room) {
-      this.rooms.delete(room);
+      this._forget(room);
       for (const [id, req] of this._pending) {
         if (!req.sent && req.type === "join_room" && req.data === room) this._settle(id, hubError("left"));
       }
@@ -124,6 +145,14 @@
     sendPrivate(userId, message) { return this._request("private_message", { user_id: userId, message }); }
     broadcast(data) { return this._request("broadcast", data); }
     ping(data = null, timeout) { return this._request("ping", data, timeout); } // resolves with the pong
+
+    // The last position delivered to the app: position(room) for a room,
+    // position() for the user's own stream. {offset, epoch}, or null when the
+    // stream has no history (or is not joined).
+    position(room) {
+      const s = room === undefined || room === null ? this._user : this._streams.get(room);
+      return s && s.offset !== null ? { offset: s.offset, epoch: s.epoch } : null;
+    }
 
     // Close for good: pending requests reject with "closed", no reconnect.
     close() {
@@ -150,6 +179,10 @@
         const t = typeof token === "function" ? await token() : token;
         if (t) u.searchParams.set("token", t);
         if (this._closed) return;
+        // Recover the user stream from where the last connection left it.
+        const user = this._user;
+        this._userSince = user && user.offset !== null ? { offset: user.offset, epoch: user.epoch } : null;
+        if (this._userSince) u.searchParams.set("since", user.offset + ":" + user.epoch);
         this.url = u.toString();
         ws = new WebSocket(this.url);
       } catch (err) {
@@ -164,13 +197,23 @@
       if (ws !== this._ws) return;
       let msg;
       try { msg = JSON.parse(text); } catch { return; }
+      if (!msg || typeof msg !== "object") return;
       const id = msg.id;
       if (id != null && ["ack", "error", "pong"].includes(msg.type) && this._pending.has(id)) {
         const d = msg.data || {};
+        const req = this._pending.get(id);
+        if (msg.type === "ack" && req.type === "join_room") this._joined(req, msg.data);
         this._settle(id, msg.type === "error" ? hubError(d.code, d.message) : null, msg);
         return;
       }
-      if (msg.type === "connected") this._onConnected(msg.data);
+      if (msg.type === "connected") {
+        const recovery = this._onConnected(msg.data || {});
+        this._emit("connected", msg);
+        this._emit("*", msg);
+        if (recovery) this._emit("recovered", recovery);
+        return;
+      }
+      if (!this._track(msg)) return; // already delivered (a replayed message's live copy)
       if (msg.type === "system_message" && msg.data && msg.data.event) {
         if (msg.data.event === "reconnect") this._goingAway = true;
         this._emit(msg.data.event, msg);
@@ -180,8 +223,13 @@
     }
 
     // The connection is routable: re-join rooms, then send what waited.
+    // Returns the user stream's `recovered` event when this connection
+    // re-established the same user's stream, else null.
     _onConnected(info) {
+      const previous = this.info;
       this.info = info;
+      this._conn++;
+      const recovery = this._userConnected(info, previous);
       this._open = true;
       this._goingAway = false;
       const waiting = [...this._pending.entries()].filter(([, req]) => !req.sent);
@@ -192,14 +240,94 @@
       for (const [id, req] of waiting) this._transmit(id, req);
       this._timers.stable = setTimeout(() => { this._attempt = 0; }, this.options.stableAfter);
       this._schedulePing();
+      return recovery;
     }
 
     _rejoin(room) {
       this._request("join_room", room).catch((err) => {
         if (["timeout", "disconnected", "left", "closed"].includes(err.code)) return;
-        this.rooms.delete(room); // e.g. forbidden: the app learns it through "error"
+        this._forget(room); // e.g. forbidden: the app learns it through "error"
         this._emit("error", { type: "error", room, data: { code: err.code, message: err.message } });
       });
+    }
+
+    _forget(room) {
+      this.rooms.delete(room);
+      this._streams.delete(room);
+    }
+
+    // -- recovery (PROTOCOL.md section 10) ----------------------------------------
+    // The user stream on a new `connected` frame: take its position, and say
+    // whether the missed messages (which follow the frame) are coming.
+    _userConnected(info, previous) {
+      const user = info.user_id == null ? null : info.user_id;
+      const sent = this._userSince;
+      this._userSince = null;
+      const had = this._user && this._user.user === user ? this._user : null;
+      const hasPosition = Number.isInteger(info.offset) && typeof info.epoch === "string";
+      const recovered = Boolean(sent && had && info.recovered === true && hasPosition && info.epoch === had.epoch);
+      if (user === null) this._user = null;
+      else if (recovered) this._user = had; // keep O: the replayed messages (offsets above O) follow
+      else this._user = { user, offset: hasPosition ? info.offset : null, epoch: hasPosition ? info.epoch : null };
+      // An event only when this user's stream existed on an earlier connection.
+      if (user === null || !previous || previous.user_id !== user) return null;
+      const s = this._user;
+      return { type: "recovered", stream: "user", room: null, user_id: user, recovered, offset: s.offset, epoch: s.epoch };
+    }
+
+    // A join as it goes on the wire: with `since` when the room was joined on
+    // an earlier connection and has a position (or the app gave one).
+    _joinData(req) {
+      const room = req.data;
+      const s = this._streams.get(room);
+      req.rejoin = Boolean(s && s.conn !== this._conn);
+      req.sentSince = req.rejoin && s.offset !== null ? { offset: s.offset, epoch: s.epoch } : req.since || null;
+      return req.sentSince ? { room, since: req.sentSince } : room;
+    }
+
+    // A join's ack: the room's position from now on, and the `recovered` event.
+    _joined(req, data) {
+      const room = req.data;
+      if (!this.rooms.has(room)) return; // left meanwhile
+      const d = data && typeof data === "object" ? data : {};
+      const hasPosition = Number.isInteger(d.offset) && typeof d.epoch === "string";
+      let s = this._streams.get(room);
+      if (!s) this._streams.set(room, s = { offset: null, epoch: null, conn: this._conn, acked: 0 });
+      // A join of a room this connection is in already: the node may answer a bare ack.
+      const repeat = s.acked === this._conn;
+      s.conn = s.acked = this._conn;
+      if (hasPosition) {
+        // Replayed messages came before the ack and moved s already; every later
+        // message is above d.offset. Not recovered: the stream starts over at d.
+        const ahead = d.recovered !== false && s.epoch === d.epoch && s.offset !== null && s.offset > d.offset;
+        if (!ahead) { s.offset = d.offset; s.epoch = d.epoch; }
+      } else if (!repeat) {
+        s.offset = s.epoch = null; // no history (any more)
+      }
+      if (!req.rejoin && !req.sentSince) return;
+      const recovered = Boolean(req.sentSince && d.recovered === true);
+      this._emit("recovered", { type: "recovered", stream: "room", room, recovered, offset: s.offset, epoch: s.epoch });
+    }
+
+    // A message with a position: false when it was already delivered (offset not
+    // above the stream's last one in the same epoch), else move the position.
+    _track(msg) {
+      if (!Number.isInteger(msg.offset) || typeof msg.epoch !== "string") return true;
+      let s;
+      if (msg.room != null) {
+        s = this._streams.get(msg.room);
+        if (!s) {
+          if (!this.rooms.has(msg.room)) return true; // not a room we are in (any more)
+          this._streams.set(msg.room, s = { offset: null, epoch: null, conn: this._conn, acked: 0 });
+        }
+      } else {
+        s = this._user;
+        if (!s) return true;
+      }
+      if (s.epoch === msg.epoch && s.offset !== null && msg.offset <= s.offset) return false;
+      s.offset = msg.offset;
+      s.epoch = msg.epoch;
+      return true;
     }
 
     _closedWith(ws, code, reason) {
@@ -263,11 +391,11 @@
     }
 
     // -- requests ---------------------------------------------------------------
-    _request(type, data, timeout = this.options.timeout) {
+    _request(type, data, timeout = this.options.timeout, extra = null) {
       if (this._closed) return Promise.reject(hubError("closed", "the client was closed"));
       const id = this._nextId++;
       return new Promise((resolve, reject) => {
-        const req = { type, data, resolve, reject, sent: false };
+        const req = Object.assign({ type, data, resolve, reject, sent: false }, extra);
         req.timer = setTimeout(() => this._settle(id, hubError("timeout", type + " got no answer")), timeout);
         this._pending.set(id, req);
         if (this._open) this._transmit(id, req);
@@ -276,7 +404,8 @@
 
     _transmit(id, req) {
       req.sent = true;
-      this._ws.send(JSON.stringify({ type: req.type, data: req.data, id }));
+      const data = req.type === "join_room" ? this._joinData(req) : req.data;
+      this._ws.send(JSON.stringify({ type: req.type, data, id }));
     }
 
     _settle(id, error, msg) {
