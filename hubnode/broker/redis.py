@@ -32,6 +32,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from hubnode.broker.base import BrokerCounters, BrokerUnavailable, MessageHandler, ResyncHandler, WantedChannels
@@ -214,12 +215,19 @@ class RedisBroker:
 
     async def read_stream(self, ref: StreamRef, since: int, limit: int = 0,
                           create: HistoryPolicy | None = None) -> StreamRead:
+        """lua/read.lua; sent once more after a broken connection (a pooled socket from before a
+        Redis restart): unlike a publish, a read, even one that creates the epoch, is safe to repeat."""
         call = read_call(ref, since, limit, create)
-        try:
-            reply = await self._script(READ_SCRIPT)(keys=list(call.keys), args=list(call.args))
-        except RedisError as exc:
-            raise BrokerUnavailable(f"history read failed: {exc}") from None
-        return StreamRead.from_reply(reply)
+        for attempt in (1, 2):
+            try:
+                reply = await self._script(READ_SCRIPT)(keys=list(call.keys), args=list(call.args))
+                return StreamRead.from_reply(reply)
+            except RedisConnectionError as exc:
+                if attempt == 2:
+                    raise BrokerUnavailable(f"history read failed: {exc}") from None
+            except RedisError as exc:
+                raise BrokerUnavailable(f"history read failed: {exc}") from None
+        raise AssertionError("unreachable")
 
     # -- the subscriber connection ---------------------------------------------------
     def _on_push(self, reply: Any) -> None:

@@ -133,10 +133,13 @@ async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSess
             seen.append(("broadcast", await alice.recv_type("broadcast")))
         for body in ({"type": "news", "data": 1}, {"type": "news", "room": "lobby", "metadata": {"k": 1}},
                      {"type": "news", "to": "alice", "user_id": "support"}, {"type": "news", "user_id": "alice"}):
-            assert (await session.post(server.make_url("/broadcast"), json=body)).status == 202
+            async with session.post(server.make_url("/broadcast"), json=body) as posted:  # released at once
+                assert posted.status == 202
             seen.append(("published", await alice.recv_type("news")))
         await server.close()  # drains: system_message reconnect, then close 1001
         seen.append(("system_message", await alice.recv_type("system_message")))
+        for client in (alice, anon):  # closed by the drain; release them, or the GC warns later
+            await client.close()
     finally:
         await server.close()
     for kind, frame in seen:

@@ -284,7 +284,8 @@ async def test_dead_client_removed_after_ping_timeout(session: aiohttp.ClientSes
         await wait_until(alive_answers, timeout=5, what="dead client removed")
         assert time.monotonic() - started >= 0.6 * 0.9  # not before interval + timeout
         assert (await alive.request("ping", 1, "p"))["type"] == "pong"
-        await dead_ws.close()  # nobody read its close: release it, or the GC warns of an unclosed connection
+        await dead_ws.close()  # release both sockets now, or the GC reports an unclosed connection later
+        await alive.close()
     finally:
         await server.close()
 
