@@ -21,10 +21,11 @@ from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode
 from hubnode.protocol import Since
-from hubnode.streams import Item, Position, Streams, Verdict, merge
-from publisher.envelope import Envelope, EnvelopeError, unpack
+from hubnode.streams import Item, Position, Streams, Verdict, contiguous, merge
+from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
 from publisher.history import History, HistoryPolicy, StreamRead, StreamRef, history_of, stream_of
 from publisher.keys import Keys
+from publisher.message import RESERVED_TYPES
 from publisher.targets import Packed, Target
 
 __all__ = ["Opening", "Since", "StreamKeeper"]
@@ -32,6 +33,7 @@ __all__ = ["Opening", "Since", "StreamKeeper"]
 log = logging.getLogger(__name__)
 
 _RECOVERY_CONCURRENCY = 16
+_READS = 3  # reads of one join's stream when messages keep being lost under it
 
 
 @dataclass(slots=True)
@@ -44,12 +46,11 @@ class Opening:
     since: Since | None
     recovered: bool
     entries: list[Item]
-    asked: bool = True  # False: `since` is where a member already was (a repeated join), not the client's
 
     def answer(self, last: int) -> dict[str, Any]:
         """The ack's (or `connected`'s) history data."""
         data: dict[str, Any] = {"offset": last, "epoch": self.read.epoch}
-        if self.since is not None and self.asked:
+        if self.since is not None:
             data = {"recovered": self.recovered, **data}
         return data
 
@@ -104,14 +105,18 @@ class StreamKeeper:
                                                 self.policy.size_for(target), self.policy.ttl)
 
     # -- live messages ------------------------------------------------------------------
-    def on_live(self, channel: str, env: Envelope) -> bool:
-        """For a positioned message of a tracked channel: True to fan it out now."""
-        assert env.offset is not None and env.epoch is not None
-        verdict = self.streams.live(channel, env.offset, env.epoch, env)
+    def on_live(self, channel: str, offset: int, epoch: str, env: Envelope | None) -> bool:
+        """For a positioned message of a tracked channel: True to fan it out now.
+
+        `env` None marks a message that has a position but is delivered to
+        nobody (it did not decode, or its type is the node's own): it still
+        takes its offset, or the next message would look like a gap.
+        """
+        verdict = self.streams.live(channel, offset, epoch, env)
         if verdict is Verdict.DELIVER:
-            return True
+            return env is not None
         if verdict is Verdict.GAP:
-            log.info("gap on %s before offset %d: reading the missed messages from the stream", channel, env.offset)
+            log.info("gap on %s before offset %d: reading the missed messages from the stream", channel, offset)
             self._track(self._recover(channel))
         return False
 
@@ -120,7 +125,7 @@ class StreamKeeper:
         """Call right after the routing table made the connection a member, before any await:
         from then until `finish`, its live messages of the channel are buffered, not sent.
 
-        Returns where an existing member already was (for `open`), else None.
+        Returns where an existing member already was, else None.
         """
         was = self.streams.conn_position(channel, conn_id)
         self.streams.begin_sync(channel, conn_id)
@@ -129,22 +134,38 @@ class StreamKeeper:
     def end_sync(self, channel: str, conn_id: str) -> None:
         self.streams.end_sync(channel, conn_id)
 
-    async def open(self, kind: str, name: str, conn_id: str, since: Since | None,
-                   where: Position | None = None) -> Opening:
+    def position_data(self, channel: str, conn_id: str) -> dict[str, Any] | None:
+        """A member's position for the ack of a repeated join without `since` (None when unknown)."""
+        where = self.streams.conn_position(channel, conn_id)
+        return None if where is None else {"offset": where.offset, "epoch": where.epoch}
+
+    async def open(self, kind: str, name: str, conn_id: str, since: Since | None) -> Opening:
         """Read the stream for a connection that is `expect`ed and whose channel is confirmed subscribed.
 
-        A member joining again without `since` continues from where it is:
-        what was in flight to it is read back, not lost to the buffer.
-        Raises BrokerUnavailable; the caller then calls `end_sync`.
+        The read is repeated (up to 3 times) when the channel lost messages
+        while it was in flight: the buffer of live messages would then have a
+        hole that no later read fills. Raises BrokerUnavailable; the caller
+        then calls `end_sync` (or `restore`).
         """
         ref = self.ref(kind, name)
-        asked = since is not None
-        if since is None and where is not None:
-            since = Since(where.offset, where.epoch)
-        read = await self.broker.read_stream(ref, since.offset if since is not None else -1, 0, create=self.policy)
+        for _ in range(_READS):
+            self.streams.untaint(ref.channel, conn_id)
+            read = await self.broker.read_stream(ref, since.offset if since is not None else -1, 0,
+                                                 create=self.policy)
+            if self._whole(ref.channel, conn_id, read):
+                break
+        else:
+            raise BrokerUnavailable(f"{ref.channel} kept losing messages while it was read")
         recovered = since is not None and read.recovers(since.offset, since.epoch)
         entries = _decode(read.payloads) if recovered else []
-        return Opening(ref.channel, conn_id, read, since, recovered, entries, asked)
+        return Opening(ref.channel, conn_id, read, since, recovered, entries)
+
+    def _whole(self, channel: str, conn_id: str, read: StreamRead) -> bool:
+        """Nothing was lost between the read and the live messages buffered for the connection."""
+        buffered = self.streams.buffered(channel, conn_id)
+        if buffered is None or self.streams.overflowed(channel, conn_id):
+            return True  # nothing to check: `finish` decides
+        return not self.streams.tainted(channel, conn_id) and contiguous(buffered, read.top, read.epoch or "")
 
     def finish(self, opening: Opening, conn: Connection, answer: Callable[[dict[str, Any]], None],
                answer_first: bool) -> None:
@@ -153,10 +174,16 @@ class StreamKeeper:
         Synchronous from the first byte to the floor, so nothing interleaves.
         """
         channel, streams = opening.channel, self.streams
-        buffered = streams.buffered(channel, conn.id)
-        if buffered is None:  # the buffer overflowed while the read was in flight (or the sync is gone)
+        if streams.overflowed(channel, conn.id) or (answer_first and not self._whole(channel, conn.id, opening.read)):
+            # too much arrived while it read, or messages were lost since the read (a connect's upgrade
+            # ran in between): reconnecting with `since` recovers it, nothing here could
             streams.end_sync(channel, conn.id)
-            conn.close_soon(CloseCode.TRY_AGAIN_LATER, "too many messages while catching up")
+            conn.close_soon(CloseCode.TRY_AGAIN_LATER, "could not catch up: reconnect")
+            return
+        buffered = streams.buffered(channel, conn.id)
+        if buffered is None:  # another join of this connection settled it meanwhile
+            data = self.position_data(channel, conn.id) or {}
+            answer({"recovered": False, **data} if opening.since is not None else data)
             return
         epoch = opening.read.epoch or ""
         start = opening.since.offset if opening.recovered and opening.since else opening.read.top
@@ -175,8 +202,22 @@ class StreamKeeper:
             floor = Position(item_epoch, offset)
         streams.settle(channel, conn.id, floor)
 
-    def _send(self, conn: Connection, channel: str, env: Envelope) -> None:
-        if env.exclude == conn.id:
+    def restore(self, channel: str, conn: Connection | None, was: Position | None) -> None:
+        """A member's join failed: send it what was buffered above where it was, and go on from there."""
+        buffered = self.streams.buffered(channel, conn.id) if conn is not None else None
+        if conn is None or buffered is None or was is None:
+            if conn is not None:
+                self.streams.end_sync(channel, conn.id)
+            return
+        merged = merge([], buffered, was.offset, was.epoch)
+        floor = was
+        for offset, item_epoch, env in merged.after:
+            self._send(conn, channel, env)
+            floor = Position(item_epoch, offset)
+        self.streams.settle(channel, conn.id, floor)
+
+    def _send(self, conn: Connection, channel: str, env: Envelope | None) -> None:
+        if env is None or env.exclude == conn.id:
             return
         frame = self._frame_of(channel, env)
         if frame is not None:
@@ -184,6 +225,8 @@ class StreamKeeper:
 
     # -- connections and channels going away ---------------------------------------------
     def released(self, channels: Iterable[str]) -> None:
+        for channel in channels:
+            self._refs.pop(channel, None)
         self.streams.untrack(channels)
 
     def forget(self, conn_id: str, channels: Iterable[str]) -> None:
@@ -213,41 +256,47 @@ class StreamKeeper:
         await asyncio.gather(*(one(channel) for channel in channels))
 
     async def _recover(self, channel: str) -> None:
-        """Read what `channel` missed since the node's position, deliver it and what was held, in order."""
+        """Read what `channel` missed since the node's position, deliver it and what was held, in order.
+
+        Whatever happens, the channel stops holding its live messages at the end.
+        """
         self.recoveries += 1
+        lost, entries = True, list[Item]()
+        try:
+            lost, entries = await self._read_missed(channel)
+        finally:
+            if lost:
+                self.unrecovered += 1
+                members = set(self._subscribers(channel)) - self.streams.catching_up(channel)
+                held = self.streams.end_recovery(channel, lost=True)
+                self._resync(members)
+            else:
+                held = self.streams.end_recovery(channel, lost=False)
+            self.recovered_messages += len(entries)
+            for offset, epoch, env in [*entries, *held]:
+                self._live_again(channel, offset, epoch, env)
+
+    async def _read_missed(self, channel: str) -> tuple[bool, list[Item]]:
+        """(lost, entries above the position): lost when they cannot be read or left the window."""
         ref = self._ref_of(channel)
-        read: StreamRead | None = None
-        start: Position | None = None
-        failed = False
         while ref is not None:
             start = self.streams.recovery_start(channel)
-            if start is None:
-                break
+            if start is None:  # nobody needs anything: unless a member's position is unknown
+                return self.streams.members_unknown(channel, self._subscribers(channel)), []
             try:
                 read = await self.broker.read_stream(ref, start.offset, 0)
             except BrokerUnavailable as exc:
                 log.warning("could not read %s to recover it (%s): its connections get resync", channel, exc)
-                failed = True
-                break
-            if not self.streams.read_again(channel):
-                break
-        lost = failed or (start is not None and (read is None or not read.recovers(start.offset, start.epoch)))
-        entries = _decode(read.payloads) if read is not None and not lost else []
-        if lost:
-            self.unrecovered += 1
-            members = set(self._subscribers(channel)) - self.streams.catching_up(channel)
-            held = self.streams.end_recovery(channel, lost=True)
-            self._resync(members)
-        else:
-            held = self.streams.end_recovery(channel, lost=False)
-        self.recovered_messages += len(entries)
-        for _, _, env in entries:
-            self._live_again(channel, env)
-        for _, _, env in held:
-            self._live_again(channel, env)
+                return True, []
+            if self.streams.read_again(channel):
+                continue
+            if not read.recovers(start.offset, start.epoch):
+                return True, []
+            return False, _decode(read.payloads)
+        return True, []
 
-    def _live_again(self, channel: str, env: Envelope) -> None:
-        if self.streams.tracked(channel) and self.on_live(channel, env):
+    def _live_again(self, channel: str, offset: int, epoch: str, env: Envelope | None) -> None:
+        if self.streams.tracked(channel) and self.on_live(channel, offset, epoch, env) and env is not None:
             self._fan_out(channel, env)
 
     # -- history reads ------------------------------------------------------------------
@@ -257,12 +306,23 @@ class StreamKeeper:
 
 
 def _decode(payloads: Iterable[bytes]) -> list[Item]:
+    """Stored envelopes as (offset, epoch, envelope), in order.
+
+    One that must not reach a client (it does not decode, or its type is the
+    node's own: live, the node drops both) keeps its place with `None`, so the
+    offsets stay contiguous and nobody sees a gap that recovery cannot fill.
+    """
     items: list[Item] = []
     for payload in payloads:
         try:
-            env = unpack(payload)
+            env: Envelope | None = unpack(payload)
         except EnvelopeError:
+            position = position_of(payload)
+            if position is not None:
+                items.append((*position, None))
             continue
-        if env.offset is not None and env.epoch is not None:
-            items.append((env.offset, env.epoch, env))
+        assert env is not None
+        if env.offset is None or env.epoch is None:
+            continue
+        items.append((env.offset, env.epoch, None if env.msg.type in RESERVED_TYPES else env))
     return items

@@ -136,7 +136,8 @@ async def _history(request: web.Request, kind: str) -> web.Response:
         found = await _node(request).stream_history(kind, name, since, limit)
     except BrokerUnavailable as exc:
         return _error(503, "unavailable", f"history cannot be read now: {exc}")
-    return _json(found.to_json())
+    # a message JSON cannot carry never reached a client either (the node drops it live)
+    return _json({**found.to_json(), "messages": [m for m in found.messages if encodable(m)]})
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:

@@ -34,7 +34,7 @@ from hubnode.protocol import Since, encode_message, encode_positioned
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from hubnode.supervisor import Supervisor
-from publisher.envelope import Envelope, EnvelopeError, unpack
+from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
 from publisher.history import History
 from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES, Message
@@ -392,29 +392,35 @@ class Node:
             return ErrorCode.TOO_MANY_ROOMS
         channel = self.keys.room_channel(room)
         change = self.table.join(conn_id, room)
-        # a repeated join of a room with history is answered like a first one: replay above
-        # `since` (the client asked for it), the position in the ack
         history = self.history.covers("room", room)
-        where = None
-        if history:
-            was = self.history.expect(channel, conn_id)  # from here, nothing live reaches it before its replay and ack
-            where = None if change.changed else was  # a member joining again continues from where it was
+        if history and not change.changed and since is None:
+            # a member joining again: it keeps receiving as it was; the ack says where it is
+            if ack is not None:
+                ack(self.history.position_data(channel, conn_id))
+            return None
+        was = self.history.expect(channel, conn_id) if history else None  # nothing live reaches it now
         opening: Opening | None = None
+        added = False
         try:
             # the table says which channel is new; confirm waits for one another join has in flight
             await self._subs.apply(change, confirm=[channel])
             # a leave or a disconnect may have run while we waited for Redis
             if room in self.table.rooms_of(conn_id):
-                if history:
-                    opening = await self.history.open("room", room, conn_id, since, where)
                 if change.changed:
                     await self.store.add_member(room, conn_id, self.table.user_of(conn_id))
+                    added = True
+                if history:  # last: from the read to the ack nothing awaits
+                    opening = await self.history.open("room", room, conn_id, since)
         except BrokerUnavailable:
-            if change.changed:
+            if added:  # the stream could not be read: undo the join, the store's part too
+                await self.leave(conn_id, room)
+            elif change.changed:
                 released = self.table.leave(conn_id, room).release
+                self.history.end_sync(channel, conn_id)
                 self._subs.release(released)
                 self.history.released(released)
-            self.history.end_sync(channel, conn_id)
+            else:  # a member asking again with `since`: it goes on from where it was
+                self.history.restore(channel, self.conns.get(conn_id), was)
             return ErrorCode.UNAVAILABLE
         except BaseException:
             self.history.end_sync(channel, conn_id)
@@ -462,22 +468,30 @@ class Node:
         except EnvelopeError as exc:
             self.counters.dropped += 1
             log.debug("dropped a payload on %s: %s", channel, exc)
+            self._skip(channel, position_of(payload))
             return
         if channel == self._own:
             return  # control channel: nothing for clients
         if env.msg.type in RESERVED_TYPES:
+            if env.offset is not None and env.epoch is not None:
+                self._skip(channel, (env.offset, env.epoch))
             self.counters.reserved += 1  # a forged ack/error/pong could settle a client's pending request
             if self.counters.reserved % 1000 == 1:  # the first, then one line per 1,000: no log flood
                 log.warning("dropped a %r message from %s on %s: the type is reserved for the node "
                             "(%d dropped so far)", env.msg.type, env.origin, channel, self.counters.reserved)
             return
-        if env.offset is not None and self.history.streams.tracked(channel):
-            if not self.history.on_live(channel, env):
+        if env.offset is not None and env.epoch is not None and self.history.streams.tracked(channel):
+            if not self.history.on_live(channel, env.offset, env.epoch, env):
                 return  # delivered already, or held until the stream is read (PROTOCOL.md section 10)
         if self._recent.seen(env.id, time.monotonic()):
             self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
             return
         self._fan_out(channel, env)
+
+    def _skip(self, channel: str, position: tuple[int, str] | None) -> None:
+        """A positioned message nobody gets still takes its offset, or the next would look like a gap."""
+        if position is not None and self.history.streams.tracked(channel):
+            self.history.on_live(channel, position[0], position[1], None)
 
     def _frame_of(self, channel: str, env: Envelope) -> bytes | None:
         """The client frame of an envelope; None when it cannot be written as JSON."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_BUFFERED", "Merged", "Position", "Streams", "Verdict", "merge"]
+__all__ = ["MAX_BUFFERED", "Merged", "Position", "Streams", "Verdict", "contiguous", "merge"]
 
 MAX_BUFFERED = 10_000
 """Messages a buffering connection may collect while its read is in flight; past it, the connection
@@ -58,6 +58,7 @@ class _Sync:
     buffer: list[Item] = field(default_factory=list)
     floor: Position | None = None
     overflowed: bool = False
+    tainted: bool = False  # the channel lost messages while this connection was reading: read again
 
 
 @dataclass(slots=True)
@@ -137,6 +138,7 @@ class Streams:
                 return Verdict.DROP
             if offset > pos.offset + 1:
                 state.held = [(offset, epoch, item)]
+                _taint(state)
                 return Verdict.GAP
         state.position = Position(epoch, offset)
         return Verdict.DELIVER
@@ -162,17 +164,40 @@ class Streams:
 
     # -- a connection catching up --------------------------------------------------
     def begin_sync(self, channel: str, conn_id: str) -> None:
-        """Before the read is sent: from now on the connection's messages of `channel` are buffered."""
+        """Before the read is sent: from now on the connection's messages of `channel` are buffered.
+
+        A connection already buffering (another join of it in flight) keeps its buffer.
+        """
         self.track(channel)
-        self._channels[channel].syncs[conn_id] = _Sync()
+        syncs = self._channels[channel].syncs
+        current = syncs.get(conn_id)
+        if current is None or current.floor is not None:
+            syncs[conn_id] = _Sync()
+
+    def untaint(self, channel: str, conn_id: str) -> None:
+        """Before each read of a catching-up connection."""
+        sync = self._sync(channel, conn_id)
+        if sync is not None:
+            sync.tainted = False
+
+    def tainted(self, channel: str, conn_id: str) -> bool:
+        sync = self._sync(channel, conn_id)
+        return sync is not None and sync.tainted
+
+    def _sync(self, channel: str, conn_id: str) -> _Sync | None:
+        state = self._channels.get(channel)
+        return None if state is None else state.syncs.get(conn_id)
 
     def buffered(self, channel: str, conn_id: str) -> list[Item] | None:
-        """The buffer of a connection's sync, or None if it overflowed or is gone."""
-        state = self._channels.get(channel)
-        sync = None if state is None else state.syncs.get(conn_id)
-        if sync is None or sync.overflowed:
+        """The buffer of a buffering connection; None when it is not buffering (settled by another join)."""
+        sync = self._sync(channel, conn_id)
+        if sync is None or sync.floor is not None:
             return None
         return sync.buffer
+
+    def overflowed(self, channel: str, conn_id: str) -> bool:
+        sync = self._sync(channel, conn_id)
+        return sync is not None and sync.overflowed
 
     def settle(self, channel: str, conn_id: str, floor: Position) -> None:
         """After the replay and the buffer went out: skip live copies up to `floor`, then go plain."""
@@ -213,6 +238,7 @@ class Streams:
         state = self._channels.get(channel)
         if state is None:
             return False
+        _taint(state)
         if state.held is not None:
             state.again = True
             return False
@@ -245,17 +271,40 @@ class Streams:
         if state is None or state.held is None:
             return []
         held, state.held = state.held, None
-        if lost:  # connections at a floor are told to resync: they take everything from now on
+        if lost:  # members are told to resync; floors stay: they still skip what a member already got
             state.position = None
-            state.syncs = {conn_id: sync for conn_id, sync in state.syncs.items() if sync.floor is None}
         return held
 
+    def members_unknown(self, channel: str, members: Iterable[str]) -> bool:
+        """True when a member is plain while the position is unknown (after a failed recovery):
+        nobody can say from where it would need to be recovered."""
+        state = self._channels.get(channel)
+        if state is None or state.position is not None:
+            return False
+        return any(conn_id not in state.syncs for conn_id in members)
+
     def catching_up(self, channel: str) -> set[str]:
-        """Connections of `channel` that are buffering (they do their own read)."""
+        """Connections of `channel` that are buffering (they read again when their channel was lost)."""
         state = self._channels.get(channel)
         if state is None:
             return set()
         return {conn_id for conn_id, sync in state.syncs.items() if sync.floor is None}
+
+
+def contiguous(buffered: Iterable[Item], top: int, epoch: str) -> bool:
+    """Whether the live messages buffered above a read's `top` follow it without a hole.
+
+    Live messages arrive in offset order, so a hole means some were lost on the
+    way (a subscriber loss while the read was in flight): read again.
+    """
+    offsets = sorted({item[0] for item in buffered if item[1] == epoch and item[0] > top})
+    return not offsets or offsets == list(range(top + 1, top + 1 + len(offsets)))
+
+
+def _taint(state: _Channel) -> None:
+    for sync in state.syncs.values():
+        if sync.floor is None:
+            sync.tainted = True
 
 
 def _buffer(sync: _Sync, item: Item) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from publisher.core import redact_url
+from publisher.history import MAX_SIZE as MAX_HISTORY_SIZE
+from publisher.history import parse_patterns
 from publisher.keys import check_prefix
 
 __all__ = ["RULES", "Invalid", "Rule", "integer", "shown", "whole"]
@@ -265,9 +267,9 @@ def shown(name: str, value: Any) -> str:
     return repr(value)
 
 
-def history_rooms(value: Any) -> None:
-    from publisher.history import parse_patterns
 
+
+def history_rooms(value: Any) -> None:
     try:
         parse_patterns(value) if isinstance(value, str | tuple | list) else parse_patterns("")
     except ValueError as exc:
@@ -318,7 +320,7 @@ RULES: dict[str, Rule] = {
     "redis_timeout": Rule(_number, amount(True)),
     "max_envelope_bytes": Rule(integer, _POSITIVE_BYTES),
     "dedup_window": Rule(_number, amount(False, "0 = off")),
-    "history_size": Rule(integer, whole(0, 1_000_000, "0 = off")),
+    "history_size": Rule(integer, whole(0, MAX_HISTORY_SIZE, "0 = off")),
     "history_ttl": Rule(integer, whole(1)),
     "history_rooms": Rule(to_list, history_rooms),
     "history_users": Rule(to_bool, boolean),

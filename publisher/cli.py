@@ -72,7 +72,7 @@ def cmd_history(pub: Publisher, args: argparse.Namespace) -> Output:
 
 
 def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             raise redis.TimeoutError(f"Redis at {redact(url)} did not answer within {limit}") from None
         except redis.ConnectionError as exc:
             raise redis.ConnectionError(f"cannot reach Redis at {redact(url)}: {exc}") from None
-    print(json.dumps(data, ensure_ascii=False) if args.json else "\n".join(lines))
+    print(json.dumps(data, ensure_ascii=False, default=repr) if args.json else "\n".join(lines))
     return 0
 
 

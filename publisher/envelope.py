@@ -32,7 +32,7 @@ import msgpack
 from publisher.message import Message, MessageError
 
 __all__ = ["MAX_ENVELOPE_BYTES", "VERSION", "Envelope", "EnvelopeError", "new_message_id", "pack",
-           "process_token", "unpack"]
+           "position_of", "process_token", "unpack"]
 
 VERSION = 1
 MAX_ENVELOPE_BYTES = 1024 * 1024
@@ -92,6 +92,24 @@ def pack(env: Envelope) -> bytes:
     if env.exclude is not None:
         out["exclude"] = env.exclude
     return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def position_of(payload: bytes) -> tuple[int, str] | None:
+    """(offset, epoch) of a payload that `unpack` refuses, when it has them.
+
+    A stored message the node cannot deliver still holds its place in the
+    stream's offsets; the node must know it, or the next one looks like a gap.
+    """
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    offset, epoch = raw.get("offset"), raw.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 1 or not isinstance(epoch, str) or not epoch:
+        return None
+    return offset, epoch
 
 
 def unpack(payload: bytes) -> Envelope:

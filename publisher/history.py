@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 DEFAULT_TTL = 300
+MAX_SIZE = 10_000
+"""The most messages a stream keeps: a join replays its whole window in one step, so the window
+bounds what one client frame can make Redis and a node do (the nodes' --history-size has the same bound)."""
 MAX_EPOCH_CHARS = 64
 
 
@@ -53,11 +56,11 @@ def _load(name: str) -> LuaScript:
 
 
 PUBLISH_SCRIPT = _load("publish")
-"""KEYS: stream, meta. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch.
+"""KEYS: stream, meta, ids. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch.
 Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
 
 READ_SCRIPT = _load("read")
-"""KEYS: stream, meta. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.
+"""KEYS: stream, meta, ids. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.
 Answers {epoch or nil, top, entries kept, [envelope, ...]}."""
 
 
@@ -112,8 +115,8 @@ class HistoryPolicy:
     users: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
-            raise ValueError(f"history size {self.size!r}: expected a whole number >= 0 (0 = off)")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 0 <= self.size <= MAX_SIZE:
+            raise ValueError(f"history size {self.size!r}: expected a whole number from 0 to {MAX_SIZE} (0 = off)")
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
             raise ValueError(f"history ttl {self.ttl!r}: expected whole seconds >= 1")
         object.__setattr__(self, "rooms", parse_patterns(self.rooms))
@@ -178,19 +181,26 @@ class StreamRef:
     channel: str
     stream: str
     meta: str
+    ids: str
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        """The scripts' KEYS, in their order."""
+        return (self.stream, self.meta, self.ids)
 
 
 def stream_of(keys: Keys, kind: str, name: str) -> StreamRef:
     """The stream of room or user `name` ("room"/"user")."""
     channel = keys.room_channel(name) if kind == "room" else keys.user_channel(name)
-    return StreamRef(kind, name, channel, keys.stream(kind, name), keys.stream_meta(kind, name))
+    return StreamRef(kind, name, channel, keys.stream(kind, name), keys.stream_meta(kind, name),
+                     keys.stream_ids(kind, name))
 
 
 def publish_call(keys: Keys, target: Target, channel: str, payload: bytes, envelope_id: str,
                  policy: HistoryPolicy) -> ScriptCall:
     """The script call that publishes to a room or user, appending to its history when it has one."""
     ref = stream_of(keys, target.kind, target.name)
-    return ScriptCall(PUBLISH_SCRIPT, (ref.stream, ref.meta),
+    return ScriptCall(PUBLISH_SCRIPT, ref.keys,
                       (channel, payload, envelope_id, policy.size_for(target), policy.ttl, new_epoch()))
 
 
@@ -204,7 +214,7 @@ def read_call(ref: StreamRef, since: int, limit: int = 0, create: HistoryPolicy 
         extra: tuple[Any, ...] = (0, "", 0, 0)
     else:
         extra = (1, new_epoch(), create.size, create.ttl)
-    return ScriptCall(READ_SCRIPT, (ref.stream, ref.meta), (since, limit, *extra))
+    return ScriptCall(READ_SCRIPT, ref.keys, (since, limit, *extra))
 
 
 @dataclass(frozen=True, slots=True)

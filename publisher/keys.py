@@ -105,8 +105,12 @@ class Keys:
         return f"{self.prefix}stream:{kind}:{{{name}}}"
 
     def stream_meta(self, kind: str, name: str) -> str:
-        """The stream's position (HASH: `epoch`, `offset`, `size`, `ttl`, `last_id`)."""
+        """The stream's position (HASH: `epoch`, `offset`, `size`, `ttl`)."""
         return f"{self.prefix}stream:{kind}:{{{name}}}:meta"
+
+    def stream_ids(self, kind: str, name: str) -> str:
+        """The envelope ids of the messages the stream keeps (ZSET, id -> offset): a retry is stored once."""
+        return f"{self.prefix}stream:{kind}:{{{name}}}:ids"
 
     # -- the cluster dashboard ------------------------------------------------
     def node_metrics(self, node_id: str) -> str:

@@ -207,7 +207,7 @@ class RedisBroker:
         if not self.connected:
             raise BrokerUnavailable("Redis is unreachable")
         try:
-            reply = await self._script(PUBLISH_SCRIPT)(keys=[ref.stream, ref.meta],
+            reply = await self._script(PUBLISH_SCRIPT)(keys=list(ref.keys),
                                                args=[ref.channel, payload, envelope_id, size, ttl, new_epoch()])
         except RedisError as exc:
             raise BrokerUnavailable(f"publish failed: {exc}", maybe_published=True) from None

@@ -23,8 +23,8 @@ class _Stream:
     ttl: int
     expires: float
     offset: int = 0
-    last_id: str = ""
     entries: deque[bytes] = field(default_factory=deque)
+    ids: dict[str, int] = field(default_factory=dict)  # envelope id -> offset, for the messages kept
 
 
 class MemoryStreams:
@@ -32,6 +32,10 @@ class MemoryStreams:
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
+        self._ops = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
     def _get(self, key: str, now: float) -> _Stream | None:
         stream = self._streams.get(key)
@@ -48,8 +52,8 @@ class MemoryStreams:
             if size <= 0:
                 return None
             stream = self._streams[ref.stream] = _Stream(new_epoch(), size, ttl, now + ttl)
-        elif envelope_id and envelope_id == stream.last_id:
-            return b""  # a retry of the latest publish: stored and delivered already
+        elif envelope_id and envelope_id in stream.ids:
+            return b""  # a retry of a message the stream keeps: stored and delivered already
         elif size > 0:
             stream.size, stream.ttl = size, ttl
         stream.offset += 1
@@ -57,9 +61,24 @@ class MemoryStreams:
         stream.entries.append(body)
         while len(stream.entries) > stream.size:
             stream.entries.popleft()
-        stream.last_id = envelope_id
+        if envelope_id:
+            stream.ids[envelope_id] = stream.offset
+            low = stream.offset - stream.size
+            while stream.ids:  # dicts keep insertion order: the oldest ids come first
+                oldest = next(iter(stream.ids))
+                if stream.ids[oldest] > low:
+                    break
+                del stream.ids[oldest]
         stream.expires = now + stream.ttl
+        self._sweep(now)
         return body
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired streams now and then (amortised): a stream nobody touches again must not stay."""
+        self._ops += 1
+        if self._ops % 1024 == 0:
+            for key in [k for k, s in self._streams.items() if s.expires <= now]:
+                del self._streams[key]
 
     def read(self, ref: StreamRef, since: int, limit: int, create: tuple[int, int] | None,
              now: float) -> StreamRead:

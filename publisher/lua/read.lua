@@ -1,7 +1,7 @@
 -- Read a room's or user's stream (PROTOCOL.md section 10): its position and
 -- the entries above an offset, in one atomic step.
 --
--- KEYS[1] stream (STREAM), KEYS[2] meta (HASH).
+-- KEYS[1] stream (STREAM), KEYS[2] meta (HASH), KEYS[3] ids (ZSET), as for publish.lua.
 -- ARGV[1] since: return entries with offset > since (-1: none, only the position)
 -- ARGV[2] limit: at most this many entries (0: no limit)
 -- ARGV[3] create: "1" creates the stream's epoch (offset 0) when it has none,
@@ -14,7 +14,7 @@ if not epoch then
     return {false, 0, 0, {}}
   end
   epoch, top = ARGV[4], 0
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'size', ARGV[5], 'ttl', ARGV[6])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
   return {epoch, 0, 0, {}}

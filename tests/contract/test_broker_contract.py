@@ -192,14 +192,24 @@ async def test_stream_without_history_is_a_plain_publish_and_reads_create_only_w
     assert (second.offset, second.epoch) == (1, created.epoch)
 
 
-async def test_stream_retry_of_the_latest_publish_is_not_appended_twice(broker: Broker, keys: Keys) -> None:
-    """The same envelope id sent again (a publisher's retry after a timeout) keeps one entry and one offset."""
+async def test_stream_retry_is_not_appended_twice_while_the_first_copy_is_kept(broker: Broker, keys: Keys) -> None:
+    """The same envelope id sent again (a publisher's retry after a timeout), even after other
+    publishes, keeps one entry and one offset, and is not delivered again; once the first copy has
+    left the window, the id is forgotten."""
     from publisher.history import stream_of
 
-    await broker.start(Recorder())
+    rec = Recorder()
+    await broker.start(rec)
+    await broker.subscribe([keys.room_channel("r")])
     ref = stream_of(keys, "room", "r")
-    payload, mid = _envelope(1, "same-id")
-    await broker.publish_stream(ref, payload, mid, 5, 60)
-    await broker.publish_stream(ref, payload, mid, 5, 60)
+    first, other = _envelope(1, "same-id"), _envelope(2, "other-id")
+    await broker.publish_stream(ref, *first, 3, 60)
+    await broker.publish_stream(ref, *other, 3, 60)
+    assert await broker.publish_stream(ref, *first, 3, 60) == 0
     read = await broker.read_stream(ref, 0)
-    assert (read.top, len(read.payloads)) == (1, 1)
+    assert (read.top, len(read.payloads)) == (2, 2)
+    for n in range(3, 6):
+        await broker.publish_stream(ref, *_envelope(n), 3, 60)
+    await broker.publish_stream(ref, *first, 3, 60)  # offset 1 left the window (size 3): a new message
+    await wait_until(lambda: len(rec.got) == 6, what="six deliveries")
+    assert (await broker.read_stream(ref, -1)).top == 6

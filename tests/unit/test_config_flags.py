@@ -53,7 +53,7 @@ BAD: dict[str, list[str]] = {
     "redis_timeout": ["0", "-1"],
     "max_envelope_bytes": ["0"],
     "dedup_window": ["-1", "inf"],
-    "history_size": ["-1", "1.5", "2000000", "many"],
+    "history_size": ["-1", "1.5", "10001", "many"],
     "history_ttl": ["0", "-5", "1.5"],
     "history_rooms": ["a*b", "**", "a b", ","],
     "history_users": ["maybe", ""],

@@ -7,7 +7,7 @@ import pytest
 
 from hubnode.broker.streams import MemoryStreams
 from hubnode.protocol import JoinRoom, ProtocolError, Since, parse_frame, since_param
-from hubnode.streams import MAX_BUFFERED, Position, Streams, Verdict, merge
+from hubnode.streams import MAX_BUFFERED, Position, Streams, Verdict, contiguous, merge
 from publisher.envelope import Envelope, pack, unpack
 from publisher.history import HistoryPolicy, StreamRead, parse_patterns, splice, stream_of
 from publisher.keys import Keys
@@ -72,7 +72,7 @@ def test_buffer_overflow_is_reported_not_grown() -> None:
     s.begin_sync(CH, "c")
     for n in range(1, MAX_BUFFERED + 2):
         s.live(CH, n, "e", None)
-    assert s.buffered(CH, "c") is None
+    assert s.overflowed(CH, "c") and s.buffered(CH, "c") == []
 
 
 def test_merge_replays_above_the_start_then_the_buffer_above_the_replay_once_each() -> None:
@@ -101,7 +101,8 @@ def test_recovery_reads_from_the_lowest_floor_when_no_live_message_was_seen() ->
     assert s.recovery_start(CH) == Position("e", 4) and not s.read_again(CH)
 
 
-def test_an_unrecoverable_channel_forgets_its_position_and_floors() -> None:
+def test_an_unrecoverable_channel_forgets_its_position_but_floors_still_skip_repeats() -> None:
+    """After a failed recovery the position is unknown; a member at a floor still skips what it got."""
     s = Streams()
     s.track(CH)
     s.live(CH, 3, "e", None)
@@ -112,7 +113,48 @@ def test_an_unrecoverable_channel_forgets_its_position_and_floors() -> None:
     s.live(CH, 9, "e", "m9")
     assert s.catching_up(CH) == {"reading"}
     assert [i[0] for i in s.end_recovery(CH, lost=True)] == [9]
-    assert s.position(CH) is None and s.passes(CH, "floor", 1, "e")
+    assert s.position(CH) is None
+    assert not s.passes(CH, "floor", 4, "e") and s.passes(CH, "floor", 6, "e")
+
+
+def test_a_plain_member_with_an_unknown_position_makes_the_next_loss_unrecoverable() -> None:
+    s = Streams()
+    s.track(CH)
+    s.live(CH, 3, "e", None)
+    s.begin_recovery(CH)
+    s.end_recovery(CH, lost=True)
+    assert s.members_unknown(CH, ["plain"])
+    s.live(CH, 4, "e", None)
+    assert not s.members_unknown(CH, ["plain"])
+
+
+def test_a_loss_while_a_connection_reads_taints_it_and_a_hole_is_not_contiguous() -> None:
+    """A recovery or a gap while a connection's read is in flight means its buffer may have a hole."""
+    s = Streams()
+    s.track(CH)
+    s.live(CH, 1, "e", None)
+    s.begin_sync(CH, "c")
+    assert not s.tainted(CH, "c")
+    s.live(CH, 4, "e", "m4")  # 2 and 3 lost: a gap
+    assert s.tainted(CH, "c")
+    s.untaint(CH, "c")
+    s.end_recovery(CH, lost=False)
+    s.begin_recovery(CH)
+    assert s.tainted(CH, "c")
+    assert contiguous([(4, "e", None), (3, "e", None)], 2, "e")
+    assert not contiguous([(4, "e", None)], 2, "e")
+    assert contiguous([(1, "f", None)], 2, "e") and contiguous([], 2, "e")
+
+
+def test_a_second_join_in_flight_keeps_the_first_ones_buffer() -> None:
+    s = Streams()
+    s.track(CH)
+    s.begin_sync(CH, "c")
+    s.live(CH, 1, "e", "m1")
+    s.begin_sync(CH, "c")
+    assert s.buffered(CH, "c") == [(1, "e", "m1")]
+    s.settle(CH, "c", Position("e", 1))
+    assert s.buffered(CH, "c") is None and s.conn_position(CH, "c") == Position("e", 1)
 
 
 def test_untracked_channels_are_not_recovered() -> None:
