@@ -23,7 +23,7 @@ from hubnode.errors import CloseCode
 from hubnode.protocol import Since
 from hubnode.streams import Item, Position, Streams, Verdict, contiguous, merge
 from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
-from publisher.history import History, HistoryPolicy, StreamRead, StreamRef, history_of, stream_of
+from publisher.history import History, HistoryPage, HistoryPolicy, StreamRead, StreamRef, stream_of
 from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES
 from publisher.targets import Packed, Target
@@ -301,8 +301,11 @@ class StreamKeeper:
 
     # -- history reads ------------------------------------------------------------------
     async def history(self, kind: str, name: str, since: int, limit: int) -> History:
-        ref = self.ref(kind, name)
-        return history_of(await self.broker.read_stream(ref, since, limit), ref)
+        """As `publisher.history.history_query`, over this node's broker (the embedded one too)."""
+        page = HistoryPage(self.ref(kind, name), since, limit)
+        while want := page.want():
+            page.add(await self.broker.read_stream(page.ref, page.since, want))
+        return page.result()
 
 
 def _decode(payloads: Iterable[bytes]) -> list[Item]:

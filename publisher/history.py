@@ -14,25 +14,26 @@ Pure apart from reading the two Lua files: no redis, no asyncio.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, NamedTuple
 
 import msgpack
 
-from publisher.envelope import EnvelopeError, unpack
+from publisher.envelope import EnvelopeError, position_of, unpack
 from publisher.keys import Keys
-from publisher.message import Message
+from publisher.message import RESERVED_TYPES, Message
 from publisher.names import check_name
 from publisher.query import Query, ScriptCall
 from publisher.targets import Target
 
 __all__ = [
-    "DEFAULT_TTL", "PUBLISH_SCRIPT", "READ_SCRIPT", "History", "HistoryPolicy", "LuaScript", "StreamRead",
-    "StreamRef", "client_view", "history_query", "new_epoch", "parse_patterns", "publish_call", "read_call",
-    "splice", "stream_of",
+    "DEFAULT_TTL", "MAX_SIZE", "PUBLISH_SCRIPT", "READ_SCRIPT", "History", "HistoryPage", "HistoryPolicy",
+    "LuaScript", "StreamRead", "StreamRef", "client_view", "history_query", "new_epoch", "parse_patterns",
+    "publish_call", "read_call", "splice", "stream_of",
 ]
 
 DEFAULT_TTL = 300
@@ -262,19 +263,70 @@ class History:
         return {"epoch": self.epoch, "offset": self.offset, "messages": self.messages}
 
 
-def history_of(read: StreamRead, ref: StreamRef) -> History:
-    """Decode a read into the messages as clients received them (a room's messages name the room)."""
-    messages = []
-    for payload in read.payloads:
-        try:
-            env = unpack(payload)
-        except EnvelopeError:
-            continue  # written by something else than the script: not a message anyone received
-        msg = env.msg
-        if ref.kind == "room" and msg.room is None:
-            msg = Message(msg.type, msg.data, ref.name, msg.user_id, msg.timestamp, msg.metadata, msg.id)
-        messages.append(client_view(msg, env.offset, env.epoch))
-    return History(read.epoch, read.top, messages)
+class HistoryPage:
+    """One history read, as clients received the messages, in as many stream reads as it takes.
+
+    Stored messages no client ever received (one that does not decode, a
+    node-only type, one JSON cannot carry) are left out; the page then reads
+    on past them, so a client paging by the last offset it got always gets
+    further. Pure: the caller does each read (`want()`, then `add()`).
+    """
+
+    MAX_READS = 8
+
+    def __init__(self, ref: StreamRef, since: int, limit: int) -> None:
+        self.ref = ref
+        self.since = max(0, since)
+        self.limit = limit
+        self.messages: list[dict[str, Any]] = []
+        self.epoch: str | None = None
+        self.top = 0
+        self._reads = 0
+        self._done = False
+
+    def want(self) -> int:
+        """How many entries to read above `self.since` next; 0 when the page is complete."""
+        if self._done or len(self.messages) >= self.limit or self._reads >= self.MAX_READS:
+            return 0
+        return self.limit - len(self.messages)
+
+    def add(self, read: StreamRead) -> None:
+        self._reads += 1
+        if self._reads > 1 and read.epoch != self.epoch:  # the stream was recreated between two reads
+            self._done = True
+            return
+        self.epoch, self.top = read.epoch, read.top
+        for payload in read.payloads:
+            view, offset = _view(payload, self.ref)
+            if offset is not None:
+                self.since = max(self.since, offset)
+            if view is not None:
+                self.messages.append(view)
+        if not read.payloads or self.since >= read.top:
+            self._done = True
+
+    def result(self) -> History:
+        return History(self.epoch, self.top, self.messages[:self.limit])
+
+
+def _view(payload: bytes, ref: StreamRef) -> tuple[dict[str, Any] | None, int | None]:
+    """(what a client received or None, the entry's offset)."""
+    try:
+        env = unpack(payload)
+    except EnvelopeError:
+        position = position_of(payload)
+        return None, None if position is None else position[0]
+    if env.msg.type in RESERVED_TYPES:
+        return None, env.offset
+    msg = env.msg
+    if ref.kind == "room" and msg.room is None:
+        msg = replace(msg, room=ref.name)
+    view = client_view(msg, env.offset, env.epoch)
+    try:
+        json.dumps(view, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):  # bytes, non-string keys, NaN, nesting
+        return None, env.offset
+    return view, env.offset
 
 
 MAX_LIMIT = 10_000
@@ -300,9 +352,11 @@ def target_of_query(room: str | None, user: str | None) -> tuple[str, str]:
 
 def history_query(keys: Keys, kind: str, name: str, since: int = 0, limit: int = 100) -> Query[History]:
     """Read a room's or user's history: messages with offset above `since`, oldest first, at most `limit`."""
-    ref = stream_of(keys, kind, name)
-    reply = yield read_call(ref, max(0, since), limit)
-    return history_of(StreamRead.from_reply(reply), ref)
+    page = HistoryPage(stream_of(keys, kind, name), since, limit)
+    while want := page.want():
+        reply = yield read_call(page.ref, page.since, want)
+        page.add(StreamRead.from_reply(reply))
+    return page.result()
 
 
 # -- the same append, in Python, for the embedded broker ---------------------------------

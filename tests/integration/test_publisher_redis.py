@@ -357,7 +357,8 @@ def test_history_script_adds_exactly_the_bytes_the_embedded_broker_adds(
     small = msgpack.packb({"v": 1, "id": "a", "origin": "o", "msg": {"type": "t"}})
     large = msgpack.packb({"v": 1, "id": "b", "origin": "o", "msg": {"type": "t"}, **{f"x{i}": i for i in range(14)}})
     for payload, mid in ((small, "a"), (large, "b")):
-        offset, epoch = script(keys=[keys.stream("room", "h"), keys.stream_meta("room", "h"), keys.stream_ids("room", "h")],
+        stream_keys = [keys.stream("room", "h"), keys.stream_meta("room", "h"), keys.stream_ids("room", "h")]
+        offset, epoch = script(keys=stream_keys,
                                args=[keys.room_channel("h"), payload, mid, 10, 60, "ep0"])[1:]
         got = room.next(5.0)["data"]
         assert got == splice(payload, offset, epoch.decode())
