@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from publisher.names import matches_any
+
 __all__ = ["ErrorStreak", "TokenBucket", "origin_allowed", "room_allowed"]
 
 
@@ -74,12 +76,4 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None, local_de
 
 def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:
     """The JWT `rooms` claim: exact names and `prefix*` patterns; None allows every room."""
-    if patterns is None:
-        return True
-    for pattern in patterns:
-        if pattern.endswith("*"):
-            if room.startswith(pattern[:-1]):
-                return True
-        elif room == pattern:
-            return True
-    return False
+    return patterns is None or matches_any(patterns, room)

@@ -26,7 +26,7 @@ import msgpack
 from publisher.envelope import EnvelopeError, position_of, unpack
 from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES, Message
-from publisher.names import check_name
+from publisher.names import check_name, matches_any
 from publisher.query import Query, ScriptCall
 from publisher.targets import Target
 
@@ -92,16 +92,6 @@ def parse_patterns(text: str | Sequence[str]) -> tuple[str, ...]:
     return patterns
 
 
-def matches(patterns: Sequence[str], room: str) -> bool:
-    for pattern in patterns:
-        if pattern.endswith("*"):
-            if room.startswith(pattern[:-1]):
-                return True
-        elif room == pattern:
-            return True
-    return False
-
-
 @dataclass(frozen=True, slots=True)
 class HistoryPolicy:
     """A node's or publisher's history settings (`--history-size` and friends).
@@ -131,7 +121,7 @@ class HistoryPolicy:
         if self.size <= 0:
             return False
         if kind == "room":
-            return matches(self.rooms, name)
+            return matches_any(self.rooms, name)
         return kind == "user" and self.users
 
     def size_for(self, target: Target) -> int:

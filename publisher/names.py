@@ -9,9 +9,10 @@ output ambiguous.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MAX_NAME_LENGTH", "check_name", "is_valid_name"]
+__all__ = ["MAX_NAME_LENGTH", "check_name", "is_valid_name", "matches_any"]
 
 MAX_NAME_LENGTH = 128
 _FORBIDDEN = re.compile(r"[\s{}\x00-\x1f\x7f-\x9f]")
@@ -33,3 +34,17 @@ def check_name(value: Any) -> str | None:
 def is_valid_name(value: Any) -> bool:
     """True when `value` may be used as a room name or user id."""
     return check_name(value) is None
+
+
+def matches_any(patterns: Iterable[str], name: str) -> bool:
+    """Whether `name` is one of `patterns`: exact names, or `prefix*` for every name with that prefix.
+
+    The one pattern language of hubnode: a token's `rooms` claim and `--history-rooms`.
+    """
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if name.startswith(pattern[:-1]):
+                return True
+        elif name == pattern:
+            return True
+    return False

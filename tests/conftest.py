@@ -37,6 +37,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, free to be restarted, reconfigured or have connections killed."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix unique to this test, so tests sharing one Redis never collide."""
     return f"t{os.getpid()}-{abs(hash(request.node.nodeid)) % 10**8}:"

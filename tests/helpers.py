@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -319,6 +319,24 @@ def read_frames(sock: socket.socket, timeout: float = 10.0) -> list[tuple[int, b
         buf += chunk
 
 
+def start_all(nodes: Iterable[NodeProcess]) -> None:
+    """Start node processes side by side and wait until each is healthy.
+
+    On failure every one of them is stopped: callers only stop nodes that
+    started, so none is left behind as an orphan.
+    """
+    nodes = list(nodes)
+    try:
+        for node in nodes:
+            node.start(wait=False)
+        for node in nodes:
+            wait_until_sync(node.healthy, 15, f"node on port {node.port} to be healthy")
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
 class Cluster:
     """2-3 real node processes sharing one Redis, with quick heartbeats for fault tests."""
 
@@ -332,14 +350,7 @@ class Cluster:
                                   "--redis-timeout", "1", *extra) for i in range(n)]
 
     def start(self) -> Cluster:
-        try:
-            for node in self.nodes:
-                node.start(wait=False)
-            for node in self.nodes:
-                wait_until_sync(node.healthy, 15, f"node on port {node.port} to be healthy")
-        except BaseException:
-            self.stop()  # callers only stop a cluster that started: leave no orphan nodes behind
-            raise
+        start_all(self.nodes)
         return self
 
     def stop(self) -> None:

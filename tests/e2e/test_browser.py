@@ -28,7 +28,16 @@ from deploy.cluster import Cluster, ClusterError, find_executable
 from hubnode.app import NODE
 from hubnode.errors import CloseCode
 from tests.conftest import node_config, start_server
-from tests.helpers import ROOT, SCALE, Client, NodeProcess, RedisServer, free_port, missing, wait_until_sync
+from tests.helpers import (
+    ROOT,
+    SCALE,
+    Client,
+    NodeProcess,
+    RedisServer,
+    free_port,
+    missing,
+    start_all,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -103,11 +112,8 @@ def cluster(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodePr
     """Nodes "a" and "b", each a real process, on one Redis, heartbeating every 0.5 s."""
     nodes = {name: NodeProcess("--redis-url", redis_server.url, "--node-id", name, "--heartbeat", "0.5",
                                "--key-prefix", prefix) for name in ("a", "b")}
+    start_all(nodes.values())
     try:
-        for node in nodes.values():
-            node.start(wait=False)
-        for node in nodes.values():
-            wait_until_sync(node.healthy, 15, f"node on port {node.port}")
         yield nodes
     finally:
         for node in nodes.values():

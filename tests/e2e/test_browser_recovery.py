@@ -24,7 +24,7 @@ import pytest
 from publisher.keys import Keys
 from tests.e2e import test_browser
 from tests.e2e.test_browser import TIMEOUT_MS, Opener, client_page, demo_url, joined, shot
-from tests.helpers import Client, NodeProcess, RedisServer, sync_redis, wait_until, wait_until_sync
+from tests.helpers import Client, NodeProcess, RedisServer, start_all, sync_redis, wait_until
 
 try:
     from playwright.async_api import Page, expect
@@ -48,11 +48,8 @@ def nodes(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodeProc
     """
     started = {name: NodeProcess("--redis-url", redis_server.url, "--node-id", name, "--key-prefix", prefix,
                                  "--rate", "0", *HISTORY) for name in ("a", "b", "c")}
+    start_all(started.values())
     try:
-        for node in started.values():
-            node.start(wait=False)
-        for node in started.values():
-            wait_until_sync(node.healthy, 15, f"node on port {node.port}")
         yield started
     finally:
         for node in started.values():

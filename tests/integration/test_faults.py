@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import msgpack
-import pytest
 
 from tests.helpers import (
     SCALE,
@@ -31,13 +29,6 @@ from tests.helpers import (
 HB = 0.5  # heartbeat of the test clusters
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, free to be restarted or reconfigured."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def connect(session: aiohttp.ClientSession, cluster: Cluster, i: int, user: str) -> Client:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-import pytest
 
 from publisher import Publisher
 from tests.helpers import Client, Cluster, NodeProcess, RedisServer, deadline, metric, sync_redis, wait_until
@@ -25,13 +24,6 @@ HB = 0.5  # heartbeat of the test clusters
 T = TypeVar("T")
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own (killed connections and restarts touch nobody else)."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 class Follower:
