@@ -60,7 +60,7 @@ clean:
 
 .PHONY: bench bench-full
 
-## make bench: a short benchmark, hubnode vs python-socketio vs bare asyncio (bench/out/RESULTS-quick.md)
+## make bench: a short benchmark, hubnode (history off and on) vs python-socketio vs Node.js Socket.IO vs bare asyncio (bench/out/RESULTS-quick.md)
 bench: $(BIN)/python
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) sysdeps
 	$(BIN)/pip install -q -e '.[server,speed,bench]'

@@ -1,7 +1,8 @@
 """`python -m bench`: the short benchmark; `--full` for the figures in bench/RESULTS.md.
 
-Runs every scenario against every system in one invocation (hubnode,
-python-socketio, and the bare asyncio baseline), writes the JSON to
+Runs every scenario against every system in one invocation (hubnode, hubnode
+with history on, python-socketio, Node.js Socket.IO, and the bare asyncio
+baseline), writes the JSON to
 bench/out/, a Markdown report (bench/RESULTS.md for --full, otherwise
 bench/out/RESULTS-quick.md) and, when matplotlib is installed, a PNG.
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,9 @@ from bench.loadgen import ensure_node_clients
 from bench.procs import ROOT, background_load
 from bench.report import environment, plot, write_markdown
 from bench.scenarios import Context
-from bench.systems import SYSTEMS, System, hub_cluster_available, make_systems
+from bench.systems import SYSTEMS, System, available_systems, hub_cluster_available, make_systems
 
-SCENARIOS = ("fanout", "p2p", "latency", "idle", "storm")
+SCENARIOS = ("fanout", "p2p", "latency", "idle", "storm", "pubcost")
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,13 @@ class Plan:
     latency: tuple[int, float, float]  # (clients, messages/s, seconds)
     idle: tuple[int, ...]  # connections
     storm: int  # clients
+    pubcost: int  # publishes (to 10 rooms of 10 clients each)
 
 
 QUICK = Plan(fanout=((1000, 100), (5000, 40)), p2p=(2000, 20_000), latency=(1000, 20, 5),
-             idle=(10_000,), storm=5000)
+             idle=(10_000,), storm=5000, pubcost=20_000)
 FULL = Plan(fanout=((1000, 1000), (5000, 200)), p2p=(2000, 20_000), latency=(1000, 20, 10),
-            idle=(10_000, 50_000), storm=10_000)
+            idle=(10_000, 50_000), storm=10_000, pubcost=40_000)
 
 Job = tuple[str, dict[str, Any], Callable[[System], Awaitable[dict[str, Any]]]]
 
@@ -55,7 +58,7 @@ def jobs(plan: Plan, ctx: Context, only: set[str]) -> list[Job]:
     if "fanout" in only:
         for clients, messages in plan.fanout:
             out.append(("fanout", {"clients": clients, "messages": messages},
-                        lambda s, c=clients, m=messages: scenarios.fanout(s, ctx, c, m)))
+                        partial(scenarios.fanout, ctx=ctx, clients=clients, messages=messages)))
     if "p2p" in only:
         clients, messages = plan.p2p
         out.append(("p2p", {"clients": clients, "messages": messages},
@@ -67,10 +70,13 @@ def jobs(plan: Plan, ctx: Context, only: set[str]) -> list[Job]:
     if "idle" in only:
         for conns in plan.idle:
             out.append(("idle", {"requested": conns, "clients": conns},
-                        lambda s, c=conns: scenarios.idle(s, ctx, c)))
+                        partial(scenarios.idle, ctx=ctx, clients=conns)))
     if "storm" in only:
         out.append(("storm", {"clients": plan.storm},
                     lambda s: scenarios.storm(s, ctx, plan.storm)))
+    if "pubcost" in only:
+        out.append(("pubcost", {"messages": plan.pubcost},
+                    lambda s: scenarios.publish_cost(s, ctx, plan.pubcost)))
     return out
 
 
@@ -78,8 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full sizes (several minutes)")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(available_systems()),
+                   help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all this checkout can run)")
     p.add_argument("--only", default=",".join(SCENARIOS),
                    help=f"comma-separated scenarios, from {', '.join(SCENARIOS)}")
     p.add_argument("--client", choices=("node", "python"), default="node",
@@ -103,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 PRIMARY = {"fanout": "cpu_per_100k", "p2p": "cpu_per_100k", "latency": "p99_ms",
-           "idle": "bytes_per_conn", "storm": "all_joined_s"}
+           "idle": "bytes_per_conn", "storm": "all_joined_s", "pubcost": "redis_rusage_us_per_publish"}
 
 
 def median_run(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,6 +157,11 @@ def headline(scenario: str, r: dict[str, Any]) -> str:
         if scenario == "latency":
             text += f", p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms max {r['max_ms']:.0f} ms"
         return text
+    if scenario == "pubcost":
+        return (f"{r['delivered']:,}/{r['expected']:,} delivered; per publish: Redis "
+                f"{r['redis_cpu_us_per_publish']:.1f} CPU-us /proc, {r['redis_rusage_us_per_publish']:.1f} "
+                f"getrusage (commands {r['redis_cmd_us_per_publish']:.1f} us), "
+                f"nodes {r['server_cpu_s'] / r['publishes'] * 1e6:.1f} CPU-us")
     if scenario == "idle":
         return (f"{r['clients']:,} conns, {r['bytes_per_conn']:,.0f} B/conn, "
                 f"connect all {r['connect_all_s']:.1f} s")

@@ -28,11 +28,17 @@ LOG_BASE = math.log(1.01)
 LINE_LIMIT = 64 * 1024 * 1024
 
 
+NODE_PACKAGES = ("ws", "socket.io-client", "socket.io", "@socket.io/redis-adapter",
+                 "@socket.io/redis-emitter", "redis")
+
+
 def ensure_node_clients() -> None:
-    """Install the Node clients' packages (ws, socket.io-client) into bench/node_modules."""
+    """Install bench/package.json into bench/node_modules: the load clients' packages
+    (ws, socket.io-client) and the Node.js Socket.IO server's (socket.io, its Redis
+    adapter and emitter, redis)."""
     if shutil.which("node") is None:
         raise RuntimeError("node is not installed: install Node.js >= 18 or use --client python")
-    wanted = [BENCH_DIR / "node_modules" / pkg / "package.json" for pkg in ("ws", "socket.io-client")]
+    wanted = [BENCH_DIR / "node_modules" / pkg / "package.json" for pkg in NODE_PACKAGES]
     if all(p.exists() for p in wanted):
         return
     npm = shutil.which("npm")

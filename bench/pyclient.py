@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -156,10 +157,11 @@ class Fleet:
         self.send({"event": "closed"})
 
 
-async def main() -> None:
-    fleet = Fleet(json.loads(sys.argv[1]))
+async def command_loop(fleet: Any, other: Callable[[str], None], limit: int = 2**16) -> None:
+    """The line protocol on stdin shared by the load clients: hello, `connect` (in the background),
+    `close`; every other command goes to `other`."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=limit)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     fleet.send({"event": "hello"})
     background: set[asyncio.Task[None]] = set()
@@ -169,14 +171,22 @@ async def main() -> None:
             task = asyncio.create_task(fleet.connect())
             background.add(task)
             task.add_done_callback(background.discard)
-        elif cmd in ("stats", "stats full"):
+        elif cmd == "close":
+            break
+        else:
+            other(cmd)
+    await fleet.close()
+
+
+async def main() -> None:
+    fleet = Fleet(json.loads(sys.argv[1]))
+
+    def other(cmd: str) -> None:
+        if cmd in ("stats", "stats full"):
             fleet.stats(cmd == "stats full")
         elif cmd == "reset":
             fleet.reset()
-        elif cmd == "close":
-            await fleet.close()
-            return
-    await fleet.close()
+    await command_loop(fleet, other)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Results: the JSON of a run, its Markdown report and an optional PNG.
 
-The Markdown opens with the targets of the issue and the ratio
-python-socketio / hubnode from the same run, then one table per scenario with
-every figure, then how the numbers were taken.
+The Markdown opens with the targets of the issue and the ratios
+python-socketio / hubnode and Node.js Socket.IO / hubnode from the same run,
+then what history costs (hubnode with history on / off), then one table per
+scenario with every figure, then how the numbers were taken.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def environment() -> dict[str, Any]:
             "redis-server": redis.split()[2].removeprefix("v=") if redis else "-",
             "node": _run(["node", "--version"]) or "-",
             "ws (npm)": _npm_version("ws"), "socket.io-client (npm)": _npm_version("socket.io-client"),
+            "socket.io (npm)": _npm_version("socket.io"),
+            "@socket.io/redis-adapter (npm)": _npm_version("@socket.io/redis-adapter"),
+            "@socket.io/redis-emitter (npm)": _npm_version("@socket.io/redis-emitter"),
+            "redis (npm)": _npm_version("redis"),
         },
         "git": {"revision": _run(["git", "rev-parse", "--short", "HEAD"]),
                 "hubnode_dirty": dirty},
@@ -106,10 +111,10 @@ def _by_system(rows: Sequence[Row]) -> dict[str, Row]:
     return {r["system"]: r for r in rows if "system" in r}
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
     if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
         return "-"
-    return f"{a / b:.1f}x"
+    return f"{a / b:.{digits}f}x"
 
 
 def _get(rows: Sequence[Row], system: str, key: str, where: Callable[[Row], bool] | None = None
@@ -124,8 +129,8 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
     fan = results.get("fanout", [])
     lines = [
         "| measure (hubnode target) | " + " | ".join(_LABELS.get(s, s) for s in systems)
-        + " | socketio / hubnode | hubnode target met |",
-        "|---" * (len(systems) + 3) + "|",
+        + " | python-socketio / hubnode | Node.js Socket.IO / hubnode | hubnode target met |",
+        "|---" * (len(systems) + 4) + "|",
     ]
     specs: list[tuple[str, list[Row], str, Callable[[Row], bool] | None, float | None]] = [
         ("fan-out 1k clients: server CPU-s per 100k deliveries (<= 1.1)", fan, "cpu_per_100k",
@@ -146,20 +151,54 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
         values = [_get(rows, s, key, where) for s in systems]
         hub = _get(rows, "hubnode", key, where)
         sio = _get(rows, "socketio", key, where)
+        node = _get(rows, "socketio-node", key, where)
         met = "-" if limit is None or hub is None else ("yes" if hub <= limit else "**no**")
         lines.append(f"| {title} | " + " | ".join(_fmt(v) for v in values)
-                     + f" | {_ratio(sio, hub)} | {met} |")
+                     + f" | {_ratio(sio, hub)} | {_ratio(node, hub)} | {met} |")
     lost = {s: sum(r.get("lost_all_runs", r.get("missing", 0) + r.get("duplicated", 0))
                    for key in ("fanout", "p2p", "latency") for r in results.get(key, [])
                    if r.get("system") == s) for s in systems}
     lines.append("| messages lost or duplicated, all delivery runs (0) | "
                  + " | ".join(_fmt(lost[s]) for s in systems)
-                 + " | - | " + ("yes" if lost.get("hubnode", 1) == 0 else "**no**") + " |")
+                 + " | - | - | " + ("yes" if lost.get("hubnode", 1) == 0 else "**no**") + " |")
     return lines
 
 
-_LABELS = {"hubnode": "hubnode", "socketio": "python-socketio",
-           "socketio-deflate": "python-socketio, deflate", "baseline": "bare asyncio"}
+def _history(results: dict[str, list[Row]]) -> list[str]:
+    """hubnode with history on (`--history-size 1000`) beside hubnode with it off, from this run."""
+    fan = results.get("fanout", [])
+    specs: list[tuple[str, list[Row], str, Callable[[Row], bool] | None]] = [
+        ("fan-out 1k clients: server CPU-s per 100k deliveries", fan, "cpu_per_100k",
+         lambda r: r["clients"] == 1000),
+        ("fan-out 5k clients: server CPU-s per 100k deliveries", fan, "cpu_per_100k",
+         lambda r: r["clients"] == 5000),
+        ("point-to-point: server CPU-s per 100k deliveries", results.get("p2p", []), "cpu_per_100k", None),
+        ("latency p99, ms", results.get("latency", []), "p99_ms", None),
+        ("publish cost: Redis CPU-us per publish (/proc)", results.get("pubcost", []),
+         "redis_cpu_us_per_publish", None),
+        ("publish cost: Redis CPU-us per publish (its getrusage, INFO cpu)", results.get("pubcost", []),
+         "redis_rusage_us_per_publish", None),
+        ("publish cost: Redis command-us per publish (INFO commandstats)", results.get("pubcost", []),
+         "redis_cmd_us_per_publish", None),
+        ("publish cost: node CPU-us per publish", results.get("pubcost", []), "node_cpu_us_per_publish", None),
+        ("point-to-point: Redis CPU-us per publish (/proc)", results.get("p2p", []),
+         "redis_cpu_us_per_publish", None),
+        ("point-to-point: Redis CPU-us per publish (getrusage)", results.get("p2p", []),
+         "redis_rusage_us_per_publish", None),
+    ]
+    lines = ["| measure | history off | history on | on / off |", "|---|---|---|---|"]
+    for title, rows, key, where in specs:
+        off = _get(rows, "hubnode", key, where)
+        on = _get(rows, "hubnode-history", key, where)
+        if off is None and on is None:
+            continue
+        lines.append(f"| {title} | {_fmt(off)} | {_fmt(on)} | {_ratio(on, off, 2)} |")
+    return lines if len(lines) > 2 else []
+
+
+_LABELS = {"hubnode": "hubnode", "hubnode-history": "hubnode, history on", "socketio": "python-socketio",
+           "socketio-node": "Node.js Socket.IO", "socketio-deflate": "python-socketio, deflate",
+           "baseline": "bare asyncio"}
 
 def _all_runs(r: Row) -> str:
     for key, values in r.items():
@@ -176,6 +215,8 @@ _DELIVERY_COLUMNS = [
     ("server CPU-s (user + sys)",
      lambda r: f"{r['server_cpu_s']:.2f} ({r['server_user_s']:.2f} + {r['server_sys_s']:.2f})"),
     ("Redis CPU-s", lambda r: _fmt(r["redis_cpu_s"])),
+    ("Redis CPU-us per publish (/proc; getrusage)", lambda r: f"{_fmt(r.get('redis_cpu_us_per_publish'))}; "
+     f"{_fmt(r.get('redis_rusage_us_per_publish'))}"),
     ("load-gen CPU-s per 100k", lambda r: _fmt(r["client_cpu_per_100k"])),
     ("busiest load-gen process, cores", lambda r: _fmt(r["client_max_core"])),
     ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
@@ -200,6 +241,22 @@ _IDLE_COLUMNS = [
     ("server CPU-s per 1k connects", lambda r: _fmt(r["cpu_per_1k_connects"])),
     ("load-gen processes x source addresses",
      lambda r: f"{r['client_processes']} x {r['source_addresses']}"),
+    ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
+    ("primary figure of each run (median shown)", _all_runs),
+]
+
+_PUBCOST_COLUMNS = [
+    ("delivered / expected", lambda r: f"{r['delivered']:,} / {r['expected']:,}"),
+    ("missing + duplicated", lambda r: _fmt(r["missing"] + r["duplicated"])),
+    ("Redis CPU-us per publish (/proc)", lambda r: _fmt(r["redis_cpu_us_per_publish"])),
+    ("Redis CPU-us per publish (getrusage, INFO cpu)", lambda r: _fmt(r["redis_rusage_us_per_publish"])),
+    ("Redis command-us per publish (INFO commandstats)", lambda r: _fmt(r["redis_cmd_us_per_publish"])),
+    ("Redis commands in the window", lambda r: ", ".join(
+        f"{name} {n:,}" for name, n in list(r.get("redis_commands_by_name", {}).items())[:4])),
+    ("node CPU-us per publish", lambda r: _fmt(r["node_cpu_us_per_publish"])),
+    ("server CPU-s per 100k deliveries", lambda r: _fmt(r["cpu_per_100k"])),
+    ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
+    ("wall s", lambda r: _fmt(r["seconds"])),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
     ("primary figure of each run (median shown)", _all_runs),
 ]
@@ -251,12 +308,23 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
         "## Summary", "",
         "Primary figure: CPU-seconds (utime + stime of the node processes, from /proc) per "
-        "100,000 deliveries. Lower is better; ratios are python-socketio / hubnode from this run."
+        "100,000 deliveries. Lower is better; ratios are python-socketio / hubnode and Node.js "
+        "Socket.IO / hubnode from this run (above 1x: hubnode does better)."
         + (f" Each figure is from the median of {run['repeat']} runs (by that scenario's "
            "primary figure)." if run.get("repeat", 1) > 1 else ""),
         "",
         *_summary(results, systems), "",
     ]
+    history = _history(results)
+    if history:
+        lines += ["## What history costs", "",
+                  "hubnode with history on every room and user stream (`--history-size 1000`, "
+                  "PROTOCOL.md section 10; the publisher appends through the history script) beside "
+                  "hubnode without, from this run. Redis CPU per publish is redis-server's utime + stime "
+                  "over the publishing window divided by the publishes, read from /proc/<pid>/stat "
+                  "(10 ms ticks: coarse for a cheap PUBLISH) and from its own getrusage (INFO cpu, "
+                  "microseconds); command-us is the time INFO commandstats says the publishing "
+                  "commands ran (the script's, which includes its PUBLISH).", "", *history, ""]
     loads = [r.get("other_load_cores", 0.0) for rows in results.values() for r in rows
              if "error" not in r]
     if loads:
@@ -283,7 +351,12 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
          "RSS delta / N from /proc.", _IDLE_COLUMNS),
         ("storm", "Connection storm", "Clients connect at once to 2 nodes and each joins "
          "`lobby` and one of 100 team rooms; hubnode writes membership to Redis "
-         "(python-socketio and the baseline keep rooms in process memory only).", _STORM_COLUMNS),
+         "(python-socketio, Node.js Socket.IO and the baseline keep rooms in process memory only).",
+         _STORM_COLUMNS),
+        ("pubcost", "Publish cost", "100 clients in 10 rooms across 2 nodes; the publisher floods "
+         "messages round-robin to the rooms. What one publish costs Redis and the nodes (with "
+         "history on, each room's 1,000 entries are full after the first 10,000 publishes: "
+         "every later append also trims).", _PUBCOST_COLUMNS),
     ]
     for key, title, text, columns in sections:
         rows = results.get(key)
@@ -313,6 +386,8 @@ def _group_key(key: str, r: Row) -> str:
                 f"{r.get('duration_s', 0):g} s")
     if key == "idle":
         return f"{r.get('requested', 0):,} connections requested"
+    if key == "pubcost":
+        return f"{r.get('messages', 0):,} publishes to {r.get('rooms', 0)} rooms"
     return ""
 
 
@@ -326,7 +401,7 @@ _METHOD = [
     "mean a saturated client).",
     "- The same settings for every server: no per-message compression (clients do not offer "
     "permessage-deflate, except in the \"deflate\" column), no application pings (`--ping-interval 0` for hubnode, "
-    "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop.",
+    "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop for the Python servers.",
     "- hubnode: `hubnode --redis-url ... --node-id nodeA|nodeB` (cluster mode); the publisher "
     "PUBLISHes the msgpack envelope of PROTOCOL.md section 7 (`publisher.targets.envelope_for`). "
     "python-socketio: `AsyncServer(client_manager=AsyncRedisManager(url), async_mode='aiohttp')` "
@@ -339,6 +414,17 @@ _METHOD = [
     "or metrics). It is the floor for fan-out, where the cost is the socket writes; per "
     "message it pays redis-py's PubSub parsing, which hubnode's own RESP reader undercuts, "
     "so on point-to-point hubnode can come out below it.",
+    "- Node.js Socket.IO: socket.io v4 with `@socket.io/redis-adapter` on the `redis` npm client "
+    "(`bench/servers/sio_node.js`), one Node.js process per node, the same rooms and `user:<id>` "
+    "rooms as python-socketio. It is published to the way a Node.js worker does with "
+    "`@socket.io/redis-emitter`: the emitter's msgpack `[uid, packet, opts]` on `socket.io#/#<room>#` "
+    "(or `socket.io#/#` for everyone), built in Python and checked byte for byte against the "
+    "emitter in bench/node_modules at the start of every run. Every adapter node PSUBSCRIBEs "
+    "`socket.io#/#*`, so each node receives every publish and drops those for rooms it does not hold.",
+    "- hubnode, history on: the same nodes with `--history-size 1000` (every room and user "
+    "stream); the publisher runs the history script (EVALSHA of `publisher/lua/publish.lua`, "
+    "keys and arguments from `publisher.history.publish_call`), which appends to the stream, "
+    "trims it to exactly 1,000 and PUBLISHes the envelope with its offset and epoch.",
     "- Before each window, a warm-up message to everyone is repeated until every client got "
     "one. The window opens just before the first publish and closes at the last delivery; "
     "flooded messages are built before it opens. Delivered counts are per client and compared "
@@ -378,8 +464,8 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
             ("10k", results.get("idle", []), "bytes_per_conn", lambda r: r["requested"] == 10_000)]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.4))
-    colours = {"hubnode": "#2a7ab0", "socketio": "#d9822b", "socketio-deflate": "#f0b27a",
-               "baseline": "#8a8a8a"}
+    colours = {"hubnode": "#2a7ab0", "hubnode-history": "#7fb3d5", "socketio": "#d9822b",
+               "socketio-node": "#3c9a5f", "socketio-deflate": "#f0b27a", "baseline": "#8a8a8a"}
     for ax, (title, groups) in zip(axes, panels, strict=True):
         shown = [s for s in systems
                  if any(_get(rows, s, key, where) is not None for _l, rows, key, where in groups)]

@@ -27,7 +27,7 @@ from bench.procs import Cpu, cpu_of, machine_busy, nofile_limit
 from bench.publish import Publisher
 from bench.systems import Deployment, Item, System
 
-__all__ = ["Context", "fanout", "idle", "latency", "point_to_point", "storm"]
+__all__ = ["Context", "fanout", "idle", "latency", "point_to_point", "publish_cost", "storm"]
 
 PAD = 60  # data {"seq":..,"t":..,"pad":"x"*PAD} is about 100 bytes of JSON
 CONNECTS_IN_FLIGHT = 64  # per client process: the nodes listen with a backlog of 128
@@ -185,6 +185,7 @@ async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, c
     """
     dep, fleet = await _start(system, ctx, scenario, nodes, clients, rooms, latency)
     pub = Publisher(dep)
+    r = aioredis.from_url(dep.redis.url) if dep.redis is not None else None
     try:
         ready = await fleet.connect(ctx.timeout)
         _check_ready(ready, clients)
@@ -193,6 +194,8 @@ async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, c
         batch = [] if rate else [build(k) for k in range(count)]
         if probe is not None:
             await probe.start(dep)
+        commands0 = await _command_stats(r) if r is not None else {}
+        rusage0 = await _redis_rusage(r) if r is not None else 0.0
         meter = Meter(dep, fleet)
         if rate:
             await _paced(pub, build, count, rate)
@@ -200,11 +203,15 @@ async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, c
             await pub.publish(batch)
         stats = await wait_delivered(fleet, total, ctx.timeout)
         window = meter.stop(stats.last or None)
+        rusage = (await _redis_rusage(r) - rusage0) if r is not None else 0.0
+        commands = _command_delta(commands0, await _command_stats(r)) if r is not None else {}
         if probe is not None:
             await probe.stop()
         full = await fleet.stats(full=True)
         dep.check()
     finally:
+        if r is not None:
+            await r.aclose()
         await pub.close()
         await _stop(dep, fleet)
     assert full.counts is not None
@@ -218,6 +225,16 @@ async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, c
         "cpu_per_100k": window["server_cpu_s"] / max(1, delivered) * 1e5,
         "client_cpu_per_100k": window["client_cpu_s"] / max(1, delivered) * 1e5,
         "closed_during_run": full.closed, "errors": full.errors[:5], **window,
+        "publishes": count,
+        # Redis: the server process's CPU from /proc (10 ms ticks), the same from its own
+        # getrusage (INFO cpu, microseconds), and the time its commands ran (INFO commandstats)
+        "redis_cpu_us_per_publish": window["redis_cpu_s"] / max(1, count) * 1e6,
+        "redis_rusage_s": rusage,
+        "redis_rusage_us_per_publish": rusage / max(1, count) * 1e6,
+        "node_cpu_us_per_publish": window["server_cpu_s"] / max(1, count) * 1e6,
+        "redis_cmd_us_per_publish": _top_level_usec(commands, count) / max(1, count),
+        "redis_commands_by_name": {name: calls for name, (calls, _u) in
+                                   sorted(commands.items(), key=lambda kv: -kv[1][0])},
     }
     if latency:
         out.update({"p50_ms": full.latency_ms(0.50), "p90_ms": full.latency_ms(0.90),
@@ -275,6 +292,26 @@ async def latency(system: System, ctx: Context, clients: int, rate: float, secon
                             build=lambda k: system.room("room1", bench_data(k)), count=messages,
                             expected=lambda i: messages, rate=rate, latency=True)
     result.update({"messages": messages, "rate": rate, "duration_s": seconds})
+    return result
+
+
+async def publish_cost(system: System, ctx: Context, publishes: int, rooms: int = 10,
+                       clients: int = 100, nodes: int = 2) -> dict[str, Any]:
+    """`clients` spread over `rooms` rooms on 2 nodes; `publishes` flooded round-robin to the rooms.
+
+    What one publish costs Redis (its process's CPU from /proc, and the time
+    its commands ran) and the nodes. With 10 rooms and 20,000 publishes each
+    room's history of 1,000 is full after the first half: the second half is
+    the steady state, where every append also trims.
+    """
+    def per_room(r: int) -> int:
+        return publishes // rooms + (1 if r < publishes % rooms else 0)
+
+    result = await _deliver(system, ctx, "pubcost", nodes=nodes, clients=clients,
+                            rooms={"mod": rooms, "modPrefix": "cost"},
+                            build=lambda k: system.room(f"cost{k % rooms}", bench_data(k)),
+                            count=publishes, expected=lambda i: per_room(i % rooms))
+    result.update({"messages": publishes, "rooms": rooms})
     return result
 
 
@@ -367,6 +404,41 @@ async def _command_calls(r: aioredis.Redis) -> dict[str, int]:
     """Calls per command so far (INFO commandstats), e.g. {"evalsha": 10000, ...}."""
     info = await r.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+
+
+async def _command_stats(r: aioredis.Redis) -> dict[str, tuple[int, int]]:
+    """(calls, microseconds) per command so far (INFO commandstats)."""
+    info = await r.info("commandstats")
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in info.items()}
+
+
+def _command_delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+                   ) -> dict[str, tuple[int, int]]:
+    """What ran between two readings, less the INFO that took the first."""
+    out = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if name == "info":
+            calls -= 1
+        if calls > c0:
+            out[name] = (calls - c0, usec - u0)
+    return out
+
+
+def _top_level_usec(commands: dict[str, tuple[int, int]], publishes: int) -> int:
+    """Microseconds of the publishing commands: the scripts' when the publisher ran one per
+    publish (a script's time includes the commands it calls, also counted under their own
+    names), else PUBLISH's. The nodes' own scripts (heartbeats) are a few calls beside."""
+    calls, usec = commands.get("evalsha", (0, 0))
+    if calls >= publishes:
+        return usec
+    return commands.get("publish", (0, 0))[1]
+
+
+async def _redis_rusage(r: aioredis.Redis) -> float:
+    """redis-server's CPU-seconds so far, as its getrusage says (INFO cpu: microsecond resolution)."""
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def _lobby_members(r: aioredis.Redis, system: System) -> int | None:

@@ -15,33 +15,72 @@ puts on Redis, exactly as a real worker process would.
 - `socketio-deflate`: the same server with clients that offer permessage-deflate,
   as browsers and socket.io-client do by default (aiohttp then compresses
   every frame).
+- `socketio-node`: Node.js socket.io v4 with @socket.io/redis-adapter
+  (bench/servers/sio_node.js), one process per node; the publisher writes what
+  a Node.js worker's @socket.io/redis-emitter would PUBLISH (msgpack on the
+  adapter's channel), checked once per run against the emitter itself.
+- `hubnode-history`: hubnode with `--history-size 1000` (PROTOCOL.md section
+  10); the publisher appends through the history script (EVALSHA), as every
+  publisher of a stream with history must.
 - `baseline`: bench/servers/baseline.py, the bare asyncio floor.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench.procs import Proc, RedisServer, free_port, port_open, python, wait_for
+from bench.procs import ROOT, Proc, RedisServer, free_port, port_open, python, wait_for
 
-__all__ = ["SYSTEMS", "Deployment", "Item", "System", "hub_cluster_available"]
+__all__ = ["DEFAULT_SYSTEMS", "HISTORY_SIZE", "SYSTEMS", "Deployment", "Eval", "Item", "System",
+           "available_systems", "hub_cluster_available", "hub_history_available", "make_systems"]
 
-# One publish: (channel, payload) for Redis, or (url, body) for HTTP.
-Item = tuple[str, bytes]
 
+@dataclass(frozen=True)
+class Eval:
+    """One publish through a Lua script (EVALSHA): hubnode's history script."""
+
+    sha: str
+    text: str
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+# One publish: (channel, payload) for Redis PUBLISH, (url, body) for HTTP, or a script call.
+Item = tuple[str, bytes] | Eval
+
+SERVERS = ROOT / "bench" / "servers"
 NODE_ARGS = ("--rate", "0", "--ping-interval", "0", "--max-connections", "0",
              "--log-level", "warning")
+HISTORY_SIZE = 1000  # --history-size of the hubnode-history system and the chaos run
 
 
 def hub_cluster_available() -> bool:
     """True once hubnode has cluster mode (hubnode/cluster.py)."""
     return importlib.util.find_spec("hubnode.cluster") is not None
+
+
+def hub_history_available() -> bool:
+    """True once hubnode and the publisher have stream history (PROTOCOL.md section 10)."""
+    try:
+        from publisher import history
+    except ImportError:
+        return False
+    return hasattr(history, "publish_call") and hub_cluster_available()
+
+
+def _listening(proc: Proc, port: int) -> bool:
+    """Whether `proc` listens on `port` yet; raises if it exited."""
+    proc.check()
+    return port_open(port)
 
 
 @dataclass
@@ -77,7 +116,7 @@ class System:
     proto = "hub"  # the load client's protocol
     cluster = True  # False: one node, published to over HTTP
     deflate = False  # whether the load clients offer permessage-deflate
-    scenarios = frozenset({"fanout", "p2p", "latency", "idle", "storm"})
+    scenarios = frozenset({"fanout", "p2p", "latency", "idle", "storm", "pubcost"})
 
     def start(self, nodes: int, log_dir: Path, tag: str) -> Deployment:
         redis = RedisServer(log_dir, f"{tag}-redis")
@@ -93,8 +132,7 @@ class System:
                 http.append(f"http://127.0.0.1:{port}")
             for proc, url in zip(procs, http, strict=True):
                 port = int(url.rsplit(":", 1)[1])
-                wait_for(lambda p=proc, port=port: p.check() or port_open(port), 30,  # type: ignore[misc]
-                         f"{proc.name} to listen")
+                wait_for(partial(_listening, proc, port), 30, f"{proc.name} to listen")
         except BaseException:
             for proc in procs:
                 proc.stop()
@@ -134,7 +172,7 @@ class HubSystem(System):
             return super().start(nodes, log_dir, tag)
         port = free_port()
         proc = Proc(f"{tag}-node0", self.argv(port, "", 0), log_dir, env={"PYTHONUNBUFFERED": "1"})
-        wait_for(lambda: proc.check() or port_open(port), 30, f"{proc.name} to listen")
+        wait_for(partial(_listening, proc, port), 30, f"{proc.name} to listen")
         return Deployment(self, None, [proc], [self.ws_url(port)], [f"http://127.0.0.1:{port}"])
 
     def argv(self, port: int, redis_url: str, index: int) -> list[str]:
@@ -169,6 +207,42 @@ class HubSystem(System):
         from publisher.targets import Target
 
         return self._item(Target("all"), Message(mtype, data).stamped())
+
+
+class HubHistorySystem(HubSystem):
+    """hubnode with history on every room and user stream (`--history-size 1000`).
+
+    Publishes to rooms and users go through the history script (EVALSHA of
+    publisher/lua/publish.lua, with the keys and arguments
+    `publisher.history.publish_call` gives), as every publisher of a stream
+    with history must; messages to everyone have no history and stay a plain
+    PUBLISH.
+    """
+
+    name = "hubnode-history"
+    label = "hubnode, history on"
+    scenarios = frozenset({"fanout", "p2p", "latency", "pubcost"})
+
+    def __init__(self, size: int = HISTORY_SIZE, ttl: int = 300) -> None:
+        super().__init__()
+        from publisher.history import HistoryPolicy
+
+        self.size, self.ttl = size, ttl
+        self.policy = HistoryPolicy(size=size, ttl=ttl)
+
+    def argv(self, port: int, redis_url: str, index: int) -> list[str]:
+        return [*super().argv(port, redis_url, index), "--history-size", str(self.size),
+                "--history-ttl", str(self.ttl)]
+
+    def _item(self, target: Any, msg: Any) -> Item:
+        if target.kind == "all":
+            return super()._item(target, msg)
+        from publisher.history import publish_call
+        from publisher.targets import pack_for
+
+        packed = pack_for(target, msg, "pub:bench", self.keys)
+        call = publish_call(self.keys, target, packed.channel, packed.payload, packed.id, self.policy)
+        return Eval(call.script.sha, call.script.text, tuple(call.keys), tuple(call.args))
 
 
 class SocketIOSystem(System):
@@ -227,6 +301,79 @@ class SocketIODeflateSystem(SocketIOSystem):
     scenarios = frozenset({"fanout", "p2p", "latency"})
 
 
+class SocketIONodeSystem(System):
+    """Node.js socket.io v4 + @socket.io/redis-adapter, one process per node.
+
+    The external publisher emits the way a Node.js worker does with
+    @socket.io/redis-emitter: `[uid, packet, opts]` in msgpack (notepack.io)
+    on `socket.io#/#`, or `socket.io#/#<room>#` for one room. The bytes are
+    built here with msgpack and compared once, at construction, with what the
+    emitter in bench/node_modules produces for the same emits.
+    """
+
+    name = "socketio-node"
+    label = "Node.js Socket.IO"
+    proto = "sio"
+    KEY = "socket.io"
+    NSP = "/"
+    UID = "emitter"  # the emitter's uid: every adapter node takes it as foreign
+    EVENT = 2  # socket.io-parser PacketType.EVENT
+
+    def __init__(self) -> None:
+        check_node_emitter(self)
+
+    def argv(self, port: int, redis_url: str, index: int) -> list[str]:
+        return ["node", str(SERVERS / "sio_node.js"), "--port", str(port), "--redis-url", redis_url]
+
+    def ws_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}"
+
+    def emit(self, event: str, data: Any, room: str | None) -> tuple[str, bytes]:
+        """What `emitter.to(room).emit(event, data)` (or `.emit` for None) would PUBLISH."""
+        import msgpack
+
+        rooms = [room] if room is not None else []
+        packet = {"type": self.EVENT, "data": [event, data], "nsp": self.NSP}
+        opts = {"rooms": rooms, "flags": {}, "except": []}
+        channel = f"{self.KEY}#{self.NSP}#" + (f"{room}#" if room is not None else "")
+        return (channel, msgpack.packb([self.UID, packet, opts]))
+
+    def room(self, room: str, data: dict[str, Any], mtype: str = "bench") -> Item:
+        return self.emit(mtype, data, room)
+
+    def user(self, user: str, data: dict[str, Any], mtype: str = "bench") -> Item:
+        return self.emit(mtype, data, f"user:{user}")
+
+    def everyone(self, data: dict[str, Any], mtype: str = "warmup") -> Item:
+        return self.emit(mtype, data, None)
+
+
+def check_node_emitter(system: SocketIONodeSystem) -> None:
+    """Compare our emitter bytes with @socket.io/redis-emitter's; raise if they differ.
+
+    Data without integral floats: notepack writes 2.0 as an integer, msgpack
+    as a float64 (both decode to the same JavaScript number).
+    """
+    samples: list[tuple[str | None, str, Any]] = [
+        ("room1", "bench", {"seq": 7, "t": 12345.678, "pad": "x" * 60}),
+        ("user:u42", "bench", {"seq": 300, "t": -0.5, "pad": "y" * 300, "ok": True, "n": None}),
+        (None, "warmup", {"w": 65536, "list": [1, -1, -200, 70000, 2**40]}),
+    ]
+    try:
+        out = subprocess.run(["node", str(SERVERS / "emit_sample.js"), json.dumps(samples)],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT / "bench", check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"could not run bench/servers/emit_sample.js (npm ci in bench/?): {exc}") from exc
+    theirs = [json.loads(line) for line in out.stdout.splitlines()]
+    ours = [system.emit(event, data, room) for room, event, data in samples]
+    if len(theirs) != len(ours):
+        raise RuntimeError(f"@socket.io/redis-emitter published {len(theirs)} messages for {len(ours)} emits")
+    for (channel, payload), t in zip(ours, theirs, strict=True):
+        if channel != t["channel"] or payload.hex() != t["hex"]:
+            raise RuntimeError(f"the emitter format changed: we build {channel} {payload.hex()}, "
+                               f"@socket.io/redis-emitter {t['channel']} {t['hex']}")
+
+
 class BaselineSystem(System):
     name = "baseline"
     label = "bare asyncio"
@@ -251,9 +398,16 @@ class BaselineSystem(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    "hubnode": HubSystem, "socketio": SocketIOSystem, "socketio-deflate": SocketIODeflateSystem,
+    "hubnode": HubSystem, "hubnode-history": HubHistorySystem, "socketio": SocketIOSystem,
+    "socketio-node": SocketIONodeSystem, "socketio-deflate": SocketIODeflateSystem,
     "baseline": BaselineSystem,
 }
+DEFAULT_SYSTEMS = tuple(SYSTEMS)
+
+
+def available_systems(names: Sequence[str] = DEFAULT_SYSTEMS) -> list[str]:
+    """`names` less those this checkout cannot run (hubnode-history before history exists)."""
+    return [n for n in names if n != "hubnode-history" or hub_history_available()]
 
 
 def make_systems(names: Sequence[str]) -> list[System]:

@@ -57,7 +57,8 @@ class NodeCollector(Collector):
         yield _counter("hubnode_messages_delivered", "Frames written to client sockets", c.delivered)
         yield _counter("hubnode_bytes_out", "Bytes of message frames written to sockets", c.bytes_out)
         yield _counter("hubnode_envelopes_dropped", "Broker payloads that did not decode", c.dropped)
-        yield _counter("hubnode_resyncs_sent", "Times clients were told to resync", c.resyncs)
+        yield _counter("hubnode_resyncs_sent", "Resync notices sent, one per connection told (subscriber losses: "
+                       "hubnode_redis_reconnects)", c.resyncs)
         yield _counter("hubnode_slow_consumer_closes", "Connections closed 1013 as slow consumers",
                        c.slow_closes)
         b = node.broker.counters

@@ -550,7 +550,6 @@ class Node:
         not be recovered) are told to `resync` (PROTOCOL.md section 10).
         Without history on this node, every connection is told.
         """
-        self.counters.resyncs += 1
         if not self.config.history.enabled:
             self._resync_conns(list(self.conns))
             return
@@ -561,8 +560,8 @@ class Node:
         frame = encode_message(Message("system_message", {"event": "resync"}).stamped())
         for conn_id in conn_ids:
             conn = self.conns.get(conn_id)
-            if conn is not None:
-                conn.send(frame)
+            if conn is not None and conn.send(frame):
+                self.counters.resyncs += 1
 
     # -- the Hub API (mirrors the seed's Hub) -----------------------------------
     async def broadcast_to_all(self, msg: Message | dict[str, Any]) -> int:
