@@ -22,10 +22,9 @@ from hubnode.connection import Connection
 from hubnode.errors import CloseCode
 from hubnode.protocol import Since
 from hubnode.streams import Item, Position, Streams, Verdict, contiguous, merge
-from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
-from publisher.history import History, HistoryPage, HistoryPolicy, StreamRead, StreamRef, stream_of
+from publisher.envelope import Envelope
+from publisher.history import History, HistoryPage, HistoryPolicy, StreamRead, StreamRef, stored, stream_of
 from publisher.keys import Keys
-from publisher.message import RESERVED_TYPES
 from publisher.targets import Packed, Target
 
 __all__ = ["Opening", "Since", "StreamKeeper"]
@@ -309,23 +308,5 @@ class StreamKeeper:
 
 
 def _decode(payloads: Iterable[bytes]) -> list[Item]:
-    """Stored envelopes as (offset, epoch, envelope), in order.
-
-    One that must not reach a client (it does not decode, or its type is the
-    node's own: live, the node drops both) keeps its place with `None`, so the
-    offsets stay contiguous and nobody sees a gap that recovery cannot fill.
-    """
-    items: list[Item] = []
-    for payload in payloads:
-        try:
-            env: Envelope | None = unpack(payload)
-        except EnvelopeError:
-            position = position_of(payload)
-            if position is not None:
-                items.append((*position, None))
-            continue
-        assert env is not None
-        if env.offset is None or env.epoch is None:
-            continue
-        items.append((env.offset, env.epoch, None if env.msg.type in RESERVED_TYPES else env))
-    return items
+    """Stored envelopes as (offset, epoch, envelope or None), in order (`publisher.history.stored`)."""
+    return [entry for entry in map(stored, payloads) if entry is not None]

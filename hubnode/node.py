@@ -332,11 +332,12 @@ class Node:
     def _release(self, conn_id: str, user_id: str | None, counted: bool) -> asyncio.Task[None] | None:
         """Take a connection out of the table and, if it was counted, out of the store (in a tracked task)."""
         change = self.table.remove(conn_id)
-        self._openings.pop(conn_id, None)
-        channels = [self.keys.room_channel(room) for room in change.rooms]
-        if user_id is not None:
-            channels.append(self.keys.user_channel(user_id))
-        self.history.forget(conn_id, channels)
+        if self.config.history.enabled:  # catching-up state exists only with history
+            self._openings.pop(conn_id, None)
+            channels = [self.keys.room_channel(room) for room in change.rooms]
+            if user_id is not None:
+                channels.append(self.keys.user_channel(user_id))
+            self.history.forget(conn_id, channels)
         self._subs.release(change.release)
         self.history.released(change.release)
         if counted and not self._stopped.is_set():
@@ -415,10 +416,7 @@ class Node:
             if added:  # the stream could not be read: undo the join, the store's part too
                 await self.leave(conn_id, room)
             elif change.changed:
-                released = self.table.leave(conn_id, room).release
-                self.history.end_sync(channel, conn_id)
-                self._subs.release(released)
-                self.history.released(released)
+                self._leave_here(conn_id, room)
             else:  # a member asking again with `since`: it goes on from where it was
                 self.history.restore(channel, self.conns.get(conn_id), was)
             return ErrorCode.UNAVAILABLE
@@ -443,16 +441,22 @@ class Node:
         return self.table.rooms_of(conn_id)
 
     async def leave(self, conn_id: str, room: str) -> None:
-        change = self.table.leave(conn_id, room)
+        change = self._leave_here(conn_id, room)
         if not change.changed:
             return
-        self.history.end_sync(self.keys.room_channel(room), conn_id)
-        self._subs.release(change.release)
-        self.history.released(change.release)
         try:
             await self.store.remove_member(room, conn_id, self.table.user_of(conn_id), bool(change.emptied))
         except Exception:
             log.warning("membership update for %s leaving %s failed", conn_id, room, exc_info=True)
+
+    def _leave_here(self, conn_id: str, room: str) -> Change:
+        """The local half of a leave: the table, the connection's catching-up state, the channel."""
+        change = self.table.leave(conn_id, room)
+        if change.changed:
+            self.history.end_sync(self.keys.room_channel(room), conn_id)
+            self._subs.release(change.release)
+            self.history.released(change.release)
+        return change
 
     # -- publishing and fan-out ------------------------------------------------
     async def publish(self, target: Target, msg: Message, exclude: str | None = None) -> int:

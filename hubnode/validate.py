@@ -271,7 +271,7 @@ def shown(name: str, value: Any) -> str:
 
 def history_rooms(value: Any) -> None:
     try:
-        parse_patterns(value) if isinstance(value, str | tuple | list) else parse_patterns("")
+        parse_patterns(value if isinstance(value, str | tuple | list) else "")
     except ValueError as exc:
         raise Invalid(str(exc)) from None
 

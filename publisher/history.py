@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from publisher.envelope import EnvelopeError, position_of, unpack
+from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
 from publisher.keys import Keys
 from publisher.message import RESERVED_TYPES, Message
 from publisher.names import check_name, matches_any
@@ -33,7 +33,7 @@ from publisher.targets import Target
 __all__ = [
     "DEFAULT_TTL", "MAX_SIZE", "PUBLISH_SCRIPT", "READ_SCRIPT", "History", "HistoryPage", "HistoryPolicy",
     "LuaScript", "StreamRead", "StreamRef", "client_view", "history_query", "new_epoch", "parse_patterns",
-    "publish_call", "read_call", "splice", "stream_of",
+    "publish_call", "read_call", "splice", "stored", "stream_of",
 ]
 
 DEFAULT_TTL = 300
@@ -299,15 +299,32 @@ class HistoryPage:
         return History(self.epoch, self.top, self.messages[:self.limit])
 
 
-def _view(payload: bytes, ref: StreamRef) -> tuple[dict[str, Any] | None, int | None]:
-    """(what a client received or None, the entry's offset)."""
+def stored(payload: bytes) -> tuple[int, str, Envelope | None] | None:
+    """A stored entry as (offset, epoch, envelope), the envelope None when no client may get it.
+
+    One that does not decode, or whose type is the node's own (live, the node
+    drops both), keeps its place with None: offsets stay contiguous, and a
+    reader skips it without taking the hole for a loss. None for an entry
+    without a position (not written by the script).
+    """
     try:
         env = unpack(payload)
     except EnvelopeError:
         position = position_of(payload)
-        return None, None if position is None else position[0]
-    if env.msg.type in RESERVED_TYPES:
-        return None, env.offset
+        return None if position is None else (*position, None)
+    if env.offset is None or env.epoch is None:
+        return None
+    return env.offset, env.epoch, None if env.msg.type in RESERVED_TYPES else env
+
+
+def _view(payload: bytes, ref: StreamRef) -> tuple[dict[str, Any] | None, int | None]:
+    """(what a client received or None, the entry's offset)."""
+    entry = stored(payload)
+    if entry is None:
+        return None, None
+    env = entry[2]
+    if env is None:
+        return None, entry[0]
     msg = env.msg
     if ref.kind == "room" and msg.room is None:
         msg = replace(msg, room=ref.name)
