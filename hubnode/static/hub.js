@@ -291,8 +291,7 @@
       if (!this.rooms.has(room)) return; // left meanwhile
       const d = data && typeof data === "object" ? data : {};
       const hasPosition = Number.isInteger(d.offset) && typeof d.epoch === "string";
-      let s = this._streams.get(room);
-      if (!s) this._streams.set(room, s = { offset: null, epoch: null, conn: this._conn, acked: 0 });
+      const s = this._streamOf(room);
       // A join of a room this connection is in already: the node may answer a bare ack.
       const repeat = s.acked === this._conn;
       s.conn = s.acked = this._conn;
@@ -309,17 +308,21 @@
       this._emit("recovered", { type: "recovered", stream: "room", room, recovered, offset: s.offset, epoch: s.epoch });
     }
 
+    // A room's position record, made on its first ack or message.
+    _streamOf(room) {
+      let s = this._streams.get(room);
+      if (!s) this._streams.set(room, s = { offset: null, epoch: null, conn: this._conn, acked: 0 });
+      return s;
+    }
+
     // A message with a position: false when it was already delivered (offset not
     // above the stream's last one in the same epoch), else move the position.
     _track(msg) {
       if (!Number.isInteger(msg.offset) || typeof msg.epoch !== "string") return true;
       let s;
       if (msg.room != null) {
-        s = this._streams.get(msg.room);
-        if (!s) {
-          if (!this.rooms.has(msg.room)) return true; // not a room we are in (any more)
-          this._streams.set(msg.room, s = { offset: null, epoch: null, conn: this._conn, acked: 0 });
-        }
+        if (!this.rooms.has(msg.room) && !this._streams.has(msg.room)) return true; // not a room we are in
+        s = this._streamOf(msg.room);
       } else {
         s = this._user;
         if (!s) return true;
