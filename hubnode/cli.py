@@ -11,7 +11,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from hubnode.config import ConfigError, parse_args
+from hubnode.config import Config, ConfigError, parse_args
+from hubnode.validate import shown
+from publisher.redis_clients import probe
+from publisher.topology import TopologyError
 
 __all__ = ["main"]
 
@@ -32,8 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.check_exposure()
         if config.auth == "jwt":
             JwtVerifier(config)  # reads --jwt-public-key now: a bad file is a usage error, not a failed start
+        if config.redis_url is not None:
+            check_redis(config)
     except ConfigError as exc:
-        print(f"hubnode: error: {exc}", file=sys.stderr)
+        print(f"hubnode: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
     try:
@@ -41,6 +46,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         return asyncio.run(serve(config))
     return uvloop.run(serve(config))
+
+
+def check_redis(config: Config) -> None:
+    """Refuse a Redis topology that is wrong rather than down, before anything starts (PROTOCOL.md section 11).
+
+    A single Redis that is down is waited for (the node serves, not ready);
+    seeds of a cluster or Sentinels of which none answers, a wrong master
+    name, a failed TLS handshake or uncovered slots are configuration
+    mistakes: one line, exit 2.
+    """
+    target = config.redis_target()
+    try:
+        probe(target, min(config.redis_timeout, 5.0))
+    except TopologyError as exc:
+        raise ConfigError(f"--redis-url {shown('redis_url', config.redis_url)}: {exc}") from None
+    except ConnectionError as exc:
+        if target.kind != "single":
+            raise ConfigError(f"--redis-url {shown('redis_url', config.redis_url)}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The Redis parts of a cluster-mode node: broker and membership store on one Redis.
+"""The Redis parts of a cluster-mode node: broker and membership store on one Redis, a Sentinel-managed
+primary or a Redis Cluster (PROTOCOL.md section 11).
 
 `Node(config)` calls `redis_parts` itself whenever `config.redis_url` is set,
 so a node configured for Redis always runs on Redis, whether it was built by
@@ -7,26 +8,46 @@ the CLI, `create_app` or directly from Python.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+import logging
+from typing import TYPE_CHECKING, Any
 
 from hubnode import __version__
 from hubnode.broker.redis import RedisBroker
 from hubnode.config import Config
 from hubnode.membership.redis import RedisMembershipStore
+from publisher.core import redact_url
 from publisher.keys import Keys
+from publisher.redis_clients import async_client, probe
+from publisher.topology import Target
 
 if TYPE_CHECKING:
     from hubnode.node import Node
 
-__all__ = ["redis_client", "redis_node", "redis_parts"]
+__all__ = ["redis_client", "redis_node", "redis_parts", "resolve"]
+
+log = logging.getLogger(__name__)
 
 
-def redis_client(config: Config, retry: bool = True, role: str = "cmd") -> aioredis.Redis:
+def resolve(config: Config) -> Target:
+    """The Target of `config.redis_url`, with a `redis://` seed's kind asked of Redis (one INFO).
+
+    A Redis that cannot be reached now is taken for one Redis (the node then
+    serves, not ready, until it is back, as it always has); anything wrong
+    rather than down (a TLS failure, a Sentinel reached by a plain URL, a
+    cluster with uncovered slots) raises TopologyError.
+    """
+    target = config.redis_target()
+    if target.kind != "single":
+        return target
+    try:
+        return probe(target, min(config.redis_timeout, 2.0))
+    except ConnectionError as exc:
+        log.warning("could not ask Redis at %s whether it is a cluster (%s): treating it as one Redis",
+                    redact_url(target.url), exc)
+        return target
+
+
+def redis_client(config: Config, target: Target, retry: bool = True, role: str = "cmd") -> Any:
     """A bounded pool: a connection storm queues for connections instead of opening thousands.
 
     With `retry`, a command that meets a broken connection (a pooled socket
@@ -34,26 +55,21 @@ def redis_client(config: Config, retry: bool = True, role: str = "cmd") -> aiore
     scripts, which are idempotent. The broker's client has no retry at all: a
     PUBLISH whose connection broke may have gone through, and resending it
     could deliver twice (PROTOCOL.md section 5 promises at most once per id).
-    The client owns its pool (`from_pool`), so `aclose()` closes the pooled
-    sockets too, and each connection is named after the node in CLIENT LIST.
+    Each connection is named after the node in CLIENT LIST.
     """
-    assert config.redis_url is not None
-    pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url, max_connections=32, timeout=config.redis_timeout,
-        socket_timeout=config.redis_timeout, socket_connect_timeout=config.redis_timeout,
-        retry=Retry(NoBackoff(), 1 if retry else 0, supported_errors=(RedisConnectionError,)),
-        retry_on_timeout=False, client_name=f"hubnode:{config.node_id}:{role}")
-    return aioredis.Redis.from_pool(pool)
+    return async_client(target, timeout=config.redis_timeout, max_connections=32,
+                        name=f"hubnode:{config.node_id}:{role}", retries=1 if retry else 0)
 
 
-def redis_parts(config: Config) -> tuple[RedisBroker, RedisMembershipStore]:
-    """The broker and the store a node with `config.redis_url` runs on."""
+def redis_parts(config: Config, target: Target | None = None) -> tuple[RedisBroker, RedisMembershipStore]:
+    """The broker and the store a node with `config.redis_url` runs on (`target`: already resolved)."""
     assert config.redis_url is not None
+    target = target or resolve(config)
     keys = Keys(config.key_prefix)
-    broker = RedisBroker(config.redis_url, redis_client(config, retry=False, role="pub"), keys, config.node_id,
+    broker = RedisBroker(target, redis_client(config, target, retry=False, role="pub"), keys, config.node_id,
                          timeout=config.redis_timeout, probe_interval=config.heartbeat,
                          max_payload_bytes=config.max_envelope_bytes, name=f"hubnode:{config.node_id}:sub")
-    store = RedisMembershipStore(redis_client(config), keys, config.node_id, heartbeat=config.heartbeat,
+    store = RedisMembershipStore(redis_client(config, target), keys, config.node_id, heartbeat=config.heartbeat,
                                  address=f"{config.host}:{config.port}", version=__version__,
                                  timeout=config.redis_timeout)
     return broker, store

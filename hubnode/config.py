@@ -19,6 +19,8 @@ from hubnode.validate import RULES, Invalid, shown
 from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.history import HistoryPolicy
 from publisher.keys import DEFAULT_PREFIX
+from publisher.topology import Target, TopologyError
+from publisher.topology import parse as parse_target
 from publisher.usage import OneLineParser
 
 __all__ = ["Config", "ConfigError", "parse_args"]
@@ -26,7 +28,8 @@ __all__ = ["Config", "ConfigError", "parse_args"]
 _BOOLS = {"allow_anonymous", "client_broadcast", "client_private", "history_users"}
 _METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "ID", "key_prefix": "PREFIX",
              "auth": "none|jwt", "allowed_origins": "ORIGINS", "api_key": "KEYS", "jwt_secret": "SECRET",
-             "jwt_public_key": "FILE", "jwt_audience": "AUD", "jwt_issuer": "ISS",
+             "jwt_public_key": "FILE", "redis_ca": "FILE", "redis_cert": "FILE", "redis_key": "FILE",
+             "jwt_audience": "AUD", "jwt_issuer": "ISS",
              "log_level": "LEVEL", "log_format": "text|json",
              "history_rooms": "PATTERNS", "history_ttl": "SECONDS"}
 
@@ -47,6 +50,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     redis_url: str | None = None
+    redis_ca: str | None = None
+    redis_cert: str | None = None
+    redis_key: str | None = None
     node_id: str = field(default_factory=_default_node_id)
     key_prefix: str = DEFAULT_PREFIX
     auth: str = "none"
@@ -98,8 +104,20 @@ class Config:
             raise ConfigError("--auth jwt needs --jwt-secret (HS256) or --jwt-public-key FILE (RS256/ES256)")
         if self.jwt_secret and self.jwt_public_key:
             raise ConfigError("give either --jwt-secret or --jwt-public-key, not both")
+        if self.redis_url is not None:
+            try:
+                self.redis_target()
+            except TopologyError as exc:
+                raise ConfigError(f"--redis-url {shown('redis_url', self.redis_url)}: {exc}") from None
+        elif self.redis_ca or self.redis_cert or self.redis_key:
+            raise ConfigError("--redis-ca, --redis-cert and --redis-key need --redis-url")
         if self.client_broadcast is None:
             object.__setattr__(self, "client_broadcast", self.auth == "none")
+
+    def redis_target(self) -> Target:
+        """The Redis (single, Sentinel-managed or Cluster) that `redis_url` and the TLS files name."""
+        assert self.redis_url is not None
+        return parse_target(self.redis_url, ca=self.redis_ca, cert=self.redis_cert, key=self.redis_key)
 
     @property
     def history(self) -> HistoryPolicy:
@@ -134,7 +152,11 @@ def is_loopback(host: str) -> bool:
 _HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
-    "redis_url": "Redis URL for cluster mode; without it the node runs alone",
+    "redis_url": "Redis URL for cluster mode (redis://, rediss://, redis+sentinel://…/MASTER, "
+                 "redis+cluster://); without it the node runs alone",
+    "redis_ca": "PEM file of the CA that signed the Redis server certificates (rediss://)",
+    "redis_cert": "PEM file of this node's client certificate for Redis (rediss://)",
+    "redis_key": "PEM file of the key of --redis-cert",
     "node_id": "unique id of this node (default: hostname and random suffix)",
     "key_prefix": "prefix of every Redis key and channel",
     "auth": "identity mode: none (?user_id=) or jwt (?token= or Authorization: Bearer)",

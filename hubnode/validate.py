@@ -25,6 +25,7 @@ from publisher.core import redact_url
 from publisher.history import MAX_SIZE as MAX_HISTORY_SIZE
 from publisher.history import parse_patterns
 from publisher.keys import check_prefix
+from publisher.topology import parse as parse_target
 
 __all__ = ["RULES", "Invalid", "Rule", "integer", "shown", "whole"]
 
@@ -35,8 +36,9 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # scheme://host[:port], no path: browsers send http(s) origins, but also capacitor://localhost,
 # chrome-extension://<id> and the like; a path or trailing slash could never match an Origin header
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:\d{1,5})?")
-_REDIS_URL_FORMS = ("redis://[[user]:password@]host[:port][/db], rediss://… (TLS) "
-                    "or unix:///path/to/socket[?db=N]")
+_REDIS_URL_FORMS = ("redis://[[user]:password@]host[:port][/db], rediss://… (TLS), "
+                    "redis+sentinel://host:port[,host:port…]/<master name>[/db], "
+                    "redis+cluster://host:port[,host:port…] or unix:///path/to/socket[?db=N]")
 
 
 class Invalid(ValueError):
@@ -221,20 +223,21 @@ def redis_url(value: Any) -> None:
     if not isinstance(value, str):
         raise Invalid(f"expected {_REDIS_URL_FORMS}")
     scheme = value.partition("://")[0].lower() if "://" in value else ""
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        raise Invalid("Redis Cluster URLs are not supported yet: point --redis-url at a single Redis "
-                      "primary (redis:// or rediss://)")
-    if scheme in ("redis+sentinel", "rediss+sentinel"):
-        raise Invalid("Redis Sentinel URLs are not supported yet: point --redis-url at the current "
-                      "primary (redis:// or rediss://)")
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+                      "rediss+cluster"):
         raise Invalid(f"expected {_REDIS_URL_FORMS}")
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError when out of range
+        if "+" not in scheme:
+            parts.port  # noqa: B018 - raises ValueError when out of range
     except ValueError as exc:
         raise Invalid(f"not a usable Redis URL ({exc}); expected {_REDIS_URL_FORMS}") from None
-    if scheme == "unix":
+    if "+" in scheme:
+        try:
+            parse_target(value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+    elif scheme == "unix":
         if not parts.path:
             raise Invalid(f"the URL names no socket path; expected {_REDIS_URL_FORMS}")
     else:
@@ -245,7 +248,7 @@ def redis_url(value: Any) -> None:
             raise Invalid(f"the database {db!r} is not a number 0 or more; expected {_REDIS_URL_FORMS}")
     for key, option in parse_qsl(parts.query, keep_blank_values=True):
         convert = _REDIS_QUERY.get(key)
-        if convert is None and not key.startswith("ssl_"):
+        if convert is None and not key.startswith("ssl_") and key != "sentinel_password":
             raise Invalid(f"unknown URL option {key!r}; expected one of {', '.join(sorted(_REDIS_QUERY))}, ssl_*")
         try:
             if convert is not None:
@@ -291,6 +294,9 @@ RULES: dict[str, Rule] = {
     "host": Rule(_text, host),
     "port": Rule(integer, whole(0, 65535, "0 picks a free port")),
     "redis_url": Rule(_text, redis_url),
+    "redis_ca": Rule(_text, text("the path of a PEM file")),
+    "redis_cert": Rule(_text, text("the path of a PEM file")),
+    "redis_key": Rule(_text, text("the path of a PEM file")),
     "node_id": Rule(_text, node_id),
     "key_prefix": Rule(_text, key_prefix),
     "auth": Rule(_lower, choice("none", "jwt")),

@@ -21,10 +21,8 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from publisher import core, history, inspect
+from publisher import core, history, inspect, redis_clients, topology
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
@@ -33,15 +31,9 @@ from publisher.targets import Target
 
 __all__ = ["AsyncPublisher"]
 
+_CLUSTER = aioredis.RedisCluster
+
 T = TypeVar("T")
-
-
-def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A lazily connecting client on one connection, with a timeout on every command."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=1, timeout=timeout, socket_timeout=timeout,
-        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-    return aioredis.Redis.from_pool(pool)
 
 
 class AsyncPublisher:
@@ -55,6 +47,7 @@ class AsyncPublisher:
                  origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
                  history_size: int | None = None, history_ttl: int | None = None,
                  history_rooms: str | None = None, history_users: bool | None = None,
+                 redis_ca: str | None = None, redis_cert: str | None = None, redis_key: str | None = None,
                  client: aioredis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
         self._origin = core.Origin(origin_id)
@@ -63,8 +56,15 @@ class AsyncPublisher:
             raise ValueError("retries must not be negative")
         self.retries = retries
         self._owns_client = client is None
-        self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
+        env_ca, env_cert, env_key = topology.env_tls()
+        self._target = topology.parse(url or core.default_url(), ca=redis_ca or env_ca,
+                                      cert=redis_cert or env_cert, key=redis_key or env_key)
+        self._timeout = timeout
+        self._client: Any = client
+        self._sharded = client is not None and isinstance(client, _CLUSTER)
+        self._closed = False
         self._turn = asyncio.Lock()
+        self._opening = asyncio.Lock()  # one client, however many first calls race
 
     @property
     def origin(self) -> str:
@@ -90,11 +90,15 @@ class AsyncPublisher:
         Every item is validated before the first is sent.
         """
         batch = core.prepare_many(items, self.origin, self.keys)
-        return await self._run(core.publish_query(batch, self.keys, self.history_policy)) if batch else []
+        if not batch:
+            return []
+        sharded = await self._is_sharded()
+        return await self._run(core.publish_query(batch, self.keys, self.history_policy, sharded=sharded))
 
     async def _publish(self, target: Target, msg: MessageLike) -> int:
         outgoing = core.prepare(target, msg, self.origin, self.keys)
-        return (await self._run(core.publish_query([outgoing], self.keys, self.history_policy)))[0]
+        return (await self._run(core.publish_query([outgoing], self.keys, self.history_policy,
+                                           sharded=await self._is_sharded())))[0]
 
     # -- inspection: as Publisher's (PROTOCOL.md section 7; publisher.inspect) --
     async def rooms(self) -> dict[str, int]:
@@ -123,6 +127,33 @@ class AsyncPublisher:
         kind, name = history.target_of_query(room, user)
         return await self._run(history.history_query(self.keys, kind, name, since, history.check_limit(limit)))
 
+    async def _is_sharded(self) -> bool:
+        """True on a Redis Cluster: publishes go out with SPUBLISH (asks Redis once, on first use)."""
+        await self._connection()
+        return self._sharded
+
+    async def _connection(self) -> Any:
+        """The client, made on first use: a `redis://` URL may name a Redis Cluster, which only Redis can tell.
+
+        A Redis that cannot be reached now is taken for one Redis: the command
+        that follows fails with the connection error, and the next call asks again.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._client is not None:
+            return self._client
+        async with self._opening:
+            if self._client is None:
+                target = self._target
+                if target.kind == "single":
+                    try:
+                        target = await asyncio.to_thread(redis_clients.probe, target, self._timeout)
+                    except ConnectionError:
+                        return redis_clients.async_client(target, timeout=self._timeout, max_connections=1)
+                self._client = redis_clients.async_client(target, timeout=self._timeout, max_connections=1)
+                self._sharded = target.sharded
+        return self._client
+
     # -- the I/O: the only part that differs from Publisher --------------------
     async def _run(self, query: Query[T]) -> T:
         return await drive_async(query, self._execute)
@@ -131,10 +162,8 @@ class AsyncPublisher:
         """As Publisher._execute: `retries` resends the same bytes, which nodes deduplicate."""
         async with self._turn:
             for attempt in range(self.retries + 1):
-                if self._client is None:
-                    raise RuntimeError(f"{self!r} is closed")
                 try:
-                    return await run_step(self._client, step)
+                    return await run_step(await self._connection(), step)
                 except (redis.ConnectionError, redis.TimeoutError):
                     if attempt == self.retries:
                         raise
@@ -142,7 +171,7 @@ class AsyncPublisher:
 
     async def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""
-        client, self._client = self._client, None
+        client, self._client, self._closed = self._client, None, True
         if self._owns_client and client is not None:
             await client.aclose()
 

@@ -170,7 +170,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         return argparse.SUPPRESS if suppress else value
 
     parser.add_argument("--redis-url", default=default(None),
-                        help="Redis URL (env HUB_REDIS_URL, else redis://127.0.0.1:6379/0)")
+                        help="Redis URL (env HUB_REDIS_URL, else redis://127.0.0.1:6379/0): redis://, "
+                             "rediss:// (TLS), redis+sentinel://H:P[,H:P…]/MASTER or redis+cluster://H:P[,H:P…]")
+    for name, what in (("ca", "the CA that signed the Redis server certificates"),
+                       ("cert", "a client certificate for Redis"), ("key", "the key of --redis-cert")):
+        parser.add_argument(f"--redis-{name}", default=default(None), metavar="FILE",
+                            help=f"PEM file of {what} (env HUB_REDIS_{name.upper()}; rediss:// only)")
     parser.add_argument("--key-prefix", default=default(None),
                         help='key prefix (env HUB_KEY_PREFIX, else "hub:")')
     parser.add_argument("--timeout", type=_seconds, default=default(DEFAULT_TIMEOUT),
@@ -252,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         pub = Publisher(url, key_prefix=prefix, origin_id=f"hubctl-{os.getpid()}", timeout=args.timeout,
                         history_size=history.size, history_ttl=history.ttl, history_rooms=",".join(history.rooms),
-                        history_users=history.users)
+                        history_users=history.users, redis_ca=args.redis_ca, redis_cert=args.redis_cert,
+                        redis_key=args.redis_key)
     except ValueError as exc:
         raise UsageError(f"bad Redis URL {redact(url)!r}: {exc}") from None
     with pub:

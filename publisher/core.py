@@ -41,7 +41,7 @@ Item = tuple[Target, MessageLike]
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/?#@]*?:)[^/?#]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -144,11 +144,15 @@ def prepare_many(items: Iterable[Item], origin: str, keys: Keys) -> list[Outgoin
     return batch
 
 
-def publish_call(out: Outgoing, keys: Keys, history: HistoryPolicy) -> Call | ScriptCall:
-    """A plain PUBLISH for `all`; for a room or a user the history script (it appends when the stream has history)."""
+def publish_call(out: Outgoing, keys: Keys, history: HistoryPolicy, sharded: bool = False) -> Call | ScriptCall:
+    """A plain PUBLISH for `all`; for a room or a user the history script (it appends when the stream has history).
+
+    `sharded` (a Redis Cluster): SPUBLISH, in the script too, so the message
+    travels only inside the shard that owns the channel's slot.
+    """
     if out.target.kind == "all":
-        return Call("publish", (out.channel, out.payload))
-    return stream_publish_call(keys, out.target, out.channel, out.payload, out.id, history)
+        return Call("spublish" if sharded else "publish", (out.channel, out.payload))
+    return stream_publish_call(keys, out.target, out.channel, out.payload, out.id, history, sharded)
 
 
 def receivers(reply: Any) -> int:
@@ -157,18 +161,18 @@ def receivers(reply: Any) -> int:
 
 
 def publish_query(batch: Sequence[Outgoing], keys: Keys, history: HistoryPolicy,
-                  batch_size: int = BATCH_SIZE) -> Query[list[int]]:
+                  batch_size: int = BATCH_SIZE, sharded: bool = False) -> Query[list[int]]:
     """Publish every item in order; answers the node count of each.
 
     One item is one command; more go in pipelines of `batch_size`.
     Pipelines keep the order because one connection sends them in sequence.
     """
     if len(batch) == 1:
-        reply = yield publish_call(batch[0], keys, history)
+        reply = yield publish_call(batch[0], keys, history, sharded)
         return [receivers(reply)]
     counts: list[int] = []
     for start in range(0, len(batch), batch_size):
         part = batch[start:start + batch_size]
-        replies = yield [publish_call(o, keys, history) for o in part]
+        replies = yield [publish_call(o, keys, history, sharded) for o in part]
         counts.extend(receivers(r) for r in replies)
     return counts

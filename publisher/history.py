@@ -188,11 +188,15 @@ def stream_of(keys: Keys, kind: str, name: str) -> StreamRef:
 
 
 def publish_call(keys: Keys, target: Target, channel: str, payload: bytes, envelope_id: str,
-                 policy: HistoryPolicy) -> ScriptCall:
-    """The script call that publishes to a room or user, appending to its history when it has one."""
+                 policy: HistoryPolicy, sharded: bool = False) -> ScriptCall:
+    """The script call that publishes to a room or user, appending to its history when it has one.
+
+    `sharded`: the script publishes with SPUBLISH (a Redis Cluster, PROTOCOL.md section 11).
+    """
     ref = stream_of(keys, target.kind, target.name)
     return ScriptCall(PUBLISH_SCRIPT, ref.keys,
-                      (channel, payload, envelope_id, policy.size_for(target), policy.ttl, new_epoch()))
+                      (channel, payload, envelope_id, policy.size_for(target), policy.ttl, new_epoch(),
+                       "1" if sharded else ""))
 
 
 def read_call(ref: StreamRef, since: int, limit: int = 0, create: HistoryPolicy | None = None) -> ScriptCall:

@@ -25,10 +25,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from publisher import core, history, inspect
+from publisher import core, history, inspect, redis_clients, topology
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
@@ -37,21 +35,9 @@ from publisher.targets import Target
 
 __all__ = ["Publisher"]
 
+_CLUSTER = redis.RedisCluster
+
 T = TypeVar("T")
-
-
-def connect(url: str, timeout: float) -> redis.Redis:
-    """A client on one dedicated connection, with a timeout on every command.
-
-    A pool of size one (rather than `single_connection_client`) connects
-    lazily, so constructing a Publisher at import time never touches the
-    network, and it checks the idle connection before each use, replacing
-    one the server has closed instead of failing the next publish.
-    """
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=1, timeout=timeout, socket_timeout=timeout,
-        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-    return redis.Redis.from_pool(pool)
 
 
 class Publisher:
@@ -77,6 +63,7 @@ class Publisher:
                  origin_id: str | None = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 0,
                  history_size: int | None = None, history_ttl: int | None = None,
                  history_rooms: str | None = None, history_users: bool | None = None,
+                 redis_ca: str | None = None, redis_cert: str | None = None, redis_key: str | None = None,
                  client: redis.Redis | None = None) -> None:
         self.keys = Keys(core.default_prefix() if key_prefix is None else key_prefix)
         self._origin = core.Origin(origin_id)
@@ -85,7 +72,13 @@ class Publisher:
             raise ValueError("retries must not be negative")
         self.retries = retries
         self._owns_client = client is None
-        self._client: Any = connect(url or core.default_url(), timeout) if client is None else client
+        env_ca, env_cert, env_key = topology.env_tls()
+        self._target = topology.parse(url or core.default_url(), ca=redis_ca or env_ca,
+                                      cert=redis_cert or env_cert, key=redis_key or env_key)
+        self._timeout = timeout
+        self._client: Any = client
+        self._sharded = client is not None and isinstance(client, _CLUSTER)
+        self._closed = False
 
     @property
     def origin(self) -> str:
@@ -112,11 +105,14 @@ class Publisher:
         nothing of the batch went out.
         """
         batch = core.prepare_many(items, self.origin, self.keys)
-        return self._run(core.publish_query(batch, self.keys, self.history_policy)) if batch else []
+        if not batch:
+            return []
+        return self._run(core.publish_query(batch, self.keys, self.history_policy, sharded=self._is_sharded()))
 
     def _publish(self, target: Target, msg: MessageLike) -> int:
         outgoing = core.prepare(target, msg, self.origin, self.keys)
-        return self._run(core.publish_query([outgoing], self.keys, self.history_policy))[0]
+        return self._run(core.publish_query([outgoing], self.keys, self.history_policy,
+                                           sharded=self._is_sharded()))[0]
 
     # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
     def rooms(self) -> dict[str, int]:
@@ -156,6 +152,30 @@ class Publisher:
         kind, name = history.target_of_query(room, user)
         return self._run(history.history_query(self.keys, kind, name, since, history.check_limit(limit)))
 
+    def _is_sharded(self) -> bool:
+        """True on a Redis Cluster: publishes go out with SPUBLISH (asks Redis once, on first use)."""
+        self._connection()
+        return self._sharded
+
+    def _connection(self) -> Any:
+        """The client, made on first use: a `redis://` URL may name a Redis Cluster, which only Redis can tell.
+
+        A Redis that cannot be reached now is taken for one Redis: the command
+        that follows fails with the connection error, and the next call asks again.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._client is None:
+            target = self._target
+            if target.kind == "single":
+                try:
+                    target = redis_clients.probe(self._target, self._timeout)
+                except ConnectionError:
+                    return redis_clients.sync_client(target, timeout=self._timeout, max_connections=1)
+            self._client = redis_clients.sync_client(target, timeout=self._timeout, max_connections=1)
+            self._sharded = target.sharded
+        return self._client
+
     # -- the I/O: the only part that differs from AsyncPublisher ---------------
     def _run(self, query: Query[T]) -> T:
         return drive(query, self._execute)
@@ -167,10 +187,8 @@ class Publisher:
         same: a node drops an id it has already delivered.
         """
         for attempt in range(self.retries + 1):
-            if self._client is None:
-                raise RuntimeError(f"{self!r} is closed")
             try:
-                return run_step(self._client, step)
+                return run_step(self._connection(), step)
             except (redis.ConnectionError, redis.TimeoutError):
                 if attempt == self.retries:
                     raise
@@ -178,7 +196,7 @@ class Publisher:
 
     def close(self) -> None:
         """Close the connection (unless the client was passed in). Idempotent."""
-        client, self._client = self._client, None
+        client, self._client, self._closed = self._client, None, True
         if self._owns_client and client is not None:
             client.close()
 

@@ -10,12 +10,12 @@ and (3) own reconnection, to resubscribe and announce `resync` itself.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import hiredis
+
+from publisher.topology import Address, Target
 
 __all__ = ["SubscriberConnection", "connect_subscriber", "encode_command"]
 
@@ -76,33 +76,34 @@ class SubscriberConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def connect_subscriber(url: str, on_push: Callable[[Any], None],
+async def connect_subscriber(target: Target, address: Address | None, on_push: Callable[[Any], None],
                              on_lost: Callable[[Exception | None], None],
                              timeout: float, name: str = "") -> SubscriberConnection:
-    """Open and authenticate a subscriber connection for a redis:// or rediss:// URL.
+    """Open and authenticate a subscriber connection to `address` (None: the Target's unix socket).
 
-    `name` is set with CLIENT SETNAME, so an operator sees in CLIENT LIST
-    which node holds which connection.
+    TLS, when the Target says so, uses the Target's CA and client
+    certificate, like every other connection to this Redis. `name` is set
+    with CLIENT SETNAME, so an operator sees in CLIENT LIST which node holds
+    which connection.
     """
-    parsed = urlparse(url)
     loop = asyncio.get_running_loop()
-    context = ssl.create_default_context() if parsed.scheme == "rediss" else None
+    context = target.ssl_context()
 
     def factory() -> SubscriberConnection:
         return SubscriberConnection(on_push, on_lost)
 
-    if parsed.scheme == "unix":
-        coro = loop.create_unix_connection(factory, parsed.path)
+    if address is None:
+        coro = loop.create_unix_connection(factory, target.unix_path)
     else:
-        coro = loop.create_connection(factory, parsed.hostname or "127.0.0.1", parsed.port or 6379,
-                                      ssl=context)
+        coro = loop.create_connection(factory, address[0], address[1], ssl=context,
+                                      server_hostname=address[0] if context is not None else None)
     async with asyncio.timeout(timeout):
         _transport, conn = await coro
     try:
-        if parsed.password:
-            auth = [unquote(parsed.username)] if parsed.username else []
+        if target.password is not None:
+            auth = [target.username] if target.username else []
             async with asyncio.timeout(timeout):
-                reply = await conn.call("AUTH", *auth, unquote(parsed.password))
+                reply = await conn.call("AUTH", *auth, target.password)
             if isinstance(reply, hiredis.ReplyError):
                 raise ConnectionError(f"Redis AUTH failed: {reply}")
         if name:

@@ -7,7 +7,8 @@
 -- ARGV[1] channel, ARGV[2] envelope (a msgpack map), ARGV[3] envelope id,
 -- ARGV[4] history size of this publisher for this stream (0: none of its own),
 -- ARGV[5] history ttl in seconds, ARGV[6] a fresh epoch, used only when the
---         stream is created here.
+--         stream is created here, ARGV[7] '1' to publish with SPUBLISH (sharded
+--         pub/sub on a Redis Cluster), else (or absent) PUBLISH.
 -- Returns {receivers, offset, epoch}; offset 0 and epoch "" when the stream
 -- has no history (then this was a plain PUBLISH).
 --
@@ -15,6 +16,7 @@
 -- never skip. The envelope gains two top-level fields, "offset" and "epoch":
 -- the map header is rewritten (fixmap or map16) and the two pairs appended.
 local payload = ARGV[2]
+local publish = ARGV[7] == '1' and 'SPUBLISH' or 'PUBLISH'
 local head = string.byte(payload, 1)
 local count, body
 if head and head >= 0x80 and head <= 0x8f then
@@ -32,7 +34,7 @@ local meta = redis.call('HMGET', KEYS[2], 'epoch', 'size', 'ttl')
 local epoch = meta[1]
 if not epoch then
   if size <= 0 then
-    return {redis.call('PUBLISH', ARGV[1], payload), 0, ''}
+    return {redis.call(publish, ARGV[1], payload), 0, ''}
   end
   epoch = ARGV[6]
   redis.call('DEL', KEYS[1], KEYS[3])  -- entries of a lost epoch must not be read as this one's
@@ -66,4 +68,4 @@ if ARGV[3] ~= '' then
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-return {redis.call('PUBLISH', ARGV[1], body), offset, epoch}
+return {redis.call(publish, ARGV[1], body), offset, epoch}

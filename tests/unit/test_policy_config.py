@@ -73,10 +73,18 @@ def test_non_loopback_anonymous_refused() -> None:
     Config(host="::1").check_exposure()
 
 
-def test_cluster_url_refused() -> None:
-    """Redis Cluster URLs are refused with a clear message until cluster support lands."""
-    with pytest.raises(ConfigError, match="Cluster"):
-        Config(redis_url="redis+cluster://h:1")
+def test_cluster_and_sentinel_urls_name_their_topology() -> None:
+    """redis+cluster:// and redis+sentinel:// are accepted and read as PROTOCOL.md section 11 says."""
+    cluster = Config(redis_url="redis+cluster://h1:7001,h2:7002").redis_target()
+    assert (cluster.kind, cluster.hosts, cluster.sharded) == ("cluster", (("h1", 7001), ("h2", 7002)), True)
+    sentinel = Config(redis_url="redis+sentinel://:pw@s1:26379,s2:26380/hubmaster/2").redis_target()
+    assert (sentinel.kind, sentinel.master, sentinel.db, sentinel.password) == ("sentinel", "hubmaster", 2, "pw")
+    tls = Config(redis_url="rediss://h:6380/0", redis_ca="/ca.pem").redis_target()
+    assert (tls.kind, tls.tls, tls.ca) == ("single", True, "/ca.pem")
+    with pytest.raises(ConfigError, match="need a TLS URL"):
+        Config(redis_url="redis://h:6379/0", redis_ca="/ca.pem")
+    with pytest.raises(ConfigError, match="need --redis-url"):
+        Config(redis_cert="/c.pem")
 
 
 def test_bad_env_value_exits() -> None:

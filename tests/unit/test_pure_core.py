@@ -7,7 +7,7 @@ import sys
 
 PURE = ["hubnode.config", "hubnode.validate", "hubnode.errors", "hubnode.protocol", "hubnode.routing", "hubnode.policy",
         "publisher.message", "publisher.names", "publisher.keys", "publisher.envelope",
-        "publisher.targets"]
+        "publisher.targets", "publisher.topology"]
 
 
 def test_pure_modules_import_no_io_libraries() -> None:
