@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from hubnode.config import Config, ConfigError, parse_args
 from hubnode.validate import shown
-from publisher.redis_clients import probe
 from publisher.topology import TopologyError
 
 __all__ = ["main"]
@@ -56,14 +55,12 @@ def check_redis(config: Config) -> None:
     name, a failed TLS handshake or uncovered slots are configuration
     mistakes: one line, exit 2.
     """
-    target = config.redis_target()
+    from hubnode.cluster import resolve
+
     try:
-        probe(target, min(config.redis_timeout, 5.0))
+        resolve(config, strict=True)
     except TopologyError as exc:
         raise ConfigError(f"--redis-url {shown('redis_url', config.redis_url)}: {exc}") from None
-    except ConnectionError as exc:
-        if target.kind != "single":
-            raise ConfigError(f"--redis-url {shown('redis_url', config.redis_url)}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from hubnode.membership.redis import RedisMembershipStore
 from publisher.core import redact_url
 from publisher.keys import Keys
 from publisher.redis_clients import async_client, probe
-from publisher.topology import Target
+from publisher.topology import Target, TopologyError
 
 if TYPE_CHECKING:
     from hubnode.node import Node
@@ -28,23 +28,38 @@ __all__ = ["redis_client", "redis_node", "redis_parts", "resolve"]
 log = logging.getLogger(__name__)
 
 
-def resolve(config: Config) -> Target:
+_resolved: dict[tuple[str, str | None, str | None, str | None], Target] = {}
+
+
+def resolve(config: Config, strict: bool = False) -> Target:
     """The Target of `config.redis_url`, with a `redis://` seed's kind asked of Redis (one INFO).
 
-    A Redis that cannot be reached now is taken for one Redis (the node then
-    serves, not ready, until it is back, as it always has); anything wrong
-    rather than down (a TLS failure, a Sentinel reached by a plain URL, a
-    cluster with uncovered slots) raises TopologyError.
+    Asked once per process: the command line asks first (`strict`, to refuse
+    a wrong topology with one line before anything starts), and the node it
+    then builds takes that answer rather than asking again.
+
+    A single Redis that cannot be reached now is taken for one Redis (the
+    node then serves, not ready, until it is back, as it always has);
+    anything wrong rather than down (a TLS failure, a Sentinel reached by a
+    plain URL, a cluster with uncovered slots) raises TopologyError, and
+    with `strict` so do cluster seeds or Sentinels of which none answers.
     """
+    assert config.redis_url is not None
+    key = (config.redis_url, config.redis_ca, config.redis_cert, config.redis_key)
+    found = _resolved.get(key)
+    if found is not None:
+        return found
     target = config.redis_target()
-    if target.kind != "single":
-        return target
     try:
-        return probe(target, min(config.redis_timeout, 2.0))
+        found = probe(target, min(config.redis_timeout, 2.0))
     except ConnectionError as exc:
-        log.warning("could not ask Redis at %s whether it is a cluster (%s): treating it as one Redis",
-                    redact_url(target.url), exc)
-        return target
+        if strict and target.kind != "single":
+            raise TopologyError(str(exc)) from None
+        log.warning("could not ask Redis at %s what it is (%s): taking it for %s",
+                    redact_url(target.url), exc, "one Redis" if target.kind == "single" else f"a {target.kind}")
+        found = target
+    _resolved[key] = found
+    return found
 
 
 def redis_client(config: Config, target: Target, retry: bool = True, role: str = "cmd") -> Any:

@@ -19,13 +19,19 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
+from redis.retry import Retry as SyncRetry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from publisher.topology import Address, Target, TopologyError
 
 __all__ = ["async_client", "discover_primary", "probe", "sync_client"]
+
+_ONCE = SyncRetry(NoBackoff(), 0)
+"""The probe asks once: redis-py's default retries would multiply its timeout by four."""
 
 
 # -- asking the servers ------------------------------------------------------------
@@ -42,12 +48,12 @@ def probe(target: Target, timeout: float) -> Target:
     if target.kind == "sentinel":
         return _probe_sentinel(target, timeout)
     if target.unix_path:
-        _info(redis.Redis(unix_socket_path=target.unix_path, db=target.db, socket_timeout=timeout,
+        _info(redis.Redis(unix_socket_path=target.unix_path, db=target.db, socket_timeout=timeout, retry=_ONCE,
                           socket_connect_timeout=timeout, **target.connection_kwargs()), target, "server")
         return target
     errors: list[str] = []
     for host, port in target.hosts:
-        client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
+        client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout, retry=_ONCE,
                              **target.connection_kwargs())
         try:
             info = _info(client, target, "server", "cluster")
@@ -132,7 +138,7 @@ def _probe_sentinel(target: Target, timeout: float) -> Target:
                         socket_timeout=timeout)
     answered = False
     for host, port in target.hosts:
-        client = redis.Redis(host=host, port=port, **_sentinel_kwargs(target, timeout))
+        client = redis.Redis(host=host, port=port, retry=_ONCE, **_sentinel_kwargs(target, timeout))
         try:
             with client:
                 info = client.info("server")
@@ -163,10 +169,7 @@ def async_client(target: Target, *, timeout: float, max_connections: int, name: 
     `retries` resends a command once its connection broke (only for callers
     whose commands are safe to repeat). Every command has `timeout`.
     """
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    retry = Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,))
+    retry = AsyncRetry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,))
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                               **({"client_name": name} if name else {})}
     if target.kind == "cluster":
@@ -186,10 +189,7 @@ def async_client(target: Target, *, timeout: float, max_connections: int, name: 
 def sync_client(target: Target, *, timeout: float, max_connections: int = 1, name: str = "",
                 retries: int = 0) -> Any:
     """The blocking twin of `async_client` (for `Publisher` and hubctl)."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    retry = Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,))
+    retry = SyncRetry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,))
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                               **({"client_name": name} if name else {})}
     if target.kind == "cluster":
