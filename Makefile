@@ -47,6 +47,9 @@ sysdeps-cluster:
 ## A process that dies is reported and restarted (--restart on-failure; --restart no keeps it down).
 ## Redis listens on 6380 (--redis-port 0: a free port). Flags after -- go to every node:
 ## make cluster CLUSTER_ARGS="--port 9000 --nodes 5 --restart no -- --heartbeat 1"
+## --redis cluster: a Redis Cluster, 3 primaries + 3 replicas on 7001-7006 (nodes get redis+cluster://...);
+## --redis sentinel: primary 6380, replica 6381, sentinels 26380-26382 (redis+sentinel://.../hubmaster):
+## make cluster CLUSTER_ARGS="--redis cluster"
 cluster: sysdeps-cluster $(BIN)/python
 	$(BIN)/pip install -q -e '.[server,speed]'
 	$(BIN)/python -m deploy.cluster $(CLUSTER_ARGS)

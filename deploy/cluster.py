@@ -1,7 +1,7 @@
 """A real local cluster without Docker: redis-server, N hubnode nodes and nginx in front.
 
-    python -m deploy.cluster [--port 8080] [--redis-port 6380] [--nodes 3]
-                             [--restart {no,on-failure,always}] [--keep] [-- NODE FLAGS...]
+    python -m deploy.cluster [--port 8080] [--redis {single,cluster,sentinel}] [--redis-port 6380]
+                             [--nodes 3] [--restart {no,on-failure,always}] [--keep] [-- NODE FLAGS...]
 
 This is what `make cluster` runs, and what tests/e2e/test_cluster_nginx.py
 boots on free ports. Everything runs as the current user from the venv:
@@ -12,6 +12,13 @@ binary) with deploy/nginx.conf rendered for those ports, in the foreground
 (`daemon off;`) with its pid file, temporary files and the cluster's logs in
 one working directory. A port it needs that is taken stops it at once, with
 one line saying which and how to choose another.
+
+`--redis cluster` runs a Redis Cluster instead (3 primaries on 7001-7003,
+their replicas on 7004-7006, bus ports +10000) and `--redis sentinel` a
+primary (6380), its replica (6381) and three sentinels (26380-26382)
+watching it as `hubmaster`; deploy/redis_servers.py builds both, and the
+nodes get `redis+cluster://...` or `redis+sentinel://.../hubmaster`.
+`--redis-port` is then the first of those ports (0: free ones).
 
 While it runs, it checks its children every 0.5 s (Cluster.check). One that
 exits is reported on stderr (with the end of its log when it exited with an
@@ -28,15 +35,15 @@ answers its readiness check (a node's /readyz, which needs its Redis entry).
 Each child runs in its own process group, so a Ctrl-C in the terminal
 reaches this script only; it then stops what it started, by PID and in
 order: the nodes first (SIGTERM: they drain, clients get close 1001 and
-reconnect), then nginx, then Redis, and exits 0. Children also get SIGTERM if
-this script dies without cleaning up (Linux parent-death signal).
+reconnect), then nginx, then Redis (sentinels first), and exits 0.
+Children also get SIGTERM if this script dies without cleaning up (Linux
+parent-death signal).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import functools
 import json
@@ -58,18 +65,38 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from deploy.redis_servers import (
+    RedisClusterProcs,
+    RedisProcess,
+    RedisTopologyError,
+    SentinelProcs,
+    Topology,
+    find_executable,
+    free_port,
+)
+from deploy.redis_servers import die_with_parent as _die_with_parent
 from hubnode.validate import RULES, Invalid, Rule, integer, whole
 from publisher.usage import OneLineParser
 
-__all__ = ["POLICIES", "Cluster", "ClusterError", "Event", "PortUnavailable", "describe_exit", "find_executable",
-           "main", "nginx_command", "render_nginx_conf", "restart_delay"]
+__all__ = ["POLICIES", "REDIS_MODES", "Cluster", "ClusterError", "Event", "PortUnavailable", "describe_exit",
+           "find_executable", "free_port", "main", "nginx_command", "redis_port_problem", "redis_topology",
+           "render_nginx_conf", "restart_delay"]
 
 NGINX_TEMPLATE = Path(__file__).with_name("nginx.conf")
-_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin", "/usr/bin", "/usr/local/bin")
 _LISTEN = re.compile(r"(# cluster\.py: listen address\n)([ \t]*)listen [^;\n]+;")
 _SERVERS = re.compile(r"(# cluster\.py: upstream servers[^\n]*\n)([ \t]*)server [^;\n]+;\n(?:[ \t]*server [^;\n]+;\n)*")
 _SERVER_OPTIONS = "max_fails=1 fail_timeout=5s"
 DEFAULT_REDIS_PORT = 6380  # `python -m deploy.cluster` (make cluster); not 6379, a system Redis's port
+REDIS_MODES = ("single", "cluster", "sentinel")  # --redis
+# --redis-port's default per mode, and how far above it the mode's ports reach: a cluster's six nodes and
+# their bus ports (+10000); a sentinel setup's primary, replica and sentinels (+20000, +20001, +20002)
+DEFAULT_REDIS_PORTS = {"single": DEFAULT_REDIS_PORT, "cluster": 7001, "sentinel": DEFAULT_REDIS_PORT}
+_REDIS_PORT_SPAN = {"single": 0, "cluster": 10005, "sentinel": 20002}
+_SENTINEL_OFFSET = 20000
+# A Redis server of a cluster or sentinel setup is restarted no sooner than this: time for its replica to be
+# promoted first. Without persistence, a primary back before that would be an empty primary, and its
+# replica would copy the emptiness; after it, it comes back as a replica and copies the data instead.
+REDIS_FAILOVER_WAIT = {"single": 0.0, "cluster": 6.0, "sentinel": 5.0}
 
 POLICIES = ("no", "on-failure", "always")  # --restart, as in Docker
 BACKOFF_FIRST = 1.0  # seconds before the first restart
@@ -168,26 +195,37 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def find_executable(name: str) -> str:
-    """`name` on PATH, else in the sbin directories a normal user's PATH often lacks."""
-    found = shutil.which(name) or next(
-        (str(Path(d) / name) for d in _SBIN_DIRS if os.access(Path(d) / name, os.X_OK)), None)
-    if found is None:
-        raise ClusterError(f"{name} is not installed: run `make sysdeps` (Debian: apt-get install "
-                           f"{'nginx-light' if name == 'nginx' else 'redis-server'})")
-    return found
+def redis_port_problem(mode: str, base: int) -> str | None:
+    """Why `--redis MODE --redis-port BASE` cannot work (its ports would pass 65535), or None."""
+    top = base + _REDIS_PORT_SPAN[mode]
+    if base == 0 or top <= 65535:
+        return None
+    return (f"{base}: --redis {mode} listens on ports up to {base}+{_REDIS_PORT_SPAN[mode]}, so at most "
+            f"{65535 - _REDIS_PORT_SPAN[mode]} (or 0: free ports)")
+
+
+def redis_topology(mode: str, base: int, folder: Path) -> Topology:
+    """The Redis processes of `--redis MODE`, from port `base` up (0: free ports), their files in `folder`.
+
+    single is one redis-server named `redis` on `base`; cluster is
+    `redis1..6` on base..base+5 (primaries first); sentinel is `redis1`
+    (primary) on base, `redis2` (replica) on base+1 and `sentinel1..3` on
+    base+20000.. (6380 -> 26380, Redis's own habit).
+    """
+    if mode == "single":
+        return RedisProcess("redis", base or free_port(), folder)
+    if mode == "cluster":
+        return RedisClusterProcs(folder / "redis", ports=[base + i for i in range(6)] if base else None)
+    if mode == "sentinel":
+        return SentinelProcs(folder / "redis", ports=[base, base + 1] if base else None,
+                             sentinel_ports=[base + _SENTINEL_OFFSET + i for i in range(3)] if base else None)
+    raise ValueError(f"--redis {mode!r} is not one of {', '.join(REDIS_MODES)}")
 
 
 def nginx_version(exe: str) -> tuple[int, ...]:
     out = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=10).stderr
     match = re.search(r"nginx/(\d+(?:\.\d+)*)", out)
     return tuple(int(p) for p in match[1].split(".")) if match else (0,)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:
@@ -199,14 +237,6 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         return exc.code
     except (OSError, ValueError):
         return None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 # -- processes ---------------------------------------------------------------------
@@ -286,10 +316,12 @@ class _Watch:
 
 
 class Cluster:
-    """redis-server, `nodes` hubnode processes and nginx, started and stopped together.
+    """Redis, `nodes` hubnode processes and nginx, started and stopped together.
 
     Use as a context manager, or call start() and stop(). `port` 0 picks a
-    free port for nginx; `redis_port` 0 a free one for Redis. `node_args` go
+    free port for nginx. `redis` is the Redis topology (REDIS_MODES, see
+    redis_topology()) and `redis_port` its first port, 0 for free ones;
+    every Redis process is a supervised child like the others. `node_args` go
     to every node after the cluster's own flags (so they can add, e.g.
     `--heartbeat 0.5`). Nothing watches the children unless check() is
     called (main() does every 0.5 s): it reports exits and applies the
@@ -298,18 +330,21 @@ class Cluster:
 
     def __init__(self, port: int = 8080, nodes: int = 3, redis_port: int = 0, host: str = "127.0.0.1",
                  node_args: Sequence[str] = (), workdir: Path | None = None, keep: bool = False,
-                 restart: str = "on-failure") -> None:
+                 restart: str = "on-failure", redis: str = "single") -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         if restart not in POLICIES:
             raise ValueError(f"restart policy {restart!r} is not one of {', '.join(POLICIES)}")
         self.host = host
         self.port = port or free_port()
-        self.redis_port = redis_port or free_port()
         self.node_ids = [f"node{i}" for i in range(1, nodes + 1)]
         self.node_ports = {node_id: free_port() for node_id in self.node_ids}
         self.node_args = tuple(node_args)
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="hub-cluster-"))
+        self.redis_mode = redis
+        self.redis = redis_topology(redis, redis_port, self.dir)  # Redis always listens on 127.0.0.1
+        self.redis_procs = {proc.name: proc for proc in self.redis.procs}
+        self.redis_port = self.redis.procs[0].port  # the first one: a cluster seed, the initial primary
         self.keep = keep
         self.restart = restart
         self.procs: dict[str, Proc] = {}
@@ -329,7 +364,8 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.host}:{self.redis_port}/0"
+        """What the nodes get as --redis-url: redis://, redis+cluster:// or redis+sentinel://."""
+        return self.redis.url
 
     def node_url(self, node_id: str) -> str:
         return f"http://{self.host}:{self.node_ports[node_id]}"
@@ -340,10 +376,7 @@ class Cluster:
         end = time.monotonic() + timeout
         self.check_ports()
         try:
-            self._spawn("redis", [find_executable("redis-server"), "--port", str(self.redis_port),
-                                  "--bind", self.host, "--save", "", "--appendonly", "no",
-                                  "--maxmemory-policy", "noeviction", "--dir", str(self.dir)])
-            self._wait(self._redis_answers, end, "redis-server to answer PING")
+            self.start_redis(end)
             for node_id in self.node_ids:
                 self._spawn(node_id, [*_hubnode_command(), "--host", self.host,
                                       "--port", str(self.node_ports[node_id]), "--redis-url", self.redis_url,
@@ -358,6 +391,19 @@ class Cluster:
             raise
         return self
 
+    def start_redis(self, end: float) -> None:
+        """Start the Redis topology's processes as supervised children and run its steps (joining a
+        Redis Cluster, waiting for the sentinels to agree) before time.monotonic() `end`."""
+        for phase in self.redis.phases():
+            for proc in phase.procs:
+                proc.prepare()
+                self._spawn(proc.name, proc.command())
+            for proc in phase.procs:
+                self._wait(proc.ping, end, f"{proc.name} to answer PING")
+            if phase.then is not None:
+                phase.then()
+            self._wait(phase.ready, end, phase.what)
+
     def stop_processes(self, node_grace: float = 15.0) -> None:
         """Stop everything this cluster started, by PID: the nodes (they drain), nginx, Redis.
 
@@ -368,7 +414,7 @@ class Cluster:
         for proc in nodes:
             proc.signal(signal.SIGTERM)  # all drain at once
         self.forced += [proc.name for proc in nodes if proc.wait_or_kill(node_grace)]
-        for name in ("nginx", "redis"):
+        for name in ("nginx", *reversed(self.redis_procs)):  # sentinels before the servers they watch
             if name in self.procs and self.procs[name].stop(10.0):
                 self.forced.append(name)
 
@@ -394,12 +440,14 @@ class Cluster:
         Without this, a Redis already on the port would answer the cluster's
         PING, and the start would time out on nodes from another cluster.
         """
-        for what, port, flag in (("Redis", self.redis_port, "--redis-port"), ("nginx", self.port, "--port")):
+        mode = "" if self.redis_mode == "single" else f"--redis {self.redis_mode} "
+        ports = [("Redis", port, "--redis-port") for port in self.redis.listen_ports] + [("nginx", self.port, "--port")]
+        for what, port, flag in ports:
             problem = port_problem(self.host, port)
             if problem is not None:
                 raise PortUnavailable(
                     f"the {what} port {self.host}:{port} {problem}; stop what uses it or choose another port: "
-                    f'make cluster CLUSTER_ARGS="{flag} 0" (a free one) or {flag} N')
+                    f'make cluster CLUSTER_ARGS="{mode}{flag} 0" (a free one) or {flag} N')
 
     def check(self, now: float | None = None) -> list[Event]:
         """One supervision step: report children that exited, restart those due, report those back.
@@ -456,6 +504,8 @@ class Cluster:
         watch.reported = True
         proc.kill_leftovers()
         delay = restart_delay(self.restart, code, now - watch.started, watch.delay)
+        if delay is not None and proc.name in self.redis_procs and self.redis_procs[proc.name].sentinel_conf is None:
+            delay = max(delay, REDIS_FAILOVER_WAIT[self.redis_mode])
         if delay is None:
             plan = f"not restarting it (--restart {self.restart}); the others keep running"
         else:
@@ -488,6 +538,14 @@ class Cluster:
             return "no node is left, so nginx answers 502"
         if name == "nginx":
             return f"its clients are cut off and nothing answers on {self.url} (the nodes keep their own ports)"
+        if self.redis_mode == "cluster":
+            return ("if it was a primary, the Redis Cluster gives its slots to its replica within about 4 s; "
+                    "back, it rejoins as a replica")
+        if name.startswith("sentinel"):
+            return "the other sentinels still make the quorum of 2 that a failover needs"
+        if self.redis_mode == "sentinel":
+            return ("if it was the primary, the sentinels promote the replica within about 3 s; "
+                    "back, it is made a replica")
         return (f"the nodes have no Redis (/readyz 503, publishes refused) until one answers on port "
                 f"{self.redis_port}, then re-register")
 
@@ -497,7 +555,7 @@ class Cluster:
             return self._node_ready(name)
         if name == "nginx":
             return http_status(self.url + "/nginx-healthz", timeout=0.5) == 200
-        return self._redis_answers()
+        return self.redis_procs[name].ping()
 
     def _wait(self, ready: Callable[[], bool], end: float, what: str) -> None:
         while not ready():
@@ -511,14 +569,6 @@ class Cluster:
 
     def _node_ready(self, node_id: str) -> bool:
         return http_status(self.node_url(node_id) + "/readyz", timeout=0.5) == 200
-
-    def _redis_answers(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.redis_port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
 
     def _all_registered(self) -> bool:
         try:
@@ -556,17 +606,29 @@ def summary(cluster: Cluster) -> str:
         f"  HTTP API   {cluster.url}/api/stats   {cluster.url}/api/rooms   POST {cluster.url}/broadcast",
         *(f"  {n:<9}  {cluster.node_url(n)}   pid {p[n].pid}" for n in cluster.node_ids),
         f"  nginx      {cluster.url}   pid {p['nginx'].pid}",
-        f"  redis      {cluster.redis_url}   pid {p['redis'].pid}",
+        *_redis_lines(cluster),
         f"  logs       {cluster.dir}/*.log",
         "Inspect it from another shell:",
         f"  export HUB_REDIS_URL={cluster.redis_url}",
         f"  {hubctl} nodes",
         f"  {hubctl} members room1",
-        f"  redis-cli -p {cluster.redis_port} HGETALL 'hub:members:{{room1}}'",
+        f"  redis-cli {'-c ' if cluster.redis_mode == 'cluster' else ''}-p {cluster.redis_port} "
+        f"HGETALL 'hub:members:{{room1}}'",
         _POLICY_LINES[cluster.restart],
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
+
+
+def _redis_lines(cluster: Cluster) -> list[str]:
+    """The summary's Redis lines: its URL and PID, or for a topology each process's role, then the URL."""
+    p = cluster.procs
+    if cluster.redis_mode == "single":
+        return [f"  redis      {cluster.redis_url}   pid {p['redis'].pid}"]
+    roles = cluster.redis.roles()
+    return [*(f"  {proc.name:<9}  {proc.address}   {roles[proc.name]}   pid {p[proc.name].pid}"
+              for proc in cluster.redis.procs),
+            f"  redis      {cluster.redis_url}"]
 
 
 _POLICY_LINES = {
@@ -602,15 +664,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = OneLineParser(
         prog="python -m deploy.cluster",
-        description="Run redis-server, N hubnode nodes and nginx locally (no Docker) until Ctrl-C. A child "
+        description="Run Redis, N hubnode nodes and nginx locally (no Docker) until Ctrl-C. A child "
                     "that exits is reported on stderr and the rest keep running; --restart says whether it is "
                     "restarted. Flags after `--` go to every node, e.g. `-- --heartbeat 0.5`.")
     parser.add_argument("--port", type=_PORT, default=8080,
                         help="nginx port on 127.0.0.1 (default 8080; 0: a free one); a port in use stops the "
                              "script at once")
-    parser.add_argument("--redis-port", type=_PORT, default=DEFAULT_REDIS_PORT,
-                        help=f"redis-server port on 127.0.0.1 (default {DEFAULT_REDIS_PORT}; 0: a free one); "
-                             "a port in use stops the script at once")
+    parser.add_argument("--redis", choices=REDIS_MODES, default="single",
+                        help="the Redis the nodes share: single (default) one redis-server; cluster a Redis "
+                             "Cluster of 3 primaries and 3 replicas (nodes get redis+cluster://); sentinel a "
+                             "primary, its replica and 3 sentinels (nodes get redis+sentinel://.../hubmaster)")
+    parser.add_argument("--redis-port", type=_PORT, default=None,
+                        help=f"the first Redis port on 127.0.0.1 (default {DEFAULT_REDIS_PORT}; --redis cluster: "
+                             f"{DEFAULT_REDIS_PORTS['cluster']}-{DEFAULT_REDIS_PORTS['cluster'] + 5}, bus ports "
+                             f"+10000; --redis sentinel: {DEFAULT_REDIS_PORT} and {DEFAULT_REDIS_PORT + 1}, "
+                             f"sentinels +20000..20002; 0: free ones); a port in use stops the script at once")
     parser.add_argument("--nodes", type=_NODE_COUNT, default=3, help="number of hubnode nodes (default 3)")
     parser.add_argument("--restart", choices=POLICIES, default="on-failure",
                         help="what to do when a node, nginx or Redis exits; the rest keep running in any case. "
@@ -619,6 +687,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                              "doubled while a child keeps dying within 10 s, up to 30 s")
     parser.add_argument("--keep", action="store_true", help="keep the working directory and logs on exit")
     args = parser.parse_args(own)
+    if args.redis_port is None:
+        args.redis_port = DEFAULT_REDIS_PORTS[args.redis]
+    problem = redis_port_problem(args.redis, args.redis_port)
+    if problem is not None:
+        parser.error(f"argument --redis-port: {problem}")
+    if any(arg == "--redis-url" or arg.startswith("--redis-url=") for arg in node_args):
+        parser.error("--redis-url after `--`: the script gives every node the URL of the Redis it runs; "
+                     "choose that Redis with --redis {" + ",".join(REDIS_MODES) + "}")
     from hubnode.config import parse_args as node_parse_args  # the node's own rules, its own one-line errors
 
     node_parse_args(["--redis-url", "redis://127.0.0.1:6380/0", "--node-id", "node1", *node_args])
@@ -681,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
-    cluster = Cluster(port=args.port, nodes=args.nodes, redis_port=args.redis_port,
+    cluster = Cluster(port=args.port, nodes=args.nodes, redis_port=args.redis_port, redis=args.redis,
                       node_args=node_args, keep=args.keep, restart=args.restart)
     status = 0
     try:
@@ -693,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PortUnavailable as exc:  # nothing started: one line, and no (empty) logs directory to keep
         print(f"cluster: {exc}", file=sys.stderr)
         cluster.keep, status = False, 1
-    except ClusterError as exc:
+    except (ClusterError, RedisTopologyError) as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         cluster.keep, status = True, 1
     finally:

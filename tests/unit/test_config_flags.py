@@ -23,7 +23,11 @@ BAD: dict[str, list[str]] = {
     "host": ["a b", "", "exa mple.com", "-bad-.example"],
     "port": ["99999", "-1", "eighty", "80.5", "65536"],
     "redis_url": ["redis+sentinel://x", "http://x", "redis://h:99999/0", "redis://h/x", "redis://h/0?foo=1",
-                  "redis://h/0?socket_timeout=soon", "localhost:6379", "redis://:1/0", "unix://"],
+                  "redis://h/0?socket_timeout=soon", "localhost:6379", "redis://:1/0", "unix://",
+                  "redis+sentinel://h:26379", "redis+cluster://h:7000/2", "redis+cluster://h:x"],
+    "redis_ca": ["", " "],
+    "redis_cert": [""],
+    "redis_key": [" "],
     "node_id": ["a b", "x" * 65, "", "node/1"],
     "key_prefix": ["a b", "{x}:", "", "x" * 65],
     "auth": ["ldap", ""],
@@ -218,6 +222,10 @@ CLUSTER_BAD = [  # `make cluster CLUSTER_ARGS=...`: its own flags, and node flag
     (["--nodes", "x"], "--nodes"), (["--restart", "sometimes"], "--restart"),
     (["--", "--heartbeat", "nan"], "--heartbeat"), (["--", "--log-level", "loud"], "--log-level"),
     (["--", "--bogus"], "--bogus"),
+    (["--redis", "swarm"], "--redis"), (["--redis", "cluster", "--redis-port", "55531"], "--redis-port"),
+    (["--redis", "sentinel", "--redis-port", "45534"], "--redis-port"),
+    (["--redis", "cluster", "--", "--redis-url", "redis://127.0.0.1:6379/0"], "--redis-url"),
+    (["--", "--redis-url=redis://127.0.0.1:6379/0"], "--redis-url"),
 ]
 
 
@@ -232,3 +240,17 @@ def test_cluster_script_refuses_bad_flags_before_starting_anything(argv: list[st
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(("argv", "redis", "port"), [
+    ([], "single", 6380), (["--redis", "cluster"], "cluster", 7001), (["--redis", "sentinel"], "sentinel", 6380),
+    (["--redis", "cluster", "--redis-port", "0"], "cluster", 0),
+    (["--redis", "cluster", "--redis-port", "55530"], "cluster", 55530),  # the highest: bus ports end at 65535
+    (["--redis", "sentinel", "--redis-port", "45533"], "sentinel", 45533),  # sentinels end at 65535
+])
+def test_cluster_script_redis_modes_have_fixed_default_ports(argv: list[str], redis: str, port: int) -> None:
+    """--redis picks the topology; --redis-port defaults to its first fixed port, so the printed URL is stable."""
+    from deploy import cluster
+
+    args, _ = cluster.parse_args(argv)
+    assert (args.redis, args.redis_port) == (redis, port)
