@@ -552,8 +552,11 @@ class Node:
         Streams with history are read back from Redis and delivered by the
         node itself; only connections with a stream that has none (or could
         not be recovered) are told to `resync` (PROTOCOL.md section 10).
-        Without history on this node, every connection is told.
+        Without history on this node, every connection is told. The node's
+        membership entries are rewritten at the next heartbeat too: the loss
+        may have been a failover that dropped writes not yet replicated.
         """
+        self.store.reconcile()
         if not self.config.history.enabled:
             self._resync_conns(list(self.conns))
             return

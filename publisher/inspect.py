@@ -1,9 +1,11 @@
 """Read-only questions about a running hub, answered from Redis keys alone.
 
-The layout read here is PROTOCOL.md section 7; every answer is the one the
-nodes' HTTP API gives (section 6), so `hubctl stats` and `GET /api/stats`
-agree. Each question is a query (see `publisher.query`): written once, run by
-`Publisher` and `AsyncPublisher` alike. The parsing helpers are plain
+The layout read here is PROTOCOL.md section 7 (the README's Redis key
+table); every answer is the one the nodes' HTTP API gives (section 6), so
+`hubctl stats` and `GET /api/stats` agree. Each call reads one key, so the
+queries run on a Redis Cluster as on one Redis. Each question is a query
+(see `publisher.query`): written once, run by `Publisher` and
+`AsyncPublisher` alike. The parsing helpers are plain
 functions over plain values, testable without Redis.
 
 Clock: a node is live while its `hub:nodes` score (expiry, ms) is later than
@@ -117,7 +119,7 @@ def _conn_order(member: Member) -> tuple[str, int, str]:
 
 
 def node_info(node_id: Any, expiry_ms: float, fields: Mapping[Any, Any], now: int) -> NodeInfo:
-    """Describe one node from its ZSET score and its `hub:node:<id>` hash.
+    """Describe one node from its ZSET score and its `hub:node:{<id>}` hash.
 
     Missing or unreadable fields degrade to None (0 clients) rather than fail:
     a node may be older or newer than this client.
@@ -159,10 +161,44 @@ def _hscan_all(key: str) -> Query[dict[Any, Any]]:
             return found
 
 
+def _listed_nodes(keys: Keys) -> Query[list[str]]:
+    """Every node in the registry index: live, expired, or claimed by a sweep that is still going."""
+    entries = yield Call("zrange", (keys.nodes, 0, -1))
+    return sorted(text(node) for node in entries)
+
+
+def _sscan_all(set_keys: list[str]) -> Query[set[str]]:
+    """The union of these sets, read with SSCAN side by side: one round trip per page of all of them."""
+    found: set[str] = set()
+    cursors: dict[str, Any] = dict.fromkeys(set_keys, 0)
+    while cursors:
+        batch = list(cursors)
+        pages = yield [Call("sscan", (key,), {"cursor": cursors[key], "count": SCAN_COUNT}) for key in batch]
+        for key, (cursor, page) in zip(batch, pages, strict=True):
+            found.update(text(name) for name in page)
+            if int(cursor) == 0:
+                del cursors[key]
+            else:
+                cursors[key] = cursor
+    return found
+
+
 def rooms(keys: Keys) -> Query[dict[str, int]]:
-    """Room -> number of member connections, cluster-wide (`hub:rooms`)."""
-    raw = yield from _hscan_all(keys.rooms)
-    return {text(room): to_int(count) for room, count in sorted(raw.items())}
+    """Room -> number of member connections, cluster-wide, for every room with at least one.
+
+    The candidates are the rooms indexes of every node in the registry (each
+    a superset of the rooms where that node has members, dead nodes not yet
+    swept included), so the answer is exactly what the members hashes hold;
+    each count is the HLEN of the room's members hash.
+    """
+    nodes = yield from _listed_nodes(keys)
+    names = sorted((yield from _sscan_all([keys.node_rooms(node) for node in nodes])))
+    counts: dict[str, int] = {}
+    for start in range(0, len(names), SCAN_COUNT):
+        part = names[start:start + SCAN_COUNT]
+        sizes = yield [Call("hlen", (keys.members(room),)) for room in part]
+        counts.update((room, n) for room, n in zip(part, map(to_int, sizes), strict=True) if n > 0)
+    return counts
 
 
 def room_members(keys: Keys, room: str) -> Query[list[Member]]:
@@ -176,13 +212,13 @@ def room_members(keys: Keys, room: str) -> Query[list[Member]]:
 
 
 def room_count(keys: Keys) -> Query[int]:
-    """How many rooms have at least one member (HLEN `hub:rooms`)."""
-    return to_int((yield Call("hlen", (keys.rooms,))))
+    """How many rooms have at least one member (the length of `rooms`)."""
+    return len((yield from rooms(keys)))
 
 
 def user_online(keys: Keys, user_id: str) -> Query[int]:
-    """How many connections the user has cluster-wide; 0 when offline."""
-    return to_int((yield Call("hget", (keys.online, _checked("user id", user_id)))))
+    """How many connections the user has cluster-wide (HLEN of its online hash); 0 when offline."""
+    return to_int((yield Call("hlen", (keys.online(_checked("user id", user_id)),))))
 
 
 def live_nodes(keys: Keys, now: int | None = None) -> Query[list[NodeInfo]]:

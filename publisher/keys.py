@@ -1,7 +1,9 @@
 """Every Redis channel and key name of PROTOCOL.md section 7, built in one place.
 
-Room and user names are wrapped in `{}` so that a room's channel and keys share
-one Redis Cluster hash slot (ready for sharded pub/sub).
+Room, user and node names are wrapped in `{}` (Redis Cluster hash tags): a
+room's channel and keys share one slot, as do a user's and a node's keys, so
+every script touches one slot, on a single Redis and on a Redis Cluster alike.
+The node channel keeps its 0.1 name (`hub:node:<id>`, no tag).
 """
 
 from __future__ import annotations
@@ -66,34 +68,39 @@ class Keys:
             return ("node", name)
         return None
 
-    # -- membership keys ---------------------------------------------------
+    # -- membership keys (PROTOCOL.md section 7) ---------------------------------
+    # Every Lua script and MULTI touches keys of one Redis Cluster hash slot: a
+    # node's keys share the slot of `{<node id>}`, a room's the slot of
+    # `{<room>}`, a user's the slot of `{<user id>}`. The registry index
+    # `nodes` has a slot of its own and is only written by commands of its own.
     def members(self, room: str) -> str:
+        """The room's members (HASH conn_id -> user_id, "" for anonymous)."""
         return f"{self.prefix}members:{{{room}}}"
 
-    @property
-    def rooms(self) -> str:
-        return f"{self.prefix}rooms"
-
-    @property
-    def online(self) -> str:
-        return f"{self.prefix}online"
+    def online(self, user_id: str) -> str:
+        """The user's connections cluster-wide (HASH conn_id -> node id): HLEN is the online count."""
+        return f"{self.prefix}online:{{{user_id}}}"
 
     @property
     def nodes(self) -> str:
+        """The registry index (ZSET node id -> expiry ms; 0: claimed by a sweep)."""
         return f"{self.prefix}nodes"
 
     def node(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}"
+        """The node's HASH: clients, started_at, heartbeat_at, heartbeat_interval, address, version, expiry."""
+        return f"{self.prefix}node:{{{node_id}}}"
 
     def node_rooms(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}:rooms"
+        """Rooms in which the node may have members (SET; a superset, for listings and sweeps)."""
+        return f"{self.prefix}node:{{{node_id}}}:rooms"
 
     def node_users(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}:users"
+        """User -> the node's connections of that user (HASH; for sweeps)."""
+        return f"{self.prefix}node:{{{node_id}}}:users"
 
     def node_conns(self, node_id: str) -> str:
         """The node's connection ids (SET): makes connect/disconnect updates idempotent."""
-        return f"{self.prefix}node:{node_id}:conns"
+        return f"{self.prefix}node:{{{node_id}}}:conns"
 
     # -- stream history (PROTOCOL.md section 10) -----------------------------
     def stream(self, kind: str, name: str) -> str:
@@ -119,4 +126,4 @@ class Keys:
         Any node serves the cluster dashboard from these, so the page shows
         every node's numbers whichever node a load balancer picked.
         """
-        return f"{self.prefix}node:{node_id}:metrics"
+        return f"{self.prefix}node:{{{node_id}}}:metrics"

@@ -11,14 +11,27 @@ A step is either one `Call`, answered with its reply, or a list of calls,
 sent as one pipeline (no MULTI) and answered with the list of replies. Calls
 name redis-py client methods rather than raw commands, so replies arrive
 already parsed (HSCAN as `(cursor, dict)`, ZRANGEBYSCORE WITHSCORES as pairs).
+
+The drivers run on one Redis (`redis.Redis`, `redis.asyncio.Redis`) and on a
+Redis Cluster (`redis.RedisCluster`, `redis.asyncio.RedisCluster`) alike. On
+a cluster the calls of one list step may name keys of different slots: the
+cluster pipeline sends each shard its part (in step order within a shard),
+and a script call in it is sent as a raw EVALSHA (redis-py refuses the
+`evalsha` method in a cluster pipeline and does not load scripts for one). A
+shard that answers NOSCRIPT (a restarted or promoted primary) gets every
+script of the step loaded and the whole step is sent once more: every script
+call a query sends is safe to repeat (reads, and the history publish, which
+answers a repeated envelope id with the first copy's offset).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
+from inspect import isawaitable
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-__all__ = ["Call", "Query", "ScriptCall", "Step", "drive", "drive_async", "pipeline_step", "run_step", "text"]
+__all__ = ["Call", "Query", "ScriptCall", "Step", "drive", "drive_async", "is_cluster", "is_pipeline",
+           "pipeline_step", "run_step", "text"]
 
 T = TypeVar("T")
 
@@ -60,6 +73,8 @@ class ScriptCall(NamedTuple):
     args: tuple[Any, ...]
 
     def on(self, client: Any) -> Any:
+        if is_cluster(client) and is_pipeline(client):  # see the module docstring
+            return client.execute_command("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
         script = client.register_script(self.script.text)
         scripts = getattr(client, "scripts", None)
         if isinstance(scripts, set):  # a pipeline: queue the command, load the script at execute
@@ -107,8 +122,61 @@ def pipeline_step(client: Any, step: list[Call | ScriptCall]) -> Any:
 def run_step(client: Any, step: Step) -> Any:
     """Issue one step on a client: the reply, or an awaitable of it for an asyncio client."""
     if isinstance(step, list):
+        if is_cluster(client):
+            return _cluster_step(client, step)
         return pipeline_step(client, step).execute()
     return step.on(client)
+
+
+def is_cluster(client: Any) -> bool:
+    """True for a Redis Cluster client or one of its pipelines (sync or asyncio), without importing redis."""
+    return hasattr(client, "nodes_manager")
+
+
+def is_pipeline(client: Any) -> bool:
+    """True for a pipeline (it queues commands until `execute`), of any kind."""
+    return callable(getattr(client, "execute", None))
+
+
+def _cluster_step(client: Any, step: list[Call | ScriptCall]) -> Any:
+    """A list step on a Redis Cluster: one pipeline, then (on NOSCRIPT only) the scripts and the step again."""
+    replies = pipeline_step(client, step).execute(raise_on_error=False)
+    if isawaitable(replies):
+        return _cluster_step_async(client, step, replies)
+    if not _missing_script(replies):
+        return _raised(replies)
+    for script in _scripts_of(step):
+        client.script_load(script.text)
+    return pipeline_step(client, step).execute()
+
+
+async def _cluster_step_async(client: Any, step: list[Call | ScriptCall], pending: Awaitable[list[Any]]) -> Any:
+    replies = await pending
+    if not _missing_script(replies):
+        return _raised(replies)
+    for script in _scripts_of(step):
+        await client.script_load(script.text)
+    return await pipeline_step(client, step).execute()
+
+
+def _missing_script(replies: list[Any]) -> bool:
+    return any(type(r).__name__ == "NoScriptError" for r in replies)
+
+
+def _raised(replies: list[Any]) -> list[Any]:
+    """The replies, or the first error among them raised (what `execute()` does by default)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _scripts_of(step: list[Call | ScriptCall]) -> list[_Script]:
+    seen: dict[str, _Script] = {}
+    for call in step:
+        if isinstance(call, ScriptCall):
+            seen.setdefault(call.script.sha, call.script)
+    return list(seen.values())
 
 
 def text(value: Any) -> str:

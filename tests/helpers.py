@@ -387,5 +387,5 @@ def sync_redis(url: str) -> Any:
 
 def only_node_entries(client: Any, prefix: str, nodes: int) -> bool:
     """True when Redis holds nothing under `prefix` but the registry and nodes n1..n<nodes>."""
-    allowed = {f"{prefix}nodes"} | {f"{prefix}node:n{i}" for i in range(1, nodes + 1)}
+    allowed = {f"{prefix}nodes"} | {f"{prefix}node:{{n{i}}}" for i in range(1, nodes + 1)}
     return set(redis_state(client, prefix)) <= allowed

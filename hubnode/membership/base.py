@@ -110,6 +110,14 @@ class MembershipStore(Protocol):
         """Renew this node's liveness, sweep dead nodes, re-register if swept."""
         ...
 
+    def reconcile(self) -> None:
+        """Rewrite this node's entries from its own table soon (at the next heartbeat).
+
+        Called after the node lost its subscription: a Redis failover may have
+        lost membership writes the old primary had not yet replicated.
+        """
+        ...
+
     async def close(self) -> None:
         """Remove this node's own entries (drain) and release connections."""
         ...

@@ -88,6 +88,9 @@ class MemoryMembershipStore:
     async def heartbeat(self) -> None:
         return None
 
+    def reconcile(self) -> None:
+        return None  # nothing is stored elsewhere: nothing can have been lost
+
     async def close(self) -> None:
         self._members.clear()
         self._online.clear()

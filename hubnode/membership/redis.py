@@ -1,28 +1,61 @@
-"""Membership in Redis, readable with redis-cli (PROTOCOL.md section 7).
+"""Membership in Redis, readable with redis-cli (PROTOCOL.md section 7, the README's key table).
 
-Every change is one Lua script, so the room hash, the room counts, the online
-counts and the node's own clean-up index move together. Every key a script
-touches is passed in KEYS, built by `publisher.keys.Keys`: no script builds a
-key name, so there is one source of truth for names (and Redis Cluster can
-route every script).
+One layout serves a single Redis and a Redis Cluster: every Lua script (and
+every pipelined command) touches keys of ONE hash slot, and every key a script
+touches is passed in KEYS, built by `publisher.keys.Keys` (no script builds a
+key name). A node's keys share the slot of `{<node id>}`, a room's members
+hash the slot of `{<room>}`, a user's online hash the slot of `{<user id>}`;
+the registry index `hub:nodes` is written only by commands and scripts of its
+own. So a change that spans slots is a few single-slot steps, ordered so that
+the node's own indexes (`…:rooms`, `…:users`) are always SUPERSETS of what the
+room and user hashes hold: a step that adds to an index runs before the member
+is written, a step that removes from it after the member is gone. Sweeps and
+listings read the indexes and so never miss an entry.
 
-One writer task sends a node's changes in the order the node made them,
-batched into a pipeline per round trip: a re-registration's snapshot, taken
-when it is queued, sits in that order too, so no change can land on the wrong
-side of it, and a connection storm costs round trips per batch, not per
-change. Connect and disconnect are also idempotent (the node's conns set
-decides whether counts move). An update that fails (timeout, Redis restart)
-is never silently lost: it is counted and the node re-registers its whole
-local state on the next heartbeat, which rebuilds its entries exactly. A
-script that finds the node unregistered (swept while paused, or Redis lost
-its data) does the same.
+The client may be `redis.asyncio.Redis` or `redis.asyncio.cluster.RedisCluster`.
+Pipelines send script calls as raw EVALSHA (a cluster pipeline refuses the
+`evalsha` method and loads no script); an answer of NOSCRIPT (a restarted or
+promoted primary) loads every script and fails that write, which the node then
+reconciles like any failed write (below).
+
+One writer task sends a node's changes in the order the node made them. A
+batch of queued changes goes as up to three pipelined rounds, one per phase
+of `hubnode.membership.changes` (add to the node's indexes, write the room
+and user hashes, remove from the node's indexes); within a phase, steps keep
+their queue order (one slot lives on one connection of one Redis), and a
+change that depends on an earlier one's last phase starts a new group of
+rounds, so every change lands as if sent alone, in order. A
+re-registration's snapshot, taken when it is queued, sits in that order too,
+so no change can land on the wrong side of it, and a connection storm costs
+round trips per batch, not per change. Connect and disconnect are also
+idempotent (the node's conns set decides whether counts move). An update
+that fails (timeout, Redis restart, NOSCRIPT) is never silently lost: it is
+counted and the node re-registers its whole local state on the next
+heartbeat, which rebuilds its entries exactly. A step that finds the node
+unregistered (its hash's `expiry` is 0 or gone: claimed by a sweep, swept,
+or Redis lost its data), or a heartbeat that finds the node missing from
+`hub:nodes`, does the same.
 
 Work proportional to a node's size (sweeping a dead node, draining,
-re-registering) is done in bounded steps: each script handles one room's
-next few hundred members, or a few hundred connections, so no single script
-stalls Redis for the whole cluster, however large the rooms. Each removal
-step re-checks that a swept node is still dead, so a node that comes back
-mid-sweep stops the sweep at once.
+re-registering) is done in bounded steps: each script handles one room's or
+user's next few hundred entries, or a few hundred connections, so no single
+script stalls Redis, however large the rooms. Each round of deletions in room
+and user slots comes right after a guarded node-slot step that re-checks that
+a swept node is still dead, so a node that comes back mid-sweep stops the
+sweep at that step.
+
+The race that remains: the room- and user-slot deletions of a sweep cannot
+be guarded (the node's `expiry` lives in another slot). A sweeper that
+stalls between its guarded node-slot step and the round of deletions after
+it (one round trip; a GC pause, a network stall) while the swept node comes
+back and re-registers can then delete members (or online entries) that the
+node has just re-added. The sweeper's next guarded step then finds the node
+alive: it stops the sweep and sets `resync` in the node's hash, and the
+node's next heartbeat re-registers, which puts them back. So Redis misses at
+most one round (`ROOMS_PER_ROUND` rooms or `USERS_PER_ROUND` users) of that
+node's entries for at most one heartbeat; only a sweeper that dies right
+after such a stale round (it never reaches its next guarded step) leaves
+them missing until the node's next re-registration for another reason.
 """
 
 from __future__ import annotations
@@ -31,16 +64,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
 
 from hubnode.membership.base import Member, NodeInfo, SnapshotSource, Stats, StoreCounters
+from hubnode.membership.changes import REFUSED, Change, Changes, Plan, Step, groups, one_slot
 from hubnode.supervisor import Supervisor
 from publisher import inspect
 from publisher.keys import Keys
@@ -48,24 +83,25 @@ from publisher.query import Query, drive_async, run_step, text
 
 T = TypeVar("T")
 
-__all__ = ["RedisClusterUnsupported", "RedisMembershipStore"]
+__all__ = ["RedisMembershipStore"]
 
 log = logging.getLogger(__name__)
 
-_SCRIPTS = ("connect", "disconnect", "join", "leave", "heartbeat", "purge_room", "purge_users", "purge_conns",
-            "purge_end",
-            "register_begin", "register_conns", "register_room", "register_end")
+_SCRIPTS = ("heartbeat", "node_connect", "user_connect", "node_disconnect", "node_join", "node_leave",
+            "purge_next", "purge_hash", "purge_conns", "purge_end", "registry",
+            "register_begin", "register_conns", "register_rooms", "register_end")
 
 STEP = 200
 """Members (or connections) one bounded script handles: about a millisecond of Redis time at most."""
 
 REGISTER_STEP = 100
-"""Connections or members one re-registration script adds (decoding JSON costs more than deleting)."""
+"""Connections or members one re-registration step adds (decoding JSON costs more than deleting)."""
 
 ROOMS_PER_ROUND = 64
 """Rooms whose purge steps share one pipeline round trip."""
 
-REFUSED = -2  # connect.lua: the user is at --max-connections-per-user
+USERS_PER_ROUND = 200
+"""Users whose online hashes are purged in one round trip (each is usually one short step)."""
 
 
 def _load_scripts() -> dict[str, str]:
@@ -79,19 +115,18 @@ Job = Callable[[], Awaitable[Any]]
 
 @dataclass(slots=True)
 class _Write:
-    """One queued write: a script call, or a multi-step job that runs alone, in order."""
+    """One queued write: a phased change, or a multi-step job that runs alone, in order."""
 
     future: asyncio.Future[Any]
     name: str = ""
-    keys: list[str] = field(default_factory=list)
-    args: list[Any] = field(default_factory=list)
+    change: Change | None = None
     job: Job | None = None
 
 
 class RedisMembershipStore:
-    """A MembershipStore on one Redis (or Sentinel-managed primary)."""
+    """A MembershipStore on one Redis (or a Sentinel-managed primary) or on a Redis Cluster."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, node_id: str, *, heartbeat: float = 2.0,
+    def __init__(self, client: aioredis.Redis | RedisCluster, keys: Keys, node_id: str, *, heartbeat: float = 2.0,
                  address: str = "", version: str = "", timeout: float = 5.0) -> None:
         self.redis = client
         self.keys = keys
@@ -108,6 +143,7 @@ class RedisMembershipStore:
         self._registered = False  # the node's entry is known to be in Redis (readiness)
         self._snapshot: SnapshotSource = lambda: ()
         self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
+        self._changes = Changes(keys, node_id)
         self._queue: list[_Write] = []
         self._wake = asyncio.Event()
         self._tasks = Supervisor()
@@ -126,7 +162,6 @@ class RedisMembershipStore:
         self._snapshot = snapshot
         if supervisor is not None:
             self._tasks = supervisor
-        await self._refuse_cluster()
         await self._warn_on_eviction()
         self._tasks.spawn("membership-writer", self._write_loop)
         if not await self._register():
@@ -144,21 +179,28 @@ class RedisMembershipStore:
             await self._tasks.stop("membership-writer", 1.0)
             await self.redis.aclose()
 
+    def reconcile(self) -> None:
+        """Re-register at the next heartbeat: a failover may have lost writes (replication is asynchronous)."""
+        self._dirty = True
+
     async def heartbeat(self) -> None:
         """Renew liveness; re-register when swept or after a failed update; sweep the dead.
 
-        The sweep runs in a task of its own: a dead node with many members
-        takes many steps to remove, and this node's own renewal must never
-        wait behind them.
+        The node's hash says whether it is registered (or must resync); its
+        `hub:nodes` entry is then renewed, and a ZADD that had to add it back
+        (the index lost it) also means re-registering. The sweep runs in a
+        task of its own: a dead node with many members takes many steps to
+        remove, and this node's own renewal must never wait behind them.
         """
         now = _now_ms()
+        k, node = self.keys, self.node_id
         if self._dirty:
             await self._register()
-        elif await self._call("heartbeat", [self.keys.nodes, self.keys.node(self.node_id)],
-                              [self._expiry(now), now]) == 0:
+        elif (await self._call("heartbeat", [k.node(node)], [self._expiry(now), now]) == 0
+              or await self._deadline(self.redis.zadd(k.nodes, {node: self._expiry(now)})) == 1):
             self._registered = False
-            log.warning("node %s found its registry entry gone (swept or Redis data lost): "
-                        "re-registering", self.node_id)
+            log.warning("node %s found its registry entry gone or stale (swept, Redis data lost, or a "
+                        "sweep it stopped by coming back): re-registering", node)
             await self._register()
         self._tasks.spawn("sweeper", self._sweep_once)
 
@@ -190,31 +232,25 @@ class RedisMembershipStore:
         whenever Redis can answer. None: it could not be checked (Redis down,
         or this node not registered at the moment).
         """
-        k, node = self.keys, self.node_id
-        keys = [k.nodes, k.node(node), k.node_users(node), k.online, k.node_conns(node)]
-        result = await self._enqueue(_Write(self._future(), "connect", keys, [node, conn_id, user_id or "", limit]))
+        result = await self._enqueue(self._write(self._changes.connect(conn_id, user_id or "", limit)))
         if result is None or result == -1:
             return None
         return bool(result != REFUSED)
 
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
                                 emptied: Collection[str] = ()) -> None:
-        k, node = self.keys, self.node_id
-        keys = [k.nodes, k.node(node), k.node_users(node), k.online, k.node_rooms(node), k.node_conns(node),
-                k.rooms, *(k.members(r) for r in rooms)]
-        flags = ["1" if r in emptied else "0" for r in rooms]
-        await self._update("disconnect", keys, [conn_id, user_id or "", len(rooms), *rooms, *flags])
+        gone = [room for room in rooms if room in emptied]
+        await self._update(self._write(self._changes.disconnect(conn_id, user_id or "", rooms, gone)))
 
     async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
-        k, node = self.keys, self.node_id
-        keys = [k.nodes, k.members(room), k.rooms, k.node_rooms(node), k.node_conns(node)]
-        await self._update("join", keys, [room, conn_id, user_id or ""])
+        await self._update(self._write(self._changes.join(room, conn_id, user_id or "")))
 
     async def remove_member(self, room: str, conn_id: str, user_id: str | None,
                             emptied: bool = False) -> None:
-        k = self.keys
-        keys = [k.nodes, k.members(room), k.rooms, k.node_rooms(self.node_id)]
-        await self._update("leave", keys, [room, conn_id, "1" if emptied else "0"])
+        await self._update(self._write(self._changes.leave(room, conn_id, emptied)))
+
+    def _write(self, change: Change) -> _Write:
+        return _Write(self._future(), change.name, change)
 
     # -- reads -------------------------------------------------------------------
     # Reads are publisher.inspect's queries, so the HTTP API and hubctl give one answer.
@@ -249,8 +285,8 @@ class RedisMembershipStore:
     async def node_metrics(self, node_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored snapshots of `node_ids`, one round trip; a node without one is left out.
 
-        A pipeline of GETs rather than one MGET: each node's key may live in
-        another hash slot of a Redis Cluster, where a multi-key MGET fails.
+        A pipeline of GETs rather than one MGET: each node's key lives in the
+        hash slot of its node, where a multi-key MGET fails on a Redis Cluster.
         """
         if not node_ids:
             return {}
@@ -271,104 +307,156 @@ class RedisMembershipStore:
 
     # -- bounded multi-step work ---------------------------------------------------
     async def _purge(self, node: str, mode: str, now: int) -> int:
-        """Remove `node`'s members, counts and keys in bounded steps.
+        """Remove `node`'s members, online entries and keys in bounded steps.
 
-        mode 'sweep' (a dead node: every step re-checks that it is still
-        dead, and claims it), 'self' (drain) or 'reset' (before
-        re-registering: every step renews this node's expiry). Returns
-        purge_end's answer: 2 when this call removed a swept node, -1 when a
-        swept node turned out to be alive or a reset node was claimed.
+        mode 'sweep' (a dead node: every node-slot step re-checks that it is
+        still dead, and the first claims it; a node found alive after that is
+        told to re-register, see the module docstring), 'self' (drain) or
+        'reset' (before re-registering: every step renews this node's expiry).
+        Returns 2 when this call removed a swept node from the registry, 1
+        when the node's entries are gone, -1 when a swept node turned out to
+        be alive or a reset node was claimed.
         """
         k = self.keys
-        rooms_key, users_key = k.node_rooms(node), k.node_users(node)
 
         def stamp() -> int:
             return self._expiry(_now_ms()) if mode == "reset" else now
 
-        while True:
-            found: Any = await self._deadline(self.redis.srandmember(rooms_key, ROOMS_PER_ROUND))
-            rooms = [text(r) for r in found or ()]
-            if rooms and not await self._purge_rooms(node, rooms, mode, stamp):
+        if mode == "sweep":  # claim it: its hash first (the guard of every step), then the index
+            if await self._call("purge_next", [k.node(node), k.node_rooms(node)], ["claim", now, "set", "0", 0]) == -1:
                 return -1
-            for script, key in (("purge_users", [k.nodes, users_key, k.online]),
-                                ("purge_conns", [k.nodes, k.node_conns(node)])):
-                cursor = "0"
-                while True:
-                    cursor = text(await self._call(script, key, [cursor, STEP, mode, stamp()], node=node))
-                    if cursor == "-1":
-                        return -1
-                    if cursor == "0":
-                        break
-            done = await self._call("purge_end", [k.nodes, k.node(node), rooms_key, users_key, k.node_conns(node)],
-                                    [mode, stamp()], node=node)
-            if done != 0:
-                return int(done)
-
-    async def _purge_rooms(self, node: str, rooms: list[str], mode: str, stamp: Callable[[], int]) -> bool:
-        """Clean `node` out of `rooms`, one pipelined step per room per round trip; False if it is alive."""
-        k = self.keys
-        cursors = dict.fromkeys(rooms, "0")
-        while cursors:
-            batch = list(cursors.items())
-            replies = await self._pipeline([
-                ("purge_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
-                 [node, room, cursor, STEP, mode, stamp()]) for room, cursor in batch])
-            for (room, _), reply in zip(batch, replies, strict=True):
-                cursor = text(reply)
+            await self._call("registry", [k.nodes], ["claim", node, now])
+        while True:
+            for kind, index, hashes, per_round in (("set", k.node_rooms(node), k.members, ROOMS_PER_ROUND),
+                                                  ("hash", k.node_users(node), k.online, USERS_PER_ROUND)):
+                if not await self._purge_index(node, mode, stamp, (kind, index), hashes, per_round):
+                    return -1
+            cursor = "0"
+            while True:
+                cursor = text(await self._call("purge_conns", [k.node(node), k.node_conns(node)],
+                                               [mode, stamp(), cursor, STEP]))
                 if cursor == "-1":
-                    return False
+                    return -1
                 if cursor == "0":
-                    del cursors[room]
-                else:
-                    cursors[room] = cursor
-        return True
+                    break
+            done = int(await self._call("purge_end", [k.node(node), k.node_rooms(node), k.node_users(node),
+                                                      k.node_conns(node)], [mode, stamp()]))
+            if done != 0:
+                break
+        if done == -1 or mode == "reset":
+            return done
+        if mode == "self":
+            await self._deadline(self.redis.zrem(k.nodes, node))
+            return 1
+        return 2 if await self._call("registry", [k.nodes], ["drop", node, now]) == 1 else 1
+
+    async def _purge_index(self, node: str, mode: str, stamp: Callable[[], int], index: tuple[str, str],
+                           hash_of: Callable[[str], str], per_round: int) -> bool:
+        """Delete `node`'s entries from the hash of every name in one of its indexes; False if it is alive.
+
+        Each round: a guarded node-slot step (drops the names finished last
+        round, hands out the next page of the index), then one pipelined
+        purge_hash step per name in progress, each in its own room's or
+        user's slot. `index`: ("set", the node's rooms key) or ("hash", its
+        users key).
+        """
+        kind, key = index
+        active: dict[str, str] = {}  # name -> HSCAN cursor of its hash
+        done: list[str] = []
+        cursor, scanned = "0", False  # the index's own SSCAN/HSCAN cursor
+        while True:
+            want = 0 if scanned else max(0, per_round - len(active))
+            reply = await self._call("purge_next", [self.keys.node(node), key],
+                                     [mode, stamp(), kind, cursor, want, *done])
+            if isinstance(reply, int):  # -1: alive (or, resetting, claimed)
+                return False
+            if want:
+                cursor = text(reply[0])
+                scanned = cursor == "0"
+                for name in map(text, reply[1]):
+                    active.setdefault(name, "0")
+            if not active and scanned:
+                return True
+            if not active:
+                done = []
+                continue
+            batch = list(active.items())
+            replies = await self._checked([Step("purge_hash", (hash_of(name),), (node, at, STEP))
+                                           for name, at in batch] + self._renewal(node, mode, stamp))
+            done = []
+            for (name, _), reply_cursor in zip(batch, replies[:len(batch)], strict=True):
+                active[name] = text(reply_cursor)
+                if active[name] == "0":
+                    del active[name]
+                    done.append(name)
+
+    def _renewal(self, node: str, mode: str, stamp: Callable[[], int]) -> list[Step]:
+        """While this node re-registers, its `hub:nodes` score moves on with its expiry (for listings)."""
+        if mode != "reset":
+            return []
+        return [Step("ZADD", (self.keys.nodes,), ("GT", stamp(), node))]
 
     async def _reregister(self, snapshot: list[tuple[str, str, list[str]]], info: bytes) -> int:
         """A whole re-registration, in bounded steps: claim, clear the old, add the new, finish.
 
-        Every step renews the node's expiry, so a long one is not swept while
-        it runs; a step that finds the node claimed by a sweep stops it (-1:
-        the next heartbeat starts over). The result is checked against the
+        Every node-slot step renews the node's expiry, so a long one is not
+        swept while it runs; a step that finds the node claimed by a sweep
+        stops it (-1: the next heartbeat starts over). Connections go into the
+        node's indexes before their users' online hashes, rooms into its index
+        before their members hashes. The result is checked against the
         snapshot: nothing else writes for this node meanwhile, so any other
         count means the registration did not hold.
         """
         k, node = self.keys, self.node_id
-        await self._call("register_begin", [k.nodes, k.node(node)], [self._expiry(_now_ms()), info])
+
+        def stamp() -> int:
+            return self._expiry(_now_ms())
+
+        await self._load_all_scripts()  # a new or restarted Redis: no pipelined step meets NOSCRIPT
+        await self._call("register_begin", [k.node(node)], [stamp(), info])
+        await self._deadline(self.redis.zadd(k.nodes, {node: stamp()}))
         if await self._purge(node, "reset", 0) != 1:
             return -1
-        conns = [[conn, user] for conn, user, _ in snapshot]
+        conns = [(conn, user) for conn, user, _ in snapshot]
         for start in range(0, len(conns), REGISTER_STEP):
-            if await self._call("register_conns", [k.nodes, k.node_conns(node), k.node_users(node), k.online],
-                                [orjson.dumps(conns[start:start + REGISTER_STEP]), self._expiry(_now_ms())]) == -1:
+            part = conns[start:start + REGISTER_STEP]
+            if await self._call("register_conns", [k.node(node), k.node_conns(node), k.node_users(node)],
+                                [stamp(), orjson.dumps(part)]) == -1:
                 return -1
-        by_room: dict[str, list[list[str]]] = {}
+            by_user: dict[str, list[str]] = {}
+            for conn, user in part:
+                if user:
+                    by_user.setdefault(user, []).extend((conn, node))
+            await self._checked([Step("HSET", (k.online(user),), tuple(pairs)) for user, pairs in by_user.items()]
+                                + self._renewal(node, "reset", stamp))
+        by_room: dict[str, list[str]] = {}
         for conn, user, rooms in snapshot:
             for room in rooms:
-                by_room.setdefault(room, []).append([conn, user])
-        batches = [(room, members[i:i + REGISTER_STEP]) for room, members in by_room.items()
-                   for i in range(0, len(members), REGISTER_STEP)]
+                by_room.setdefault(room, []).extend((conn, user))
+        batches = [(room, pairs[i:i + 2 * REGISTER_STEP]) for room, pairs in by_room.items()
+                   for i in range(0, len(pairs), 2 * REGISTER_STEP)]
         for start in range(0, len(batches), ROOMS_PER_ROUND):  # one round trip for many small rooms
-            replies = await self._pipeline([
-                ("register_room", [k.nodes, k.members(room), k.rooms, k.node_rooms(node)],
-                 [node, room, orjson.dumps(members), self._expiry(_now_ms())])
-                for room, members in batches[start:start + ROOMS_PER_ROUND]])
-            if -1 in replies:
+            part_rooms = batches[start:start + ROOMS_PER_ROUND]
+            if await self._call("register_rooms", [k.node(node), k.node_rooms(node)],
+                                [stamp(), *dict.fromkeys(room for room, _ in part_rooms)]) == -1:
                 return -1
+            await self._checked([Step("HSET", (k.members(room),), tuple(pairs)) for room, pairs in part_rooms]
+                                + self._renewal(node, "reset", stamp))
         now = _now_ms()
-        clients = int(await self._call("register_end", [k.nodes, k.node(node), k.node_conns(node)],
-                                       [self._expiry(now), now]))
+        clients = int(await self._call("register_end", [k.node(node), k.node_conns(node)], [self._expiry(now), now]))
         if clients != len(snapshot):
             log.warning("re-registration of %s found %d connections in Redis, expected %d: retrying",
                         node, clients, len(snapshot))
             return -1
+        await self._deadline(self.redis.zadd(k.nodes, {node: self._expiry(now)}))
         return clients
 
     # -- the ordered writer --------------------------------------------------------
-    async def _update(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def _update(self, write: _Write) -> Any:
         """Queue one change; on failure it is counted and reconciled on the next heartbeat."""
         if self._dirty:
             return None  # the coming re-registration reads the table, this change included
-        return await self._enqueue(_Write(self._future(), name, keys, [self.node_id, *args]))
+        return await self._enqueue(write)
 
     async def _enqueue(self, write: _Write) -> Any:
         """Queue a write behind every change made before it; its result (None if it failed).
@@ -400,14 +488,14 @@ class RedisMembershipStore:
             self._queue = []
 
     async def _send(self, batch: list[_Write]) -> None:
-        """Runs of scripts go as one pipeline each, jobs alone, all in queue order."""
+        """Runs of changes go as phased rounds, jobs alone, all in queue order."""
         run: list[_Write] = []
         for write in batch:
             if write.job is None:
                 run.append(write)
                 continue
             if run:
-                await self._send_scripts(run)
+                await self._send_changes(run)
                 run = []
             try:
                 result = await write.job()
@@ -415,22 +503,84 @@ class RedisMembershipStore:
                 result = exc
             self._resolve(write, result)
         if run:
-            await self._send_scripts(run)
+            await self._send_changes(run)
 
-    async def _send_scripts(self, run: list[_Write]) -> None:
+    async def _send_changes(self, run: list[_Write]) -> None:
+        """Send a run of changes as groups of phased rounds (see changes.groups), in order.
+
+        Once a group fails as a whole (Redis unreachable), the rest of the run
+        fails at once: the re-registration that follows rebuilds it all anyway.
+        """
+        failure: BaseException | None = None
+        for group in groups(run, _change_of):
+            if failure is None:
+                try:
+                    await self._send_group(group)
+                    continue
+                except Exception as exc:  # any failure fails the group; none may kill the writer
+                    failure = exc
+            for write in group:
+                if not write.future.done():
+                    _change_of(write).plan.close()
+                    self._resolve(write, failure)
+
+    async def _send_group(self, group: list[_Write]) -> None:
+        """Drive the plans of `group` in lock step: one pipelined round per phase."""
+        plans = [_change_of(write).plan for write in group]
+        steps: dict[int, list[Step]] = {}
+        for i, write in enumerate(group):
+            self._advance(write, plans[i], None, steps, i)
+        while steps:
+            order = list(steps)
+            flat = [step for i in order for step in steps[i]]
+            replies = await self._pipeline(flat) if flat else []
+            pending, steps, at = steps, {}, 0
+            for i in order:
+                mine, at = replies[at:at + len(pending[i])], at + len(pending[i])
+                error = next((r for r in mine if isinstance(r, Exception)), None)
+                if error is not None:
+                    plans[i].close()
+                    self._resolve(group[i], error)
+                else:
+                    self._advance(group[i], plans[i], mine, steps, i)
+
+    def _advance(self, write: _Write, plan: Plan, replies: list[Any] | None, steps: dict[int, list[Step]],
+                 i: int) -> None:
+        """Give a plan its replies; record its next phase's steps, or resolve it when it is done."""
         try:
-            results = await self._pipeline([(w.name, w.keys, w.args) for w in run], raise_on_error=False)
-        except Exception as exc:  # any failure fails the batch; none may kill the writer
-            results = [exc] * len(run)
-        for write, result in zip(run, results, strict=True):
-            self._resolve(write, result)
+            steps[i] = next(plan) if replies is None else plan.send(replies)
+        except StopIteration as finished:
+            self._resolve(write, finished.value)
+        except Exception as exc:  # a bug in a plan fails that write, not the writer
+            self._resolve(write, exc)
 
-    async def _pipeline(self, calls: list[tuple[str, list[str], list[Any]]], raise_on_error: bool = True) -> list[Any]:
-        """Run scripts (name, keys, args) in one round trip, in order, with a deadline."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name, keys, args in calls:
-                await self._scripts[name](keys=keys, args=args, client=pipe)
-            return list(await self._deadline(pipe.execute(raise_on_error=raise_on_error)))
+    async def _pipeline(self, steps: list[Step]) -> list[Any]:
+        """Run single-slot steps in one round trip, in order per slot, with a deadline.
+
+        Errors come back in place of their replies. A NOSCRIPT answer loads
+        every script (the next try finds them) and stays an error: the steps
+        after it in the same slot ran, so resending it alone could reorder.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for step in steps:
+            script = self._scripts.get(step.name)
+            if script is None:
+                pipe.execute_command(step.name, *step.keys, *step.args)
+            else:
+                assert one_slot(step.keys), f"{step.name} touches keys of several slots: {step.keys}"
+                pipe.execute_command("EVALSHA", script.sha, len(step.keys), *step.keys, *step.args)
+        replies = list(await self._deadline(pipe.execute(raise_on_error=False)))
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self._load_all_scripts()
+        return replies
+
+    async def _checked(self, steps: list[Step]) -> list[Any]:
+        """`_pipeline`, raising the first error (for the multi-step jobs, which retry from the start)."""
+        replies = await self._pipeline(steps)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _resolve(self, write: _Write, result: Any) -> None:
         if isinstance(result, BaseException):
@@ -467,37 +617,34 @@ class RedisMembershipStore:
     def _expiry(self, now: int) -> int:
         return now + int(3 * self.heartbeat_interval * 1000)
 
-    async def _call(self, name: str, keys: list[str], args: list[Any], node: str | None = None) -> Any:
-        return await self._deadline(self._scripts[name](keys=keys, args=[node or self.node_id, *args]))
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """One script call on its own (redis-py loads the script and retries on NOSCRIPT: nothing ran)."""
+        assert one_slot(keys), f"{name} touches keys of several slots: {keys}"
+        return await self._deadline(self._scripts[name](keys=keys, args=args))
+
+    async def _load_all_scripts(self) -> None:
+        """SCRIPT LOAD every script (on a Redis Cluster, redis-py sends it to every primary)."""
+        await self._deadline(asyncio.gather(*(self.redis.script_load(s.script) for s in self._scripts.values())))
 
     async def _deadline(self, awaitable: Awaitable[T]) -> T:
         """Every await on Redis has a deadline, whatever the client's own settings."""
         async with asyncio.timeout(self.timeout):
             return await awaitable
 
-    async def _refuse_cluster(self) -> None:
-        """A Redis Cluster node would take our multi-key scripts and fail them later: refuse now."""
-        try:
-            info = await self._deadline(self.redis.info("cluster"))
-        except (RedisError, TimeoutError):
-            return  # unreachable now: the heartbeat registers once it is back
-        if str(info.get("cluster_enabled", "0")) == "1":
-            raise RedisClusterUnsupported(
-                "the Redis at --redis-url runs in cluster mode, which hubnode does not support yet: "
-                "use a single Redis primary (or one managed by Sentinel)")
-
     async def _warn_on_eviction(self) -> None:
         try:
-            policy = (await self._deadline(self.redis.config_get("maxmemory-policy"))).get("maxmemory-policy")
+            found = await self._deadline(self.redis.config_get("maxmemory-policy"))
         except (RedisError, TimeoutError):
             return  # CONFIG may be disabled on managed Redis
+        policy = found.get("maxmemory-policy") if isinstance(found, dict) else None
         if policy and text(policy) != "noeviction":
             log.warning("Redis maxmemory-policy is %r: membership keys may be evicted; "
                         "set it to 'noeviction'", text(policy))
 
 
-class RedisClusterUnsupported(RuntimeError):
-    """--redis-url points at a Redis Cluster node."""
+def _change_of(write: _Write) -> Change:
+    assert write.change is not None, "a job is never sent as a change"
+    return write.change
 
 
 def _now_ms() -> int:

@@ -1,4 +1,5 @@
-"""The MembershipStore contract, run over the memory store and the Redis store (real redis-server)."""
+"""The MembershipStore contract, run over the memory store and the Redis store on one real redis-server
+and on a real Redis Cluster (3 primaries with a replica each)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from hubnode.membership import Member, MembershipStore, MemoryMembershipStore
 from hubnode.membership.redis import RedisMembershipStore
@@ -13,13 +15,16 @@ from publisher.keys import Keys
 from tests.helpers import RedisServer
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
                 ) -> AsyncIterator[MembershipStore]:
     if request.param == "memory":
         s: MembershipStore = MemoryMembershipStore("n1")
-    else:
+    elif request.param == "redis":
         s = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), Keys(prefix), "n1")
+    else:  # the session's cluster starts only when a test asks for it
+        cluster = request.getfixturevalue("redis_cluster")
+        s = RedisMembershipStore(RedisCluster.from_url(cluster.seed_url), Keys(prefix), "n1")
     await s.start(lambda: ())
     yield s
     await s.close()

@@ -11,6 +11,7 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from publisher.keys import Keys
 from tests.helpers import (
     Client,
     Cluster,
@@ -168,9 +169,10 @@ async def test_redis_membership_equals_clients_and_empties(cluster: Cluster, ses
         return {k: v for k, v in membership_of(state, PREFIX).items() if k.startswith("m-")}
 
     await wait_until(lambda: ours(redis_state(r, PREFIX)) == expected, what="Redis membership to match")
-    rooms = {k: int(v) for k, v in r.hgetall(f"{PREFIX}rooms").items() if k.startswith("m-")}
+    rooms = {k: len(v) for k, v in ours(redis_state(r, PREFIX)).items()}
     assert rooms == {room: len(m) for room, m in expected.items()}
-    online = {k: int(v) for k, v in r.hgetall(f"{PREFIX}online").items() if k.startswith("m-")}
+    head = f"{PREFIX}online:{{"
+    online = {k[len(head):-1]: r.hlen(k) for k in r.scan_iter(match=f"{head}m-*")}
     want_online: dict[str, int] = {}
     for client in clients[:6]:
         if client.connected["user_id"]:
@@ -181,7 +183,7 @@ async def test_redis_membership_equals_clients_and_empties(cluster: Cluster, ses
     for client in clients[:6]:
         await client.close()
     await wait_until(lambda: not ours(redis_state(r, PREFIX)), what="rooms to empty")
-    await wait_until(lambda: not any(k.startswith("m-") for k in r.hkeys(f"{PREFIX}online")), what="online empty")
+    await wait_until(lambda: not list(r.scan_iter(match=f"{PREFIX}online:{{m-*")), what="online empty")
 
 
 async def test_only_node_entries_remain_when_clients_leave(redis_server: RedisServer) -> None:
@@ -196,7 +198,7 @@ async def test_only_node_entries_remain_when_clients_leave(redis_server: RedisSe
                 await client.join(f"room{i % 3}")
             assert membership_of(redis_state(r, prefix), prefix)
         await wait_until(lambda: only_node_entries(r, prefix, 2), what="only node entries")
-        assert all(r.hget(f"{prefix}node:n{i}", "clients") == "0" for i in (1, 2))
+        assert all(r.hget(Keys(prefix).node(f"n{i}"), "clients") == "0" for i in (1, 2))
     finally:
         cluster.stop()
     assert redis_state(r, prefix) == {}, "drained nodes remove their own entries"
@@ -217,13 +219,13 @@ async def test_storm_of_closes_leaves_redis_exact(redis_server: RedisServer) -> 
                 await client.join(f"room{(i * 7 + k) % 300}", fid=k)
 
         await asyncio.gather(*(join3(i, c) for i, c in enumerate(clients)))
-        assert int(r.hget(f"{prefix}node:n1", "clients")) == 1000
-        total = sum(int(v) for v in r.hgetall(f"{prefix}rooms").values())
+        assert int(r.hget(Keys(prefix).node("n1"), "clients")) == 1000
+        total = sum(len(m) for m in membership_of(redis_state(r, prefix), prefix).values())
         assert total == sum(len({(i * 7 + k) % 300 for k in range(3)}) for i in range(1000))
         await session.close()  # every socket at the same moment
         await wait_until(lambda: only_node_entries(r, prefix, 1), timeout=20, what="storm to settle")
-        assert r.hget(f"{prefix}node:n1", "clients") == "0"
-        assert r.hlen(f"{prefix}online") == 0
+        assert r.hget(Keys(prefix).node("n1"), "clients") == "0"
+        assert not list(r.scan_iter(match=f"{prefix}online:*"))
     finally:
         await session.close()
         cluster.stop()
@@ -242,7 +244,7 @@ async def test_storm_during_redis_pause_is_reconciled_and_counted(redis_server: 
         r.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
         await session.close()
         await wait_until(lambda: only_node_entries(r, prefix, 1), timeout=20, what="reconciliation")
-        assert r.hget(f"{prefix}node:n1", "clients") == "0"
+        assert r.hget(Keys(prefix).node("n1"), "clients") == "0"
         async with aiohttp.ClientSession() as s2:
             metrics = await (await s2.get(f"{cluster.nodes[0].url}/metrics")).text()
         failures = [line for line in metrics.splitlines()

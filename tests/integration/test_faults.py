@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from publisher.keys import Keys
 from tests.helpers import (
     SCALE,
     Client,
@@ -118,12 +119,12 @@ async def test_killed_node_is_swept_and_survivors_deliver(redis_server: RedisSer
         def gone() -> bool:
             state = redis_state(r, prefix)
             members = membership_of(state, prefix).get("room", {})
-            return ("n3" not in state.get(f"{prefix}nodes", []) and f"{prefix}node:n3" not in state
-                    and not any(c.startswith("n3:") for c in members) and "k2" not in r.hkeys(f"{prefix}online"))
+            return ("n3" not in state.get(f"{prefix}nodes", []) and Keys(prefix).node("n3") not in state
+                    and not any(c.startswith("n3:") for c in members) and r.hlen(Keys(prefix).online("k2")) == 0)
 
         await wait_until(gone, timeout=4 * HB + 1.5, what="the dead node to be swept")
         print(f"\n[fault] kill -9: entries swept after {time.monotonic() - killed_at:.2f}s (heartbeat {HB}s)")
-        assert r.hget(f"{prefix}rooms", "room") == "2"
+        assert r.hlen(f"{prefix}members:{{room}}") == 2
         await chat_works(clients[0], clients[1], "room", "after-kill")
     finally:
         cluster.stop()
@@ -143,10 +144,10 @@ async def test_paused_node_reregisters_after_sweep(redis_server: RedisServer,
         resumed = time.monotonic()
         cluster.nodes[1].signal(signal.SIGCONT)
         await wait_until(lambda: b.conn_id in r.hkeys(f"{prefix}members:{{room}}")
-                         and r.hget(f"{prefix}online", "pb") == "1"
+                         and r.hlen(Keys(prefix).online("pb")) == 1
                          and "n2" in r.zrange(f"{prefix}nodes", 0, -1), timeout=5, what="re-registration")
         print(f"\n[fault] SIGSTOP/SIGCONT: re-registered {time.monotonic() - resumed:.2f}s after SIGCONT")
-        assert r.hget(f"{prefix}rooms", "room") == "2"
+        assert r.hlen(f"{prefix}members:{{room}}") == 2
         await chat_works(a, b, "room", "after-pause")
         # one probe-driven reconnect after the pause, not a storm of them
         assert 1 <= await metric(session, cluster.nodes[1].url, "hubnode_redis_reconnects_total") <= 2
@@ -171,7 +172,7 @@ async def test_redis_restart_resubscribes_reregisters_and_resyncs(own_redis: Red
             msg = await client.recv_type("system_message", timeout=15)
             assert msg["data"] == {"event": "resync"}
         await wait_until(lambda: len(r.hkeys(f"{prefix}members:{{room}}")) == 2
-                         and r.hget(f"{prefix}rooms", "room") == "2"
+                         and r.sismember(Keys(prefix).node_rooms("n1"), "room")
                          and sorted(r.zrange(f"{prefix}nodes", 0, -1)) == ["n1", "n2"], timeout=10,
                          what="re-registration after restart")
         print(f"\n[fault] Redis restart: resubscribed+re-registered {time.monotonic() - restarted:.2f}s after")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from hubnode.membership.changes import Step
 from hubnode.membership.redis import RedisMembershipStore
 from publisher.keys import Keys
-from tests.helpers import RedisServer, redis_state
+from tests.helpers import RedisServer, membership_of, redis_state
 
 
 @pytest.fixture
@@ -22,8 +25,10 @@ async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisMe
 
 
 def counts(url: str, prefix: str) -> tuple[dict[str, str], str | None]:
+    """(the online hash of user "u", node n1's clients)."""
     r = redis.Redis.from_url(url, decode_responses=True)
-    return r.hgetall(f"{prefix}online"), r.hget(f"{prefix}node:n1", "clients")
+    keys = Keys(prefix)
+    return r.hgetall(keys.online("u")), r.hget(keys.node("n1"), "clients")
 
 
 async def test_connect_already_in_a_registration_is_not_counted_twice(
@@ -32,7 +37,7 @@ async def test_connect_already_in_a_registration_is_not_counted_twice(
     table = [("n1:1", "u", frozenset({"r"}))]
     await store.start(lambda: table)
     await store.add_connection("n1:1", "u")  # arrives after the snapshot that had it
-    assert counts(redis_server.url, prefix) == ({"u": "1"}, "1")
+    assert counts(redis_server.url, prefix) == ({"n1:1": "n1"}, "1")
 
 
 async def test_disconnect_missing_from_a_registration_is_not_counted_twice(
@@ -43,7 +48,7 @@ async def test_disconnect_missing_from_a_registration_is_not_counted_twice(
     table.pop()
     await store._register()  # the snapshot without n1:2 ...
     await store.remove_connection("n1:2", "u", [], ())  # ... then its disconnect
-    assert counts(redis_server.url, prefix) == ({"u": "1"}, "1")
+    assert counts(redis_server.url, prefix) == ({"n1:1": "n1"}, "1")
 
 
 async def test_updates_apply_in_the_order_made(store: RedisMembershipStore, redis_server: RedisServer,
@@ -57,9 +62,11 @@ async def test_updates_apply_in_the_order_made(store: RedisMembershipStore, redi
     await asyncio.gather(store.remove_member("x", "n1:1", None, emptied=True),
                          store.add_member("x", "n1:2", None))
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    assert r.smembers(f"{prefix}node:n1:rooms") == {"x"}
+    assert r.smembers(Keys(prefix).node_rooms("n1")) == {"x"}
     assert r.hgetall(f"{prefix}members:{{x}}") == {"n1:2": ""}
-    r.zadd(f"{prefix}nodes", {"n1": 0})  # n1 now looks dead to a sweeper on another node
+    # n1 now looks claimed by a sweeper that died: another node's sweep finishes the job
+    r.hset(Keys(prefix).node("n1"), "expiry", 0)
+    r.zadd(f"{prefix}nodes", {"n1": 0})
     other = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), Keys(prefix), "n2")
     assert await other.sweep() == ["n1"]
     await other.redis.aclose()
@@ -74,4 +81,52 @@ async def test_join_of_a_closed_connection_adds_nothing(store: RedisMembershipSt
     await store.remove_connection("n1:1", "u", [], ())
     await store.add_member("late", "n1:1", "u")
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    assert r.hlen(f"{prefix}members:{{late}}") == 0 and r.hget(f"{prefix}rooms", "late") is None
+    assert r.hlen(f"{prefix}members:{{late}}") == 0 and not r.sismember(Keys(prefix).node_rooms("n1"), "late")
+
+
+async def test_a_stale_sweep_round_after_the_node_came_back_is_repaired(redis_server: RedisServer,
+                                                                        prefix: str) -> None:
+    """A sweeper stalled before a round of deletions while the node re-registered: the node is told to resync."""
+    keys = Keys(prefix)
+    table = [(f"a:{i}", f"u{i % 3}", frozenset({"lobby", "ops"})) for i in range(10)]
+    a = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "a", heartbeat=0.5)
+    b = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "b", heartbeat=0.5)
+    await a.start(lambda: table)
+    await b.start(lambda: [])
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    exact = redis_state(r, prefix)
+    expired = int(time.time() * 1000) - 1
+    r.hset(keys.node("a"), "expiry", expired)  # a was paused: its entry expired
+    r.zadd(keys.nodes, {"a": expired})
+    reached, gate = asyncio.Event(), asyncio.Event()
+    real_pipeline = b._pipeline
+
+    async def stall_before_deleting(steps: list[Step]) -> list[object]:
+        if any(s.name == "purge_hash" for s in steps) and not reached.is_set():
+            reached.set()  # b claimed a and checked it is dead; its deletions are on their way
+            await gate.wait()
+        return await real_pipeline(steps)
+
+    b._pipeline = stall_before_deleting  # type: ignore[method-assign]
+    sweeping = asyncio.ensure_future(b.sweep())
+    await reached.wait()
+    await a.heartbeat()  # a wakes up, finds itself claimed and re-registers
+    gate.set()
+    assert await sweeping == []  # b's next guarded step found a alive
+    assert membership_of(redis_state(r, prefix), prefix) == {}  # but its stale round deleted a's members
+    assert r.hget(keys.node("a"), "resync") == "1"
+    await a.heartbeat()  # ... so a's next heartbeat re-registers
+    assert strip_times(redis_state(r, prefix), keys) == strip_times(exact, keys)
+    assert a.counters.registrations == 3
+    r.close()
+    await a.close()
+    await b.close()
+
+
+def strip_times(state: dict[str, Any], keys: Keys) -> dict[str, Any]:
+    """A redis_state() without what changes with every heartbeat (timestamps, the registry's order)."""
+    state[keys.nodes] = sorted(state[keys.nodes])
+    for node in ("a", "b"):
+        for name in ("expiry", "heartbeat_at"):
+            state.get(keys.node(node), {}).pop(name, None)
+    return state

@@ -189,7 +189,7 @@ def test_every_command_has_a_timeout() -> None:
 # -- inspection ---------------------------------------------------------------------
 
 def write_layout(raw: redis.Redis, keys: Keys) -> None:
-    """Two live nodes (one without heartbeat_at), one expired node, two rooms, online counts."""
+    """Two live nodes (one without heartbeat_at), one expired node, two rooms (and an emptied one), online hashes."""
     now = int(time.time() * 1000)
     raw.zadd(keys.nodes, {"n1": now + 60_000, "eu:n2": now + 60_000, "dead": now - 1_000})
     raw.hset(keys.node("n1"), mapping={"clients": 3, "started_at": time.time() - 90,
@@ -197,10 +197,12 @@ def write_layout(raw: redis.Redis, keys: Keys) -> None:
                                        "heartbeat_at": now - 1_200})
     raw.hset(keys.node("eu:n2"), mapping={"clients": 2, "started_at": time.time(), "version": "0.1.0"})
     raw.hset(keys.node("dead"), mapping={"clients": 50})
-    raw.hset(keys.rooms, mapping={"lobby": 3, "ops": 1})
+    raw.sadd(keys.node_rooms("n1"), "lobby", "ops", "emptied")  # an index may list a room emptied since
+    raw.sadd(keys.node_rooms("eu:n2"), "lobby")
     raw.hset(keys.members("lobby"), mapping={"n1:1": "alice", "n1:10": "", "eu:n2:2": "bob"})
     raw.hset(keys.members("ops"), mapping={"n1:3": "alice"})
-    raw.hset(keys.online, mapping={"alice": 2, "bob": 1})
+    raw.hset(keys.online("alice"), mapping={"n1:1": "n1", "n1:3": "n1"})
+    raw.hset(keys.online("bob"), mapping={"eu:n2:2": "eu:n2"})
 
 
 LOBBY = [Member("eu:n2:2", "bob", "eu:n2"), Member("n1:1", "alice", "n1"), Member("n1:10", None, "n1")]

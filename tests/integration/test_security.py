@@ -310,7 +310,7 @@ async def test_dead_client_removed_from_redis_membership(redis_server: Any, sess
         await dead_ws.send_json({"type": "join_room", "data": "haunted", "id": 1})
         await dead_ws.receive()  # ack
         assert r.hlen(f"{prefix}members:{{haunted}}") == 1
-        await wait_until(lambda: r.hlen(f"{prefix}members:{{haunted}}") == 0 and r.hlen(f"{prefix}online") == 0,
-                         timeout=5, what="ghost removed from Redis")
+        await wait_until(lambda: r.hlen(f"{prefix}members:{{haunted}}") == 0
+                         and r.hlen(f"{prefix}online:{{ghost}}") == 0, timeout=5, what="ghost removed from Redis")
     finally:
         cluster.stop()

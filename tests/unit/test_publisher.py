@@ -164,11 +164,14 @@ def _calls_of(query: Any, answers: list[Any]) -> list[Any]:
 def test_inspection_reads_the_keys_named_by_keys() -> None:
     """Each inspection query asks for exactly the keys Keys builds, under any prefix."""
     keys = Keys("p:")
-    assert _calls_of(hub_inspect.rooms(keys), [(0, {})]) == [
-        Call("hscan", ("p:rooms",), {"cursor": 0, "count": hub_inspect.SCAN_COUNT})]
+    scan = {"cursor": 0, "count": hub_inspect.SCAN_COUNT}
+    assert _calls_of(hub_inspect.rooms(keys), [[b"n1", b"n2"], [(0, [b"r1"]), (0, [b"r1", b"r2"])], [2, 0]]) == [
+        Call("zrange", ("p:nodes", 0, -1)),
+        [Call("sscan", ("p:node:{n1}:rooms",), scan), Call("sscan", ("p:node:{n2}:rooms",), scan)],
+        [Call("hlen", ("p:members:{r1}",)), Call("hlen", ("p:members:{r2}",))]]
     assert _calls_of(hub_inspect.room_members(keys, "r1"), [(0, {})])[0].args == (keys.members("r1"),)
-    assert _calls_of(hub_inspect.room_count(keys), [0]) == [Call("hlen", (keys.rooms,))]
-    assert _calls_of(hub_inspect.user_online(keys, "u1"), [None]) == [Call("hget", (keys.online, "u1"))]
+    assert _calls_of(hub_inspect.room_count(keys), [[]]) == [Call("zrange", (keys.nodes, 0, -1))]
+    assert _calls_of(hub_inspect.user_online(keys, "u1"), [None]) == [Call("hlen", ("p:online:{u1}",))]
     steps = _calls_of(hub_inspect.live_nodes(keys, now=1000), [[(b"n1", 5000.0)], [{}]])
     assert steps[0].args == (keys.nodes, "(1000", "+inf")
     assert steps[1] == [Call("hgetall", (keys.node("n1"),))]
@@ -204,10 +207,12 @@ def test_node_info_with_and_without_heartbeat_at() -> None:
 
 
 def test_stats_sums_live_nodes_and_counts_rooms() -> None:
-    """stats = (sum of live nodes' clients, HLEN rooms, number of live nodes)."""
-    answers = [[("a", 9e12), ("b", 9e12)], [{"clients": "2"}, {"clients": "5"}], 3]
+    """stats = (sum of live nodes' clients, rooms with members in any listed node's index, live nodes)."""
+    answers = [[("a", 9e12), ("b", 9e12)], [{"clients": "2"}, {"clients": "5"}],
+               [b"a", b"b", b"dead"], [(0, [b"x", b"y"]), (0, [b"y"]), (0, [b"z", b"gone"])], [1, 4, 0, 2]]
     result = drive(hub_inspect.stats(Keys(), now=1), lambda step: answers.pop(0))
     assert result == hub_inspect.HubStats(clients=7, rooms=3, nodes=2)
+    assert answers == []
 
 
 def test_origin_and_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,10 +60,12 @@ def test_keys_follow_protocol_section_7() -> None:
     assert k.room_channel("r") == "hub:room:{r}"
     assert k.user_channel("u") == "hub:user:{u}"
     assert k.members("r") == "hub:members:{r}"
-    assert (k.rooms, k.online, k.nodes) == ("hub:rooms", "hub:online", "hub:nodes")
-    assert k.node("n1") == "hub:node:n1"
-    assert k.node_rooms("n1") == "hub:node:n1:rooms"
-    assert k.node_users("n1") == "hub:node:n1:users"
+    assert (k.online("u"), k.nodes) == ("hub:online:{u}", "hub:nodes")
+    assert k.node("n1") == "hub:node:{n1}"
+    assert k.node_rooms("n1") == "hub:node:{n1}:rooms"
+    assert k.node_users("n1") == "hub:node:{n1}:users"
+    assert k.node_conns("n1") == "hub:node:{n1}:conns"
+    assert k.node_metrics("n1") == "hub:node:{n1}:metrics"
     assert k.parse_channel("hub:room:{r}") == ("room", "r")
     assert k.parse_channel("hub:user:{u}") == ("user", "u")
     assert k.parse_channel("hub:all") == ("all", "")

@@ -1,49 +1,50 @@
 -- Helpers prepended to every membership script (PROTOCOL.md section 7).
--- Every key a script touches arrives in KEYS, built by publisher/keys.py: no
--- script builds a key name of its own. Counts are derived from the hashes
--- they count (HLEN) or floored at zero, so they never go negative.
-
--- hub:rooms[room] = HLEN of the room's members hash, removed at 0.
-local function room_count(members, rooms, room)
-  local n = redis.call('HLEN', members)
-  if n == 0 then
-    redis.call('HDEL', rooms, room)
-  else
-    redis.call('HSET', rooms, room, n)
-  end
-end
+-- Every key a script touches arrives in KEYS, built by publisher/keys.py, and
+-- all of them hash to one Redis Cluster slot: a node's keys share the slot of
+-- {<node id>}, a room's of {<room>}, a user's of {<user id>}; the registry
+-- index (hub:nodes) is only written by scripts of its own. No script builds a
+-- key name. Counts are floored at zero, so they never go negative.
 
 local function decr_field(key, field, by)
   local n = redis.call('HINCRBY', key, field, -by)
   if n <= 0 then redis.call('HDEL', key, field) end
 end
 
--- A node's hub:nodes score is its expiry (ms); 0 means "claimed by a sweep":
--- still listed, so any live node finishes the sweep if the first sweeper dies,
--- but no longer registered, so the node's own next heartbeat or update finds
--- itself gone and re-registers everything (a sweep cut short by the node
--- coming back can never leave it half-deleted without it noticing).
-local function registered(nodes, node)
-  local expiry = redis.call('ZSCORE', nodes, node)
-  return expiry and tonumber(expiry) > 0
+-- The `expiry` field (ms) of a node's hash is what every node-slot script
+-- checks; 0 means "claimed by a sweep": the node's hub:nodes entry still
+-- lists it, so any live node finishes the sweep if the first sweeper dies,
+-- but it is no longer registered, so the node's own next heartbeat or update
+-- finds itself gone and re-registers everything (a sweep cut short by the node
+-- coming back can never leave it half-deleted without it noticing). A missing
+-- hash (swept, or Redis lost its data) is not registered either.
+local function registered(node_key)
+  local expiry = tonumber(redis.call('HGET', node_key, 'expiry'))
+  return expiry ~= nil and expiry > 0
 end
 
--- The guard of every step that removes a node's entries; `stamp` is a time in ms.
--- 'sweep': only while the node is still expired at `stamp` (it may have come
--- back: then stop), and the first such step claims it. 'reset' (clearing its
--- own entries before re-registering): only while the node is still registered,
--- and each step renews its expiry to `stamp`. 'self' (drain): always.
-local function may_purge(nodes, node, mode, stamp)
+-- The guard of every node-slot step that removes a node's entries; `stamp` is a time in ms.
+-- 'claim' (the first step of a sweep) and 'sweep' (every later one): only
+-- while the node is still expired at `stamp`, and the step claims it (expiry
+-- 0). A node that came back stops the sweep; if it stops a 'sweep' step, the
+-- sweep may have deleted entries of its room or user hashes after the node
+-- re-added them (those steps cannot be guarded: they live in other slots), so
+-- the node is told to re-register (`resync`, read by heartbeat.lua).
+-- 'reset' (clearing its own entries before re-registering, and each
+-- re-registration batch): only while the node is still registered, and each
+-- step renews its expiry to `stamp`. 'self' (drain): always.
+local function may_purge(node_key, mode, stamp)
   if mode == 'self' then return true end
+  local expiry = tonumber(redis.call('HGET', node_key, 'expiry'))
   if mode == 'reset' then
-    if not registered(nodes, node) then return false end
-    redis.call('ZADD', nodes, 'GT', stamp, node)
+    if expiry == nil or expiry <= 0 then return false end
+    if tonumber(stamp) > expiry then redis.call('HSET', node_key, 'expiry', stamp) end
     return true
   end
-  local now = stamp
-  local expiry = redis.call('ZSCORE', nodes, node)
-  if not expiry then return true end
-  if tonumber(expiry) > tonumber(now) then return false end
-  if tonumber(expiry) > 0 then redis.call('ZADD', nodes, 0, node) end
+  if expiry == nil then return true end  -- gone already: another sweeper finished its hash
+  if expiry > tonumber(stamp) then
+    if mode == 'sweep' then redis.call('HSET', node_key, 'resync', 1) end
+    return false
+  end
+  if expiry > 0 then redis.call('HSET', node_key, 'expiry', 0) end
   return true
 end
