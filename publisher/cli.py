@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
+from redis.sentinel import MasterNotFoundError
 
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
 from publisher.core import redact_url as redact
@@ -267,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
         except redis.TimeoutError:
             limit = f"{args.timeout:g}s"
             raise redis.TimeoutError(f"Redis at {redact(url)} did not answer within {limit}") from None
-        except redis.ConnectionError as exc:
+        except MasterNotFoundError as exc:  # redis-py's text goes on with the repr of every Sentinel client
+            raise redis.ConnectionError(f"cannot reach Redis at {redact(url)}: {str(exc).partition(' : ')[0]}") \
+                from None
+        except (redis.ConnectionError, RedisClusterException) as exc:  # the latter: no usable cluster
             raise redis.ConnectionError(f"cannot reach Redis at {redact(url)}: {exc}") from None
     print(json.dumps(data, ensure_ascii=False, default=repr) if args.json else "\n".join(lines))
     return 0

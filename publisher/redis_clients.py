@@ -32,6 +32,7 @@ __all__ = ["async_client", "discover_primary", "probe", "sync_client"]
 
 _ONCE = SyncRetry(NoBackoff(), 0)
 """The probe asks once: redis-py's default retries would multiply its timeout by four."""
+_ONCE_ASYNC = AsyncRetry(NoBackoff(), 0)
 
 
 # -- asking the servers ------------------------------------------------------------
@@ -123,9 +124,14 @@ def _check_coverage(client: redis.Redis, host: str, port: int) -> None:
                             f"are assigned and cluster_state is {fields.get('cluster_state', '?')}")
 
 
-def _sentinel_kwargs(target: Target, timeout: float) -> dict[str, Any]:
-    """Sentinels take the URL's TLS settings; their own password, if any, comes from ?sentinel_password=."""
-    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+def _sentinel_kwargs(target: Target, timeout: float, aio: bool = False) -> dict[str, Any]:
+    """Sentinels take the URL's TLS settings; their own password, if any, comes from ?sentinel_password=.
+
+    Each Sentinel is asked once (no retries): redis-py's default backoff spends
+    seconds on one that is down before the discovery moves on to the next.
+    """
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "retry": _ONCE_ASYNC if aio else _ONCE}
     if target.tls:
         kwargs.update(ssl=True, ssl_ca_certs=target.ca, ssl_certfile=target.cert, ssl_keyfile=target.key)
     if "sentinel_password" in target.options:
@@ -138,7 +144,7 @@ def _probe_sentinel(target: Target, timeout: float) -> Target:
                         socket_timeout=timeout)
     answered = False
     for host, port in target.hosts:
-        client = redis.Redis(host=host, port=port, retry=_ONCE, **_sentinel_kwargs(target, timeout))
+        client = redis.Redis(host=host, port=port, **_sentinel_kwargs(target, timeout))
         try:
             with client:
                 info = client.info("server")
@@ -177,7 +183,7 @@ def async_client(target: Target, *, timeout: float, max_connections: int, name: 
             startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts], max_connections=max_connections,
             retry=retry, **common, **target.connection_kwargs())
     if target.kind == "sentinel":
-        sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout),  # type: ignore[no-untyped-call]
+        sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout, aio=True),  # type: ignore[no-untyped-call]
                                  **common, **target.connection_kwargs())
         return sentinel.master_for(target.master, db=target.db, retry=retry, **common)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -215,7 +221,7 @@ def _tls_files(target: Target) -> dict[str, Any]:
 
 async def discover_primary(target: Target, timeout: float) -> Address:
     """The address of the primary the Sentinels name now (for the node's subscriber connection)."""
-    sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout))  # type: ignore[no-untyped-call]
+    sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout, aio=True))  # type: ignore[no-untyped-call]
     try:
         host, port = await sentinel.discover_master(target.master)
     except MasterNotFoundError as exc:

@@ -66,8 +66,8 @@ async def test_node_id_from_environment(session: aiohttp.ClientSession) -> None:
         node.stop()
 
 
-def test_redis_cluster_is_refused_with_a_clear_message() -> None:
-    """A --redis-url pointing at a Redis Cluster node: exit 1, one clear line, no traceback."""
+def test_a_redis_cluster_without_slots_is_refused_with_a_clear_message() -> None:
+    """A --redis-url naming a cluster-mode Redis that serves no slot yet: exit 2, one clear line, no traceback."""
     import tempfile
 
     from tests.helpers import RedisServer, free_port
@@ -81,9 +81,10 @@ def test_redis_cluster_is_refused_with_a_clear_message() -> None:
     try:
         node = NodeProcess("--redis-url", server.url, "--node-id", "c1")
         node.start(wait=False)
-        assert node.wait(20) == 1
+        assert node.wait(20) == 2
         out = node.output()
-        assert "cluster mode" in out and "Traceback" not in out
+        assert out.count("\n") == 1 and "Traceback" not in out, out
+        assert out.startswith("hubnode: error: --redis-url") and "0 of 16384 slots are assigned" in out, out
     finally:
         server.stop()
 
