@@ -458,7 +458,9 @@ class RedisBroker:
         ever_up = self._ever_up
         while not self._closed:
             if attempt:
-                delay = min(_MAX_BACKOFF, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                # x1.5 per attempt, not x2: a failover settles in a few seconds, and the node
+                # should not oversleep it by more than about a second
+                delay = min(_MAX_BACKOFF, 0.1 * 1.5 ** attempt) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(delay)
             try:
                 lost = await self._connect()
