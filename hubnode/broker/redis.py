@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 _PROBE = b"\x00probe"
 _BATCH = 256
 _MAX_BACKOFF = 5.0
+_QUICK_BACKOFF = 0.5
+_QUICK_ATTEMPTS = 16  # about 6 s of quick retries: longer than a Sentinel or cluster failover takes
 _STABLE = 5.0  # seconds a connection must live before the backoff resets
 
 
@@ -458,9 +460,10 @@ class RedisBroker:
         ever_up = self._ever_up
         while not self._closed:
             if attempt:
-                # x1.5 per attempt, not x2: a failover settles in a few seconds, and the node
-                # should not oversleep it by more than about a second
-                delay = min(_MAX_BACKOFF, 0.1 * 1.5 ** attempt) * random.uniform(0.5, 1.0)
+                # a failover or a slot move settles within seconds: retry every half second or
+                # less for the first _QUICK_ATTEMPTS, then back off (x1.5 per attempt) to 5 s
+                cap = _QUICK_BACKOFF if attempt <= _QUICK_ATTEMPTS else _MAX_BACKOFF
+                delay = min(cap, 0.1 * 1.5 ** attempt) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(delay)
             try:
                 lost = await self._connect()
