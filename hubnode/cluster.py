@@ -52,12 +52,12 @@ def resolve(config: Config, strict: bool = False) -> Target:
     target = config.redis_target()
     try:
         found = probe(target, min(config.redis_timeout, 2.0))
-    except ConnectionError as exc:
+    except (ConnectionError, TimeoutError) as exc:
         if strict and target.kind != "single":
             raise TopologyError(str(exc)) from None
         log.warning("could not ask Redis at %s what it is (%s): taking it for %s",
                     redact_url(target.url), exc, "one Redis" if target.kind == "single" else f"a {target.kind}")
-        found = target
+        return target  # not remembered: the node that is built next asks again
     _resolved[key] = found
     return found
 

@@ -106,6 +106,7 @@ class Node:
         self._seq = itertools.count(1)
         self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        self._reconnects_seen = 0  # the broker's reconnect count when membership was last reconciled
         self._openings: dict[str, Opening] = {}  # admitted connections' user-stream reads, until attach
         self.history = StreamKeeper(self.broker, self.keys, self.config.history, fan_out=self._fan_out,
                                     frame_of=self._frame_of, resync=self._resync_conns, track=self._track,
@@ -556,7 +557,10 @@ class Node:
         membership entries are rewritten at the next heartbeat too: the loss
         may have been a failover that dropped writes not yet replicated.
         """
-        self.store.reconcile()
+        reconnects = self.broker.counters.reconnects
+        if reconnects != self._reconnects_seen:  # a real reconnect, not a hand-off overflow
+            self._reconnects_seen = reconnects
+            self.store.reconcile()
         if not self.config.history.enabled:
             self._resync_conns(list(self.conns))
             return
@@ -593,7 +597,7 @@ class Node:
         await self.leave(_conn_id(conn), room)
 
     async def client_count(self) -> int:
-        return (await self.store.stats()).clients
+        return sum(node.clients for node in await self.store.nodes())  # no room listing needed
 
     async def room_count(self) -> int:
         return (await self.store.stats()).rooms

@@ -44,7 +44,13 @@ class Keys:
         return f"{self.prefix}all"
 
     def node_channel(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}"
+        """The node's own channel (control and liveness probe), in the slot of its keys.
+
+        On a Redis Cluster the node's subscriber connection to that shard
+        carries it, so a failover of the shard that holds the node's keys is
+        noticed like any other subscriber loss (and the node rewrites them).
+        """
+        return f"{self.prefix}node:{{{node_id}}}"
 
     def room_channel(self, room: str) -> str:
         return f"{self.prefix}room:{{{room}}}"
@@ -64,8 +70,8 @@ class Keys:
             return None
         if kind in ("room", "user") and name.startswith("{") and name.endswith("}"):
             return (kind, name[1:-1])
-        if kind == "node":
-            return ("node", name)
+        if kind == "node" and name.startswith("{") and name.endswith("}"):
+            return ("node", name[1:-1])
         return None
 
     # -- membership keys (PROTOCOL.md section 7) ---------------------------------

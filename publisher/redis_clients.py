@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -43,8 +44,9 @@ def probe(target: Target, timeout: float) -> Target:
     Raises TopologyError (one line) for a topology that is wrong rather than
     down: a TLS handshake that fails, a Sentinel that knows no such primary,
     a cluster with uncovered slots, a plain URL that reaches a Sentinel.
-    Raises ConnectionError when nothing answers at all (the caller decides
-    whether to wait for it).
+    Raises ConnectionError when nothing answers at all, TimeoutError when
+    what answers the connection says nothing within `timeout` (the caller
+    decides whether to wait for it).
     """
     if target.kind == "sentinel":
         return _probe_sentinel(target, timeout)
@@ -52,14 +54,27 @@ def probe(target: Target, timeout: float) -> Target:
         _info(redis.Redis(unix_socket_path=target.unix_path, db=target.db, socket_timeout=timeout, retry=_ONCE,
                           socket_connect_timeout=timeout, **target.connection_kwargs()), target, "server")
         return target
+    try:
+        return _probe_servers(target, timeout)
+    except _NoInfo:  # a least-privilege ACL user: trust the URL
+        return target
+
+
+class _NoInfo(Exception):
+    """INFO is not allowed for this user (NOPERM): the URL's word is all there is."""
+
+
+def _probe_servers(target: Target, timeout: float) -> Target:
     errors: list[str] = []
+    silent = 0  # seeds that took the connection and never answered
     for host, port in target.hosts:
         client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout, retry=_ONCE,
                              **target.connection_kwargs())
         try:
             info = _info(client, target, "server", "cluster")
-        except ConnectionError as exc:
+        except (ConnectionError, TimeoutError) as exc:
             errors.append(f"{host}:{port}: {exc}")
+            silent += isinstance(exc, TimeoutError)
             continue
         if info.get("redis_mode") == "sentinel":
             raise TopologyError(f"{host}:{port} is a Redis Sentinel: use redis+sentinel://{host}:{port}/"
@@ -71,6 +86,8 @@ def probe(target: Target, timeout: float) -> Target:
             return target
         _check_coverage(client, host, port)
         return target.with_kind("cluster")
+    if silent == len(target.hosts):
+        raise TimeoutError(f"no Redis answered within {timeout:g}s at " + "; ".join(errors))
     raise ConnectionError("no Redis answered at " + "; ".join(errors))
 
 
@@ -84,10 +101,14 @@ def _info(client: redis.Redis, target: Target, *sections: str) -> dict[str, Any]
     except redis.AuthenticationError as exc:
         raise TopologyError(f"Redis refused the credentials: {exc}") from None
     except redis.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+        if "NOPERM" in str(exc):
+            raise _NoInfo() from None
+        if "NOAUTH" in str(exc):
             raise TopologyError(f"Redis refused the connection: {exc}") from None
         raise TopologyError(f"Redis answered INFO with an error: {exc}") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+    except redis.TimeoutError as exc:
+        raise TimeoutError(str(exc) or "timed out") from None
+    except (redis.ConnectionError, OSError) as exc:
         tls = _tls_failure(exc)
         if tls:
             raise TopologyError(f"TLS handshake with Redis failed: {tls}") from None
@@ -119,18 +140,23 @@ def _check_coverage(client: redis.Redis, host: str, port: int) -> None:
     text = info.decode() if isinstance(info, bytes) else str(info)
     fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
     assigned = int(fields.get("cluster_slots_assigned", "0"))
-    if assigned < 16384 or fields.get("cluster_state") != "ok":
+    state = fields.get("cluster_state", "?")
+    if assigned < 16384:
         raise TopologyError(f"the Redis Cluster at {host}:{port} is not usable: {assigned} of 16384 slots "
-                            f"are assigned and cluster_state is {fields.get('cluster_state', '?')}")
+                            f"are assigned and cluster_state is {state}")
+    if state != "ok":  # every slot has an owner, one is down: a failover in progress, worth waiting for
+        raise ConnectionError(f"the Redis Cluster at {host}:{port} reports cluster_state {state}")
 
 
 def _sentinel_kwargs(target: Target, timeout: float, aio: bool = False) -> dict[str, Any]:
     """Sentinels take the URL's TLS settings; their own password, if any, comes from ?sentinel_password=.
 
-    Each Sentinel is asked once (no retries): redis-py's default backoff spends
-    seconds on one that is down before the discovery moves on to the next.
+    Each Sentinel is asked once (no retries), for a share of the caller's
+    timeout: one whose host is down and drops packets must not use up the
+    whole deadline before the next one is asked.
     """
-    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+    each = max(0.2, timeout / (2 * len(target.hosts)))  # every Sentinel can be asked within `timeout`
+    kwargs: dict[str, Any] = {"socket_timeout": each, "socket_connect_timeout": each,
                               "retry": _ONCE_ASYNC if aio else _ONCE}
     if target.tls:
         kwargs.update(ssl=True, ssl_ca_certs=target.ca, ssl_certfile=target.cert, ssl_keyfile=target.key)
@@ -142,12 +168,14 @@ def _sentinel_kwargs(target: Target, timeout: float, aio: bool = False) -> dict[
 def _probe_sentinel(target: Target, timeout: float) -> Target:
     sentinel = Sentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout),  # type: ignore[no-untyped-call]
                         socket_timeout=timeout)
-    answered = False
+    answered = known = False
     for host, port in target.hosts:
         client = redis.Redis(host=host, port=port, **_sentinel_kwargs(target, timeout))
         try:
             with client:
                 info = client.info("server")
+                if info.get("redis_mode") == "sentinel":
+                    known = known or target.master in client.sentinel_masters()
             answered = True
             if info.get("redis_mode") != "sentinel":
                 raise TopologyError(f"{host}:{port} is not a Redis Sentinel (redis_mode is "
@@ -158,15 +186,35 @@ def _probe_sentinel(target: Target, timeout: float) -> Target:
                 raise TopologyError(f"TLS handshake with a Sentinel failed: {tls}") from None
     if not answered:
         raise ConnectionError("no Sentinel answered at " + ", ".join(f"{h}:{p}" for h, p in target.hosts))
+    if not known:
+        raise TopologyError(f"no Sentinel at {', '.join(f'{h}:{p}' for h, p in target.hosts)} knows a "
+                            f"primary named {target.master!r}")
     try:
         sentinel.discover_master(target.master)  # type: ignore[no-untyped-call]
-    except MasterNotFoundError:
-        raise TopologyError(f"no Sentinel at {', '.join(f'{h}:{p}' for h, p in target.hosts)} knows a "
-                            f"primary named {target.master!r}") from None
+    except MasterNotFoundError:  # known by name, down now: a failover to wait for
+        raise ConnectionError(f"the Sentinels know {target.master!r} but name no primary for it now") from None
     return target
 
 
 # -- clients -------------------------------------------------------------------------
+
+class _QueueingCluster(aioredis.RedisCluster):
+    """An asyncio RedisCluster whose commands wait for a free connection instead of failing.
+
+    redis-py's cluster client raises MaxConnectionsError once a shard's pool
+    is busy; a node in a publish storm must queue, as it does on a single
+    Redis (BlockingConnectionPool). At most `in_flight` commands run at once,
+    so no shard's pool can run out.
+    """
+
+    def __init__(self, in_flight: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate = asyncio.Semaphore(in_flight)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._gate:
+            return await super().execute_command(*args, **kwargs)
+
 
 def async_client(target: Target, *, timeout: float, max_connections: int, name: str = "",
                  retries: int = 0) -> Any:
@@ -179,9 +227,9 @@ def async_client(target: Target, *, timeout: float, max_connections: int, name: 
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                               **({"client_name": name} if name else {})}
     if target.kind == "cluster":
-        return aioredis.RedisCluster(
-            startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts], max_connections=max_connections,
-            retry=retry, **common, **target.connection_kwargs())
+        return _QueueingCluster(
+            max_connections, startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts],
+            max_connections=max_connections, retry=retry, **common, **target.connection_kwargs())
     if target.kind == "sentinel":
         sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout, aio=True),  # type: ignore[no-untyped-call]
                                  **common, **target.connection_kwargs())

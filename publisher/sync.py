@@ -160,18 +160,19 @@ class Publisher:
     def _connection(self) -> Any:
         """The client, made on first use: a `redis://` URL may name a Redis Cluster, which only Redis can tell.
 
-        A Redis that cannot be reached now is taken for one Redis: the command
-        that follows fails with the connection error, and the next call asks again.
+        The servers are asked what they are first (`redis_clients.probe`): a
+        topology that is wrong raises TopologyError (a ValueError); one that
+        cannot be reached raises redis.ConnectionError, and the next call asks again.
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         if self._client is None:
-            target = self._target
-            if target.kind == "single":
-                try:
-                    target = redis_clients.probe(self._target, self._timeout)
-                except ConnectionError:
-                    return redis_clients.sync_client(target, timeout=self._timeout, max_connections=1)
+            try:
+                target = redis_clients.probe(self._target, self._timeout)
+            except TimeoutError as exc:  # asked again on the next call
+                raise redis.TimeoutError(str(exc)) from None
+            except ConnectionError as exc:
+                raise redis.ConnectionError(str(exc)) from None
             self._client = redis_clients.sync_client(target, timeout=self._timeout, max_connections=1)
             self._sharded = target.sharded
         return self._client

@@ -76,6 +76,8 @@ class Target:
         if not self.tls:
             return None
         context = ssl.create_default_context(cafile=self.ca)
+        if self.options.get("ssl_check_hostname", "").lower() in ("0", "false", "no", "off"):
+            context.check_hostname = False  # as redis-py does for the command connections
         if self.options.get("ssl_cert_reqs", "").lower() in ("none", "optional"):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE if self.options["ssl_cert_reqs"].lower() == "none" \

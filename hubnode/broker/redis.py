@@ -119,7 +119,7 @@ class RedisBroker:
         self._fixed = (keys.all, self._own)
         self._wanted: WantedChannels = lambda: self._fixed
         self._links: dict[Address | None, _Link] = {}
-        self._opening: dict[Address | None, asyncio.Future[_Link]] = {}
+        self._opening: dict[tuple[int, Address | None], asyncio.Future[_Link]] = {}  # by (round, address)
         self._at: dict[str, Address | None] = {}  # channel -> the link it is subscribed on
         self._primary: Address | None = self._target.hosts[0] if self._target.hosts else None
         self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
@@ -494,34 +494,45 @@ class RedisBroker:
         loss callback of a connection from before a reconnect cannot mark the
         new set lost.
         """
-        opening = self._opening.get(address)
+        generation = lost if lost is not None else self._lost
+        key = (id(generation), address)
+        opening = self._opening.get(key)
         if opening is not None:
             return await asyncio.shield(opening)
-        generation = lost if lost is not None else self._lost
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Link] = loop.create_future()
-        self._opening[address] = future
+        self._opening[key] = future
         link = _Link(address, loop.time())
 
         def on_lost(exc: Exception | None) -> None:
-            if generation is not None and not generation.done():
+            # only a link in use can lose the set: one that failed while opening
+            # (AUTH, CLIENT SETNAME, a timeout) fails its own subscribe, nothing more
+            if self._links.get(address) is link and generation is not None and not generation.done():
                 generation.set_result(f"connection to {link!r} lost ({exc or 'closed by Redis'})")
 
-        try:
-            link.conn = await connect_subscriber(self._target, address, lambda reply: self._on_push(reply, link),
-                                                 on_lost, self._timeout, self._name)
-            if generation is None or generation.done():  # the set this link was for is gone already
-                link.conn.close()
-                raise ConnectionError("subscriber connections were reset meanwhile")
-            self._links[address] = link
-            future.set_result(link)
-            return link
-        except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            future.exception()  # retrieved: nobody else may be waiting
-            raise
-        finally:
-            self._opening.pop(address, None)
+        async def open_() -> _Link:
+            try:
+                link.conn = await connect_subscriber(self._target, address,
+                                                     lambda reply: self._on_push(reply, link),
+                                                     on_lost, self._timeout, self._name)
+                if generation is None or generation.done():  # the set this link was for is gone already
+                    link.conn.close()
+                    raise ConnectionError("subscriber connections were reset meanwhile")
+                self._links[address] = link
+                future.set_result(link)
+                return link
+            except BaseException as exc:
+                future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+                future.exception()  # retrieved: nobody else may be waiting
+                raise
+            finally:
+                self._opening.pop(key, None)
+
+        # shielded: a caller cancelled while the link opens (a client gone mid-join)
+        # must not leave a half-open connection behind for the others who wait on it
+        task = asyncio.ensure_future(open_())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if nobody waits any more
+        return await asyncio.shield(task)
 
     async def _connect(self) -> asyncio.Future[str]:
         """Open and subscribe a new set of connections; returns the future their loss resolves."""

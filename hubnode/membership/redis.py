@@ -63,7 +63,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -93,6 +93,12 @@ _SCRIPTS = ("heartbeat", "node_connect", "user_connect", "node_disconnect", "nod
 
 STEP = 200
 """Members (or connections) one bounded script handles: about a millisecond of Redis time at most."""
+
+REMOVED_WINDOW = 600.0
+"""Seconds a removed room or user name is remembered for a reconcile after a failover."""
+
+REMOVED_MAX = 10_000
+"""Names remembered at most (the oldest are forgotten first)."""
 
 REGISTER_STEP = 100
 """Connections or members one re-registration step adds (decoding JSON costs more than deleting)."""
@@ -140,6 +146,10 @@ class RedisMembershipStore:
         self.registrations = 0
         self.swept_nodes = 0
         self._dirty = True  # not registered yet
+        # rooms and users this node removed entries from lately: a failover of their shard may
+        # bring a deleted entry back after the node's index forgot the name (see reconcile)
+        self._removed: dict[tuple[str, str], float] = {}
+        self._sweep_removed = False
         self._registered = False  # the node's entry is known to be in Redis (readiness)
         self._snapshot: SnapshotSource = lambda: ()
         self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
@@ -180,8 +190,24 @@ class RedisMembershipStore:
             await self.redis.aclose()
 
     def reconcile(self) -> None:
-        """Re-register at the next heartbeat: a failover may have lost writes (replication is asynchronous)."""
+        """Re-register at the next heartbeat: a failover may have lost writes (replication is asynchronous).
+
+        A lost write may be an add (the re-registration rewrites it) or a
+        delete whose name the node's index no longer lists: the
+        re-registration also clears this node's entries from the rooms and
+        users it removed entries from in the last REMOVED_WINDOW seconds.
+        """
         self._dirty = True
+        self._sweep_removed = True
+
+    def _note_removed(self, kind: str, names: Iterable[str]) -> None:
+        now = time.monotonic()
+        removed = self._removed
+        for name in names:
+            removed.pop((kind, name), None)
+            removed[(kind, name)] = now  # newest last
+        while removed and (len(removed) > REMOVED_MAX or next(iter(removed.values())) < now - REMOVED_WINDOW):
+            del removed[next(iter(removed))]
 
     async def heartbeat(self) -> None:
         """Renew liveness; re-register when swept or after a failed update; sweep the dead.
@@ -240,6 +266,9 @@ class RedisMembershipStore:
     async def remove_connection(self, conn_id: str, user_id: str | None, rooms: Sequence[str],
                                 emptied: Collection[str] = ()) -> None:
         gone = [room for room in rooms if room in emptied]
+        self._note_removed("room", rooms)
+        if user_id:
+            self._note_removed("user", (user_id,))
         await self._update(self._write(self._changes.disconnect(conn_id, user_id or "", rooms, gone)))
 
     async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
@@ -247,6 +276,7 @@ class RedisMembershipStore:
 
     async def remove_member(self, room: str, conn_id: str, user_id: str | None,
                             emptied: bool = False) -> None:
+        self._note_removed("room", (room,))
         await self._update(self._write(self._changes.leave(room, conn_id, emptied)))
 
     def _write(self, change: Change) -> _Write:
@@ -390,6 +420,19 @@ class RedisMembershipStore:
                     del active[name]
                     done.append(name)
 
+    async def _purge_removed(self, node: str) -> None:
+        """Clear this node's entries from the hashes of recently removed names (see reconcile), in bounded steps."""
+        k = self.keys
+        active = {(k.members(name) if kind == "room" else k.online(name)): "0" for kind, name in self._removed}
+        while active:
+            batch = list(active.items())[:ROOMS_PER_ROUND]
+            replies = await self._checked([Step("purge_hash", (key,), (node, at, STEP)) for key, at in batch])
+            for (key, _), cursor in zip(batch, replies, strict=True):
+                active[key] = text(cursor)
+                if active[key] == "0":
+                    del active[key]
+        self._sweep_removed = False
+
     def _renewal(self, node: str, mode: str, stamp: Callable[[], int]) -> list[Step]:
         """While this node re-registers, its `hub:nodes` score moves on with its expiry (for listings)."""
         if mode != "reset":
@@ -417,6 +460,8 @@ class RedisMembershipStore:
         await self._deadline(self.redis.zadd(k.nodes, {node: stamp()}))
         if await self._purge(node, "reset", 0) != 1:
             return -1
+        if self._sweep_removed:
+            await self._purge_removed(node)
         conns = [(conn, user) for conn, user, _ in snapshot]
         for start in range(0, len(conns), REGISTER_STEP):
             part = conns[start:start + REGISTER_STEP]

@@ -148,8 +148,10 @@ async def cluster_client(redis_cluster: RedisClusterProcs) -> AsyncIterator[Fact
         await client.aclose()
 
 
-async def scenario(make: Factory, prefix: str, rooms: list[str], users: list[str]) -> dict[str, Any]:
-    """Two nodes connect, join, leave and disconnect across `rooms`; every answer a reader can get."""
+async def scenario(make: Factory, prefix: str, rooms: list[str], users: list[str],
+                   servers: list[redis.Redis]) -> dict[str, Any]:
+    """Two nodes connect, join, leave and disconnect across `rooms`; every answer a reader can get, and
+    the keys themselves (`servers`: where they live) before the nodes drain."""
     keys = Keys(prefix)
     n1, n2 = (RedisMembershipStore(make(), keys, node) for node in ("n1", "n2"))
     recorder = Recorder(n1, n2)
@@ -180,6 +182,7 @@ async def scenario(make: Factory, prefix: str, rooms: list[str], users: list[str
     assert answers["stats"] == {"clients": 4, "rooms": len(want), "nodes": 2}
     answers["async publisher"] = await publisher_answers(n1.redis, prefix, rooms, users)
     answers["scripts"] = recorder.check()
+    answers["layout"] = dump(servers, prefix)
     for store in (n1, n2):
         await store.close()
     return answers
@@ -200,8 +203,9 @@ async def test_the_same_scenario_gives_the_same_answers_and_keys_on_one_redis_an
     rooms = spread(redis_cluster, keys.members, "room", per_shard=2)
     users = spread(redis_cluster, keys.online, "user")
     single = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    on_one = await scenario(lambda: aioredis.Redis.from_url(redis_server.url), prefix, rooms, users)
-    on_cluster = await scenario(cluster_client, prefix, rooms, users)
+    on_one = await scenario(lambda: aioredis.Redis.from_url(redis_server.url), prefix, rooms, users, [single])
+    on_cluster = await scenario(cluster_client, prefix, rooms, users, primaries(redis_cluster))
+    assert on_one["layout"], "the scenario left members to compare"
     assert on_cluster == on_one
     assert on_one["async publisher"] == {k: on_one[k] for k in ("rooms", "stats", "members", "online")}
     assert dump(primaries(redis_cluster), prefix) == dump([single], prefix) == {}  # both drained

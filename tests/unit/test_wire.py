@@ -56,7 +56,7 @@ def test_keys_follow_protocol_section_7() -> None:
     """Every channel and key name has the documented shape."""
     k = Keys("hub:")
     assert k.all == "hub:all"
-    assert k.node_channel("n1") == "hub:node:n1"
+    assert k.node_channel("n1") == "hub:node:{n1}"
     assert k.room_channel("r") == "hub:room:{r}"
     assert k.user_channel("u") == "hub:user:{u}"
     assert k.members("r") == "hub:members:{r}"
@@ -69,6 +69,8 @@ def test_keys_follow_protocol_section_7() -> None:
     assert k.parse_channel("hub:room:{r}") == ("room", "r")
     assert k.parse_channel("hub:user:{u}") == ("user", "u")
     assert k.parse_channel("hub:all") == ("all", "")
+    assert k.parse_channel("hub:node:{n1}") == ("node", "n1")
+    assert k.parse_channel("hub:node:n1") is None
     assert k.parse_channel("other:all") is None
 
 
