@@ -72,9 +72,7 @@ class Publisher:
             raise ValueError("retries must not be negative")
         self.retries = retries
         self._owns_client = client is None
-        env_ca, env_cert, env_key = topology.env_tls()
-        self._target = topology.parse(url or core.default_url(), ca=redis_ca or env_ca,
-                                      cert=redis_cert or env_cert, key=redis_key or env_key)
+        self._target = topology.publisher_target(url, redis_ca, redis_cert, redis_key)
         self._timeout = timeout
         self._client: Any = client
         self._sharded = client is not None and isinstance(client, _CLUSTER)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from publisher.core import redact_url
+from publisher.core import default_url, redact_url
 
-__all__ = ["FORMS", "Address", "Kind", "Target", "TopologyError", "env_tls", "parse"]
+__all__ = ["FORMS", "Address", "Kind", "Target", "TopologyError", "env_tls", "parse", "publisher_target"]
 
 Kind = Literal["single", "cluster", "sentinel"]
 Address = tuple[str, int]
@@ -116,6 +116,12 @@ def env_tls() -> tuple[str | None, str | None, str | None]:
     """HUB_REDIS_CA, HUB_REDIS_CERT, HUB_REDIS_KEY (an empty variable counts as unset)."""
     return (os.environ.get("HUB_REDIS_CA") or None, os.environ.get("HUB_REDIS_CERT") or None,
             os.environ.get("HUB_REDIS_KEY") or None)
+
+
+def publisher_target(url: str | None, ca: str | None, cert: str | None, key: str | None) -> Target:
+    """A publisher's Target: its arguments, else HUB_REDIS_URL and HUB_REDIS_CA/CERT/KEY, else the default URL."""
+    env_ca, env_cert, env_key = env_tls()
+    return parse(url or default_url(), ca=ca or env_ca, cert=cert or env_cert, key=key or env_key)
 
 
 def parse(url: str, *, ca: str | None = None, cert: str | None = None, key: str | None = None) -> Target:

@@ -185,6 +185,16 @@ async def room_lists_exactly(session: aiohttp.ClientSession, nodes: Cluster, roo
     return True
 
 
+async def every_message_and_member(session: aiohttp.ClientSession, nodes: Cluster, room: str,
+                                   members: list[Member], total: int, first_after: int) -> None:
+    """After a primary was killed: every member got every message (or one resync, see
+    Member.assert_recovered_or_told), and /api/rooms/<room> lists exactly the members again."""
+    for m in members:
+        m.assert_recovered_or_told(total, first_after)
+    await wait_until(lambda: room_lists_exactly(session, nodes, room, members), timeout=10,
+                     what="/api/rooms/<room> to list exactly the members")
+
+
 async def traffic_through(change: Callable[[], float], url: str, prefix: str, room: str, members: list[Member],
                           what: str) -> tuple[int, float, int]:
     """Run the worker; after 25 messages apply `change` (blocking, so in a thread; it returns the moment
@@ -248,10 +258,7 @@ async def test_cluster_primary_killed_replica_takes_over_no_gap(
                                                           "cluster primary kill")
         print(f"[cluster primary kill] {killed.name} killed, {replica.name} promoted: kill to first delivery "
               f"{first:.2f}s")
-        for m in members:
-            m.assert_recovered_or_told(total, first_after)
-        await wait_until(lambda: room_lists_exactly(session, nodes, room, members), timeout=10,
-                         what="/api/rooms/<room> to list exactly the members")
+        await every_message_and_member(session, nodes, room, members, total, first_after)
     finally:
         for m in members:
             await m.stop()
@@ -322,16 +329,12 @@ async def test_sentinel_primary_killed_nodes_follow_the_promoted_replica(
         assert promoted is not killed
         print(f"[sentinel primary kill] {killed.name} killed, {promoted.name} promoted: kill to first delivery "
               f"{first:.2f}s")
-        for m in members:
-            m.assert_recovered_or_told(total, first_after)
-
         def beating_on_promoted() -> bool:
             beats = [promoted.call("HGET", keys.node(n), "heartbeat_at") for n in ("n1", "n2")]
             return all(b is not None and int(b) > killed_ms for b in beats)
 
         await wait_until(beating_on_promoted, timeout=10, what="both nodes to heartbeat on the promoted replica")
-        await wait_until(lambda: room_lists_exactly(session, nodes, room, members), timeout=10,
-                         what="/api/rooms/<room> to list exactly the members")
+        await every_message_and_member(session, nodes, room, members, total, first_after)
     finally:
         for m in members:
             await m.stop()
