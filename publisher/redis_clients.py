@@ -231,6 +231,8 @@ def async_client(target: Target, *, timeout: float, max_connections: int, name: 
             max_connections, startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts],
             max_connections=max_connections, retry=retry, **common, **target.connection_kwargs())
     if target.kind == "sentinel":
+        # not capped: redis-py's Sentinel pool has no blocking variant, and a cap would fail
+        # commands in a storm rather than queue them (a single Redis's pool queues)
         sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(target, timeout, aio=True),  # type: ignore[no-untyped-call]
                                  **common, **target.connection_kwargs())
         return sentinel.master_for(target.master, db=target.db, retry=retry, **common)
