@@ -193,6 +193,9 @@ def _probe_sentinel(target: Target, timeout: float) -> Target:
         sentinel.discover_master(target.master)  # type: ignore[no-untyped-call]
     except MasterNotFoundError:  # known by name, down now: a failover to wait for
         raise ConnectionError(f"the Sentinels know {target.master!r} but name no primary for it now") from None
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
     return target
 
 

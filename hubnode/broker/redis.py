@@ -245,8 +245,11 @@ class RedisBroker:
         await self._subscribe_on(link.conn, channels)
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
-        if not self.connected:
-            return
+        if self.connected:
+            self._release(channels)
+
+    def _release(self, channels: Iterable[str]) -> None:
+        """Unsubscribe `channels` (never the fixed ones) on the links they were subscribed on."""
         groups: dict[Address | None, list[str]] = {}
         for channel in channels:
             if channel not in self._fixed and channel in self._at:
@@ -353,11 +356,10 @@ class RedisBroker:
             log.warning("Redis refused a subscriber command: %s", reply)
             self._lose(f"Redis refused a subscriber command ({reply})")
             return
-        if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
-            if link is not None:
-                link.last_pong = asyncio.get_running_loop().time()
-            return
         if not isinstance(reply, list) or len(reply) < 3:
+            # a PING's answer: "pong" (subscribed) or PONG (a link with no channel left)
+            if link is not None and (reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong")):
+                link.last_pong = asyncio.get_running_loop().time()
             return
         kind, channel = reply[0], reply[1]
         if kind == self._message:
@@ -557,23 +559,13 @@ class RedisBroker:
             raise
         # a channel released while this SUBSCRIBE was in flight could not be
         # unsubscribed (we were not connected): let go of it now
-        await self.unsubscribe_released(subscribed)
+        self._release(sorted(subscribed - {*self._fixed, *self._wanted()}))
         now = loop.time()
         self._last_probe = now
         for link in self._links.values():
             link.last_pong = now
         self._up.set()
         return lost
-
-    async def unsubscribe_released(self, subscribed: set[str]) -> None:
-        released = subscribed - {*self._fixed, *self._wanted()}
-        groups: dict[Address | None, list[str]] = {}
-        for channel in sorted(released):
-            groups.setdefault(self._at.pop(channel, None), []).append(channel)
-        for address, group in groups.items():
-            link = self._links.get(address)
-            if link is not None and link.conn is not None:
-                self._send_unsubscribe(link.conn, group)
 
     async def _watch(self, lost: asyncio.Future[str]) -> str:
         """Return the reason once the subscribers are lost, probing them every interval."""

@@ -329,6 +329,7 @@ async def test_sentinel_primary_killed_nodes_follow_the_promoted_replica(
         assert promoted is not killed
         print(f"[sentinel primary kill] {killed.name} killed, {promoted.name} promoted: kill to first delivery "
               f"{first:.2f}s")
+
         def beating_on_promoted() -> bool:
             beats = [promoted.call("HGET", keys.node(n), "heartbeat_at") for n in ("n1", "n2")]
             return all(b is not None and int(b) > killed_ms for b in beats)
