@@ -19,6 +19,7 @@ from hubnode.validate import RULES, Invalid, shown
 from publisher.envelope import MAX_ENVELOPE_BYTES
 from publisher.history import HistoryPolicy
 from publisher.keys import DEFAULT_PREFIX
+from publisher.names import matches_any
 from publisher.topology import Target, TopologyError
 from publisher.topology import parse as parse_target
 from publisher.usage import OneLineParser
@@ -31,7 +32,7 @@ _METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "
              "jwt_public_key": "FILE", "redis_ca": "FILE", "redis_cert": "FILE", "redis_key": "FILE",
              "jwt_audience": "AUD", "jwt_issuer": "ISS",
              "log_level": "LEVEL", "log_format": "text|json",
-             "history_rooms": "PATTERNS", "history_ttl": "SECONDS"}
+             "history_rooms": "PATTERNS", "history_ttl": "SECONDS", "presence_rooms": "PATTERNS"}
 
 
 class ConfigError(ValueError):
@@ -86,11 +87,13 @@ class Config:
     history_ttl: int = 300
     history_rooms: tuple[str, ...] = ("*",)
     history_users: bool = True
+    presence_rooms: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        for name in ("allowed_origins", "api_key", "history_rooms"):  # a list from Python code is as good as a tuple
+        # a list from Python code is as good as a tuple
+        for name in ("allowed_origins", "api_key", "history_rooms", "presence_rooms"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for f in fields(self):  # each value alone: hubnode.validate says what every setting accepts
@@ -123,6 +126,10 @@ class Config:
     def history(self) -> HistoryPolicy:
         """The node's history settings, in the form publishers share."""
         return HistoryPolicy(self.history_size, self.history_ttl, self.history_rooms, self.history_users)
+
+    def announces(self, room: str) -> bool:
+        """Whether members of `room` get presence events (--presence-rooms; every node must agree)."""
+        return bool(self.presence_rooms) and matches_any(self.presence_rooms, room)
 
     @property
     def on_loopback(self) -> bool:
@@ -190,6 +197,8 @@ _HELP = {
     "history_ttl": "seconds after its last publish a stream's history expires",
     "history_rooms": "comma-separated room names or prefix* that keep history (default *)",
     "history_users": "whether user streams keep history (--no-history-users turns it off)",
+    "presence_rooms": "comma-separated room names or prefix* whose members get presence join/leave events "
+                      "(default none; give every node the same)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
 }

@@ -279,6 +279,13 @@ def history_rooms(value: Any) -> None:
         raise Invalid(str(exc)) from None
 
 
+def presence_rooms(value: Any) -> None:
+    """Like --history-rooms, but empty (the default) is allowed: no room announces presence."""
+    if isinstance(value, tuple | list) and not value:
+        return
+    history_rooms(value)
+
+
 def log_level(value: Any) -> None:
     choice("debug", "info", "warning", "error")(value)
 
@@ -330,6 +337,7 @@ RULES: dict[str, Rule] = {
     "history_ttl": Rule(integer, whole(1)),
     "history_rooms": Rule(to_list, history_rooms),
     "history_users": Rule(to_bool, boolean),
+    "presence_rooms": Rule(to_list, presence_rooms),
     "log_level": Rule(_lower, log_level),
     "log_format": Rule(_lower, choice("text", "json")),
 }

@@ -78,6 +78,11 @@ class Envelope:
     ts: float | None = None
     offset: int | None = None
     epoch: str | None = None
+    control: dict[str, Any] | None = None
+    """The `ctl` map of a server-side control command (publisher.control); `msg` is then a placeholder."""
+
+
+_CONTROL = Message("control")
 
 
 def pack(env: Envelope) -> bytes:
@@ -122,6 +127,12 @@ def unpack(payload: bytes) -> Envelope:
         raise EnvelopeError("envelope is not a map")
     if raw.get("v") != VERSION:
         raise EnvelopeError(f"unknown envelope version {raw.get('v')!r}")
+    control = raw.get("ctl")
+    if control is not None:  # a command for the node, not a message (publisher.control)
+        origin, mid = raw.get("origin"), raw.get("id")
+        if not isinstance(control, dict) or not isinstance(origin, str) or not isinstance(mid, str):
+            raise EnvelopeError("a control envelope needs a 'ctl' map and string 'origin' and 'id'")
+        return Envelope(msg=_CONTROL, origin=origin, id=mid, control=control)
     try:
         msg = Message.from_wire(raw.get("msg"))
     except MessageError as exc:

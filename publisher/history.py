@@ -32,8 +32,8 @@ from publisher.targets import Target
 
 __all__ = [
     "DEFAULT_TTL", "MAX_SIZE", "PUBLISH_SCRIPT", "READ_SCRIPT", "History", "HistoryPage", "HistoryPolicy",
-    "LuaScript", "StreamRead", "StreamRef", "client_view", "history_query", "new_epoch", "parse_patterns",
-    "publish_call", "read_call", "splice", "stored", "stream_of",
+    "LuaScript", "StreamRead", "StreamRef", "client_view", "history_query", "load_script", "new_epoch",
+    "parse_patterns", "publish_call", "read_call", "splice", "stored", "stream_of",
 ]
 
 DEFAULT_TTL = 300
@@ -51,16 +51,17 @@ class LuaScript(NamedTuple):
     sha: str
 
 
-def _load(name: str) -> LuaScript:
+def load_script(name: str) -> LuaScript:
+    """A script of publisher/lua/, with its SHA1."""
     text = (resources.files("publisher") / "lua" / f"{name}.lua").read_text()
     return LuaScript(name, text, hashlib.sha1(text.encode()).hexdigest())
 
 
-PUBLISH_SCRIPT = _load("publish")
+PUBLISH_SCRIPT = load_script("publish")
 """KEYS: stream, meta, ids. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch.
 Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
 
-READ_SCRIPT = _load("read")
+READ_SCRIPT = load_script("read")
 """KEYS: stream, meta, ids. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.
 Answers {epoch or nil, top, entries kept, [envelope, ...]}."""
 

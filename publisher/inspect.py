@@ -20,14 +20,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+from publisher.history import load_script
 from publisher.keys import Keys
 from publisher.message import MessageError
 from publisher.names import check_name
-from publisher.query import Call, Query, text
+from publisher.query import Call, Query, ScriptCall, text
 
 __all__ = [
-    "HubStats", "Member", "NodeInfo", "client_count", "live_nodes", "member_of", "node_info",
-    "node_of", "now_ms", "room_count", "room_members", "rooms", "stats", "to_int", "user_online",
+    "HubStats", "Member", "NodeInfo", "Presence", "client_count", "live_nodes", "member_of", "node_info",
+    "node_of", "now_ms", "presence", "presence_of", "room_count", "room_members", "rooms", "stats", "to_int",
+    "user_online",
 ]
 
 SCAN_COUNT = 1000
@@ -74,6 +76,27 @@ class HubStats:
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Who is in a room (PROTOCOL.md section 12): users with their connection counts, and anonymous ones."""
+
+    room: str
+    users: dict[str, int]
+    anonymous: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """`GET /api/rooms/<room>/presence`'s answer."""
+        return {"room": self.room, "users": self.users, "anonymous": self.anonymous}
+
+    @property
+    def connections(self) -> int:
+        return sum(self.users.values()) + self.anonymous
+
+
+PRESENCE_SCRIPT = load_script("presence")
+"""KEYS: the room's presence hash, its members hash. Answers {HGETALL presence, HLEN members}."""
 
 
 # -- pure helpers ----------------------------------------------------------
@@ -214,6 +237,24 @@ def room_members(keys: Keys, room: str) -> Query[list[Member]]:
 def room_count(keys: Keys) -> Query[int]:
     """How many rooms have at least one member (the length of `rooms`)."""
     return len((yield from rooms(keys)))
+
+
+def presence_of(room: str, reply: Any) -> Presence:
+    """The Presence of presence.lua's answer; unreadable counts are left out, never negative."""
+    flat, members = reply
+    users: dict[str, int] = {}
+    for field, value in zip(flat[::2], flat[1::2], strict=True):
+        count = to_int(value)
+        if count > 0:
+            users[text(field)] = count
+    return Presence(room, dict(sorted(users.items())), max(0, to_int(members) - sum(users.values())))
+
+
+def presence(keys: Keys, room: str) -> Query[Presence]:
+    """Who is in `room`, cluster-wide, in one atomic read (ValueError for an invalid name)."""
+    _checked("room name", room)
+    reply = yield ScriptCall(PRESENCE_SCRIPT, (keys.presence(room), keys.members(room)), ())
+    return presence_of(room, reply)
 
 
 def user_online(keys: Keys, user_id: str) -> Query[int]:

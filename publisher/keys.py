@@ -83,6 +83,15 @@ class Keys:
         """The room's members (HASH conn_id -> user_id, "" for anonymous)."""
         return f"{self.prefix}members:{{{room}}}"
 
+    def presence(self, room: str) -> str:
+        """The room's users (HASH user_id -> their connections in the room), kept with its members hash.
+
+        The step that writes a member also counts it here, so it knows a
+        user's first and last connection in the room (PROTOCOL.md section 12);
+        anonymous connections are the members hash's HLEN minus the sum.
+        """
+        return f"{self.prefix}presence:{{{room}}}"
+
     def online(self, user_id: str) -> str:
         """The user's connections cluster-wide (HASH conn_id -> node id): HLEN is the online count."""
         return f"{self.prefix}online:{{{user_id}}}"

@@ -14,7 +14,7 @@ from typing import Any
 
 from publisher.names import check_name
 
-__all__ = ["RESERVED_TYPES", "Message", "MessageError", "check_publishable"]
+__all__ = ["EVENT_TYPES", "RESERVED_TYPES", "Message", "MessageError", "check_publishable"]
 
 _OPTIONAL = ("room", "user_id", "metadata", "id")
 
@@ -24,6 +24,14 @@ RESERVED_TYPES = frozenset({"ack", "error", "pong", "connected"})
 A published message of one of these types could settle a client's pending
 request with a forged answer, so every publish path refuses them
 (`check_publishable`) and every node drops them when they arrive from Redis.
+"""
+
+EVENT_TYPES = frozenset({"presence"})
+"""Types only hubnode's own membership steps publish (PROTOCOL.md section 12).
+
+A presence event comes from the Lua step that changed the membership, through
+Redis, so nodes deliver it; every publish path refuses the type, so no
+worker or HTTP caller can announce a join or a leave that did not happen.
 """
 
 
@@ -106,6 +114,8 @@ def check_publishable(msg: Message) -> Message:
     """
     if msg.type in RESERVED_TYPES:
         raise MessageError(f"type {msg.type!r} is reserved for the node's answers and cannot be published")
+    if msg.type in EVENT_TYPES:
+        raise MessageError(f"type {msg.type!r} is reserved for the hub's own presence events and cannot be published")
     return msg
 
 
