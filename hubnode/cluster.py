@@ -86,7 +86,7 @@ def redis_parts(config: Config, target: Target | None = None) -> tuple[RedisBrok
                          max_payload_bytes=config.max_envelope_bytes, name=f"hubnode:{config.node_id}:sub")
     store = RedisMembershipStore(redis_client(config, target), keys, config.node_id, heartbeat=config.heartbeat,
                                  address=f"{config.host}:{config.port}", version=__version__,
-                                 timeout=config.redis_timeout)
+                                 timeout=config.redis_timeout, announces=config.announces, sharded=target.sharded)
     return broker, store
 
 

@@ -38,10 +38,12 @@ class NodeCounters:
     """Plain counters the metrics module exposes; cheap enough for the hot path."""
 
     __slots__ = ("delivered", "bytes_out", "dropped", "resyncs", "slow_closes", "published",
-                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures", "metrics_failures")
+                 "frames", "errors", "duplicates", "reserved", "heartbeat_failures", "metrics_failures",
+                 "control")
 
     def __init__(self) -> None:
         self.frames: Counter[str] = Counter()
+        self.control: Counter[str] = Counter()  # control commands taken, by op (PROTOCOL.md section 13)
         self.errors: Counter[str] = Counter()
         self.duplicates = 0  # envelopes whose id was delivered already (a publisher's retry)
         self.reserved = 0  # envelopes of a node-only type (ack, error, ...) from Redis: dropped

@@ -58,6 +58,7 @@ def metrics_snapshot(node: Node, latency: Histogram | None = None) -> dict[str, 
         "slow_closes": c.slow_closes,
         "frames": dict(c.frames),
         "errors": {str(code): n for code, n in c.errors.items()},
+        "control": dict(c.control),
         "latency": latency_snapshot(latency),
     }
 

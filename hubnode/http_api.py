@@ -19,6 +19,7 @@ from hubnode.dashboard_api import cluster_metrics, live_nodes, metrics_snapshot
 from hubnode.metrics import LATENCY
 from hubnode.node import Node
 from hubnode.protocol import encodable, unavailable_message
+from publisher.control import Command
 from publisher.history import MAX_LIMIT
 from publisher.message import MessageError
 from publisher.names import check_name
@@ -109,6 +110,85 @@ async def get_room(request: web.Request) -> web.Response:
         {"conn_id": m.conn_id, "user_id": m.user_id, "node": m.node} for m in members]})
 
 
+async def get_room_presence(request: web.Request) -> web.Response:
+    """`{"room", "users": {user: connections}, "anonymous"}`, cluster-wide (PROTOCOL.md section 12)."""
+    room = request.match_info["name"]
+    problem = check_name(room)
+    if problem:
+        return _error(400, "bad_room", f"room name {problem}")
+    try:
+        found = await _node(request).presence(room)
+    except BrokerUnavailable as exc:
+        return _error(503, "unavailable", str(exc))
+    return _json(found.to_json())
+
+
+# -- server-side control (PROTOCOL.md section 13) ------------------------------------
+
+async def post_user_disconnect(request: web.Request) -> web.Response:
+    return await _disconnect(request, user=request.match_info["user"])
+
+
+async def post_connection_disconnect(request: web.Request) -> web.Response:
+    return await _disconnect(request, conn=request.match_info["conn"])
+
+
+async def _disconnect(request: web.Request, user: str | None = None, conn: str | None = None) -> web.Response:
+    """Body `{"reason": str, "reconnect": bool}`, both optional; JSON only, like /broadcast (no forged form posts)."""
+    if request.content_type != "application/json":
+        return _error(415, "bad_message", "Content-Type must be application/json")
+    body = await request.read()
+    try:
+        raw = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        return _error(400, "bad_json", "body is not valid JSON")
+    if not isinstance(raw, dict):
+        return _error(400, "bad_message", 'body must be {"reason": str, "reconnect": bool}')
+    unknown = sorted(set(raw) - {"reason", "reconnect"})
+    if unknown:
+        return _error(400, "bad_message", f"unknown field {unknown[0][:40]!r}: expected reason and reconnect")
+    return await _command(request, _make(lambda: Command("disconnect", user=user, conn=conn,
+                                                         reason=raw.get("reason", ""),
+                                                         reconnect=raw.get("reconnect", False))))
+
+
+async def put_user_room(request: web.Request) -> web.Response:
+    return await _command(request, _room_command(request, "join"))
+
+
+async def delete_user_room(request: web.Request) -> web.Response:
+    return await _command(request, _room_command(request, "leave"))
+
+
+def _room_command(request: web.Request, op: str) -> Command | web.Response:
+    room = request.match_info["room"]
+    problem = check_name(room)
+    if problem:
+        return _error(400, "bad_room", f"room name {problem}")
+    return _make(lambda: Command(op, user=request.match_info["user"], room=room))  # type: ignore[arg-type]
+
+
+def _make(build: Callable[[], Command]) -> Command | web.Response:
+    try:
+        return build()
+    except MessageError as exc:
+        return _error(400, "bad_message", str(exc))
+
+
+async def _command(request: web.Request, command: Command | web.Response) -> web.Response:
+    """Publish a command; `{"ok": true, "nodes": n}`: how many nodes took it."""
+    if isinstance(command, web.Response):
+        return command
+    node = _node(request)
+    if not node.broker.connected:
+        return _error(503, "unavailable", unavailable_message(False))
+    try:
+        nodes = await node.control(command)
+    except BrokerUnavailable as exc:
+        return _error(503, "unavailable", unavailable_message(exc.maybe_published))
+    return _json({"ok": True, "nodes": nodes})
+
+
 async def get_room_history(request: web.Request) -> web.Response:
     return await _history(request, "room")
 
@@ -184,6 +264,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/rooms", with_api_key(get_rooms))
     app.router.add_get("/api/rooms/{room}", with_api_key(get_room))
     app.router.add_get("/api/rooms/{name}/history", with_api_key(get_room_history))
+    app.router.add_get("/api/rooms/{name}/presence", with_api_key(get_room_presence))
+    app.router.add_post("/api/users/{user}/disconnect", with_api_key(post_user_disconnect))
+    app.router.add_post("/api/connections/{conn}/disconnect", with_api_key(post_connection_disconnect))
+    app.router.add_put("/api/users/{user}/rooms/{room}", with_api_key(put_user_room))
+    app.router.add_delete("/api/users/{user}/rooms/{room}", with_api_key(delete_user_room))
     app.router.add_get("/api/users/{name}/history", with_api_key(get_user_history))
     app.router.add_get("/api/nodes", with_api_key(get_nodes))
     app.router.add_get("/api/metrics", with_api_key(get_metrics_json))

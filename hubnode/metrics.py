@@ -51,6 +51,8 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("hubnode_ready", "1 when the node accepts clients", value=int(node.ready))
         yield _labelled("hubnode_client_frames", "Client frames received, by type", "type", c.frames)
         yield _labelled("hubnode_client_errors", "Error frames sent to clients, by code", "code", c.errors)
+        yield _labelled("hubnode_control_commands", "Server-side control commands this node received and acted on, "
+                        "by op", "op", c.control)
         yield _counter("hubnode_rate_limited_frames", "Client frames refused by the rate limit",
                        c.errors.get("rate_limited", 0))
         yield _counter("hubnode_messages_published", "Messages this node published", c.published)

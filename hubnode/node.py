@@ -28,16 +28,17 @@ from hubnode.counters import MetricsSource, MetricsStore, NodeCounters
 from hubnode.dedup import RecentIds
 from hubnode.errors import CloseCode, ErrorCode
 from hubnode.history import Opening, StreamKeeper
-from hubnode.membership.base import Member, MembershipStore, NodeInfo, Stats
+from hubnode.membership.base import Member, MembershipStore, NodeInfo, Presence, Stats
 from hubnode.membership.memory import MemoryMembershipStore
-from hubnode.protocol import Since, encode_message, encode_positioned
+from hubnode.protocol import Since, encode_error, encode_message, encode_positioned
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from hubnode.supervisor import Supervisor
-from publisher.envelope import Envelope, EnvelopeError, position_of, unpack
+from publisher.control import Command, command_of, pack_command
+from publisher.envelope import Envelope, EnvelopeError, pack, position_of, unpack
 from publisher.history import History
 from publisher.keys import Keys
-from publisher.message import RESERVED_TYPES, Message
+from publisher.message import RESERVED_TYPES, Message, MessageError
 from publisher.targets import Target, coerce_message, pack_for
 
 __all__ = ["MetricsSource", "MetricsStore", "Node", "NodeCounters", "NodeDraining", "Refused"]
@@ -90,8 +91,8 @@ class Node:
             broker, store = broker or redis_broker, store or redis_store
         address = f"{self.config.host}:{self.config.port}"
         self.broker: Broker = broker if broker is not None else MemoryBroker()
-        self.store: MembershipStore = (store if store is not None else
-                                       MemoryMembershipStore(self.id, address=address, version=__version__))
+        self.store: MembershipStore = (store if store is not None else MemoryMembershipStore(
+            self.id, address=address, version=__version__, announce=self._announce))
         self.supervisor = Supervisor()
         self.table = RoutingTable(self.keys)
         self.conns: dict[str, Connection] = {}
@@ -475,8 +476,11 @@ class Node:
             log.debug("dropped a payload on %s: %s", channel, exc)
             self._skip(channel, position_of(payload))
             return
+        if env.control is not None:
+            self._on_control(channel, env)
+            return
         if channel == self._own:
-            return  # control channel: nothing for clients
+            return  # the node's own channel: its liveness probe, nothing for clients
         if env.msg.type in RESERVED_TYPES:
             if env.offset is not None and env.epoch is not None:
                 self._skip(channel, (env.offset, env.epoch))
@@ -574,6 +578,99 @@ class Node:
             if conn is not None and conn.send(frame):
                 self.counters.resyncs += 1
 
+    # -- presence and server-side control (PROTOCOL.md sections 12 and 13) --------
+    async def _announce(self, room: str, event: str, user_id: str) -> None:
+        """The embedded store's presence events (the Redis store's scripts publish their own)."""
+        if not self.config.announces(room):
+            return
+        msg = Message("presence", {"event": event, "user_id": user_id}, room=room).stamped()
+        try:
+            await self.broker.publish(self.keys.room_channel(room), pack(Envelope(msg, self.id)))
+        except BrokerUnavailable:  # only at shutdown for the embedded broker: nobody is left to tell
+            log.debug("presence %s of %s in %s not announced: broker closed", event, user_id, room)
+
+    def _on_control(self, channel: str, env: Envelope) -> None:
+        """A control command from Redis: act on the local connections it names, once per envelope id.
+
+        Only connections live when it arrives (their `connected` sent) are
+        affected: one that opens later is not, whatever its user.
+        """
+        try:
+            command = command_of(env.control)
+        except MessageError as exc:
+            self.counters.dropped += 1
+            log.warning("dropped a malformed control command from %s on %s: %s", env.origin, channel, exc)
+            return
+        if self._recent.seen(env.id, time.monotonic()):
+            self.counters.duplicates += 1
+            return
+        self.counters.control[command.op] += 1
+        if command.user is not None:
+            targets = [self.conns[c] for c in self.table.subscribers(self.keys.user_channel(command.user))
+                       if c in self.conns]
+        else:
+            found = self.conns.get(command.conn or "")
+            targets = [found] if found is not None else []
+        log.info("control %s from %s: %d local connection(s)", command.op, env.origin, len(targets))
+        for conn in targets:
+            if command.op == "disconnect":
+                _disconnect(conn, command)
+            elif command.op == "join":
+                self._track(self._server_join(conn, command.room or ""))
+            else:
+                self._track(self._server_leave(conn, command.room or ""))
+
+    async def _server_join(self, conn: Connection, room: str) -> None:
+        """A join the server decided: no token check, but the room limit; `joined` once it is routable."""
+        def joined(data: dict[str, Any] | None) -> None:
+            position = {k: v for k, v in (data or {}).items() if k in ("offset", "epoch")}
+            conn.send(encode_message(Message("system_message", {"event": "joined", "room": room,
+                                                                **position}).stamped()))
+        try:
+            error = await self.join(conn.id, room, None, joined)
+        except ValueError:  # closed meanwhile
+            return
+        if error is not None:
+            text = ("room limit per connection reached" if error is ErrorCode.TOO_MANY_ROOMS
+                    else "broker unreachable: not joined")
+            conn.send(encode_error(error, f"server-side join of {room!r} refused: {text}", room=room))
+
+    async def _server_leave(self, conn: Connection, room: str) -> None:
+        await self.leave(conn.id, room)
+        if conn.id in self.conns:
+            conn.send(encode_message(Message("system_message", {"event": "left", "room": room}).stamped()))
+
+    async def control(self, command: Command) -> int:
+        """Publish a command on the channel of what it acts on; the number of nodes that took it.
+
+        Only the nodes holding the user (its user channel) or the connection
+        (its node's channel) receive it, never every node. BrokerUnavailable
+        when Redis is unreachable.
+        """
+        _, payload = pack_command(command, self.id)
+        return await self.broker.publish(command.channel(self.keys), payload)
+
+    async def presence(self, room: str) -> Presence:
+        """Who is in `room`, cluster-wide (ValueError for a bad name, BrokerUnavailable)."""
+        Target("room", room)  # validates the name
+        return await self.store.presence(room)
+
+    async def disconnect_user(self, user_id: str, reason: str = "", reconnect: bool = False) -> int:
+        """Close every open connection of the user, cluster-wide (4000, or 4001 with `reconnect`)."""
+        return await self.control(Command("disconnect", user=user_id, reason=reason, reconnect=reconnect))
+
+    async def disconnect_connection(self, conn_id: str, reason: str = "", reconnect: bool = False) -> int:
+        """Close one connection, wherever it is."""
+        return await self.control(Command("disconnect", conn=conn_id, reason=reason, reconnect=reconnect))
+
+    async def join_user(self, user_id: str, room: str) -> int:
+        """Join every open connection of the user to `room` (the token's rooms claim does not apply)."""
+        return await self.control(Command("join", user=user_id, room=room))
+
+    async def leave_user(self, user_id: str, room: str) -> int:
+        """Take every open connection of the user out of `room`."""
+        return await self.control(Command("leave", user=user_id, room=room))
+
     # -- the Hub API (mirrors the seed's Hub) -----------------------------------
     async def broadcast_to_all(self, msg: Message | dict[str, Any]) -> int:
         return await self.publish(Target("all"), coerce_message(msg))
@@ -623,6 +720,19 @@ class Node:
         if not node_ids or not isinstance(self.store, MetricsStore):
             return {}
         return await self.store.node_metrics(node_ids)
+
+
+def _disconnect(conn: Connection, command: Command) -> None:
+    """The `disconnect` system message, then close 4000 (stay away) or 4001 (reconnect)."""
+    conn.send(encode_message(Message("system_message", {"event": "disconnect", "reason": command.reason,
+                                                        "reconnect": command.reconnect}).stamped()))
+    code = CloseCode.DISCONNECTED_RECONNECT if command.reconnect else CloseCode.DISCONNECTED
+    conn.close_soon(code, _close_reason(command.reason))
+
+
+def _close_reason(reason: str) -> str:
+    """At most 123 UTF-8 bytes (a close frame's limit), cut on a character boundary."""
+    return reason.encode()[:123].decode(errors="ignore")
 
 
 def _ignore(data: dict[str, Any] | None) -> None:

@@ -23,9 +23,9 @@ from publisher.names import check_name
 
 __all__ = [
     "unavailable_message",
-    "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PrivateMessage",
+    "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PresenceQuery", "PrivateMessage",
     "ProtocolError", "RoomMessage", "Since", "encodable", "encode_ack", "encode_error", "encode_message",
-    "encode_positioned", "parse_frame", "since_of", "since_param", "text_frame",
+    "encode_positioned", "encode_presence", "parse_frame", "since_of", "since_param", "text_frame",
 ]
 
 FrameId = int | str | None
@@ -78,7 +78,15 @@ class Ping:
     id: FrameId = None
 
 
-ClientFrame = JoinRoom | LeaveRoom | Broadcast | RoomMessage | PrivateMessage | Ping
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """`{"type": "presence", "data": R}`: who is in room R (PROTOCOL.md section 12)."""
+
+    room: str
+    id: FrameId = None
+
+
+ClientFrame = JoinRoom | LeaveRoom | Broadcast | RoomMessage | PrivateMessage | Ping | PresenceQuery
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +206,11 @@ def _ping(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
     return Ping(data, fid)
 
 
+def _presence(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
+    room = _room_or_error(data, fid)
+    return room if isinstance(room, ProtocolError) else PresenceQuery(room, fid)
+
+
 _PARSERS: dict[str, Callable[[Any, FrameId], ClientFrame | ProtocolError]] = {
     "join_room": _join,
     "leave_room": _leave,
@@ -205,6 +218,7 @@ _PARSERS: dict[str, Callable[[Any, FrameId], ClientFrame | ProtocolError]] = {
     "room_message": _room_message,
     "private_message": _private_message,
     "ping": _ping,
+    "presence": _presence,
 }
 
 # -- encoding ----------------------------------------------------------------
@@ -234,6 +248,14 @@ def encode_positioned(msg: Message, offset: int, epoch: str) -> bytes:
     return text_frame(orjson.dumps(client_view(msg, offset, epoch)))
 
 
+def encode_presence(room: str, users: dict[str, int], anonymous: int, fid: FrameId = None) -> bytes:
+    """The answer to a presence query (it is the answer: no separate ack)."""
+    out: dict[str, Any] = {"type": "presence", "room": room, "data": {"users": users, "anonymous": anonymous}}
+    if fid is not None:
+        out["id"] = fid
+    return text_frame(orjson.dumps(out))
+
+
 def unavailable_message(maybe_published: bool) -> str:
     """The text of an `unavailable` error: true to what is known of the publish.
 
@@ -253,8 +275,12 @@ def encode_ack(fid: int | str, data: Any = None) -> bytes:
     return text_frame(orjson.dumps({"type": "ack", "id": fid, "data": data}))
 
 
-def encode_error(code: ErrorCode, message: str, fid: FrameId = None) -> bytes:
-    out: dict[str, Any] = {"type": "error", "data": {"code": code.value, "message": message}}
+def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str | None = None) -> bytes:
+    """An error frame; `room` names the room of a refused server-side join (it answers no client frame)."""
+    data: dict[str, Any] = {"code": code.value, "message": message}
+    if room is not None:
+        data["room"] = room
+    out: dict[str, Any] = {"type": "error", "data": data}
     if fid is not None:
         out["id"] = fid
     return text_frame(orjson.dumps(out))

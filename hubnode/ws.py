@@ -27,6 +27,7 @@ from hubnode.protocol import (
     JoinRoom,
     LeaveRoom,
     Ping,
+    PresenceQuery,
     PrivateMessage,
     ProtocolError,
     RoomMessage,
@@ -34,6 +35,7 @@ from hubnode.protocol import (
     encode_ack,
     encode_error,
     encode_message,
+    encode_presence,
     parse_frame,
     since_param,
     unavailable_message,
@@ -185,7 +187,7 @@ async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
         _fail(conn, outcome[0], outcome[1], frame.id)
         return
     conn.streak.ok()
-    if frame.id is not None and not isinstance(frame, Ping):
+    if frame.id is not None and not isinstance(frame, Ping | PresenceQuery):
         conn.send(encode_ack(frame.id))
 
 
@@ -216,6 +218,11 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
             await node.leave(conn.id, room)
         case Ping(data=data, id=fid):
             conn.send(encode_message(Message("pong", data, id=fid).stamped()))
+        case PresenceQuery(room=room, id=fid):
+            if room not in node.rooms_of(conn.id):
+                return (ErrorCode.NOT_IN_ROOM, f"join {room!r} before asking who is in it")
+            found = await node.presence(room)
+            conn.send(encode_presence(room, found.users, found.anonymous, fid))
         case Broadcast(data=data):
             if not await node.authorize(conn.identity, "broadcast", None):
                 return (ErrorCode.FORBIDDEN, "client broadcast is disabled on this hub")
@@ -238,7 +245,7 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
 
 _FRAME_TYPES: dict[type, str] = {
     JoinRoom: "join_room", LeaveRoom: "leave_room", Broadcast: "broadcast",
-    RoomMessage: "room_message", PrivateMessage: "private_message", Ping: "ping",
+    RoomMessage: "room_message", PrivateMessage: "private_message", Ping: "ping", PresenceQuery: "presence",
 }
 
 _JOIN_ERRORS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from publisher.control import Command
 from publisher.envelope import Envelope, EnvelopeError
 from publisher.keys import DEFAULT_PREFIX, Keys
 from publisher.message import Message, MessageError
@@ -16,7 +17,7 @@ from publisher.names import check_name, is_valid_name
 from publisher.targets import Target
 
 __all__ = [
-    "DEFAULT_PREFIX", "AsyncPublisher", "Envelope", "EnvelopeError", "Keys", "Message",
+    "DEFAULT_PREFIX", "AsyncPublisher", "Command", "Envelope", "EnvelopeError", "Keys", "Message",
     "MessageError", "Publisher", "RecordingPublisher", "Target", "check_name", "is_valid_name",
 ]
 

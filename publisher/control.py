@@ -82,6 +82,8 @@ class Command:
             if not isinstance(self.reconnect, bool):
                 raise MessageError("reconnect must be true or false")
         else:
+            if self.reason != "" or self.reconnect is not False:
+                raise MessageError(f"{self.op} takes no reason or reconnect (only disconnect does)")
             problem = check_name(self.room)
             if problem:
                 raise MessageError(f"room name {problem}")

@@ -113,12 +113,12 @@ class Client:
                 return frame
 
     async def request(self, mtype: str, data: Any, fid: int | str = 1, timeout: float = 5.0) -> dict[str, Any]:
-        """Send a frame with an id and return its ack/error/pong, skipping other frames."""
+        """Send a frame with an id and return its answer (ack, error, pong, presence), skipping other frames."""
         await self.send({"type": mtype, "data": data, "id": fid})
         end = deadline(timeout)
         while True:
             frame = await self.recv(max(0.01, end - time.monotonic()))
-            if frame.get("id") == fid and frame["type"] in ("ack", "error", "pong"):
+            if frame.get("id") == fid and frame["type"] in ("ack", "error", "pong", "presence"):
                 return frame
 
     async def join(self, room: str, fid: int | str = "j") -> None:

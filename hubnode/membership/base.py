@@ -12,12 +12,12 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from publisher.inspect import HubStats, Member, NodeInfo
+from publisher.inspect import HubStats, Member, NodeInfo, Presence
 
 if TYPE_CHECKING:
     from hubnode.supervisor import Supervisor
 
-__all__ = ["Member", "MembershipStore", "NodeInfo", "Snapshot", "SnapshotSource", "Stats", "StoreCounters"]
+__all__ = ["Member", "MembershipStore", "NodeInfo", "Presence", "Snapshot", "SnapshotSource", "Stats", "StoreCounters"]
 
 
 Stats = HubStats
@@ -100,6 +100,17 @@ class MembershipStore(Protocol):
 
     async def online(self, user_id: str) -> int:
         """Connections the user has, cluster-wide."""
+        ...
+
+    async def presence(self, room: str) -> Presence:
+        """Who is in `room`: users with their connection counts, and anonymous connections, cluster-wide.
+
+        A store also announces presence (PROTOCOL.md section 12): the change
+        that adds a user's first member of a room announced by the node's
+        --presence-rooms, or removes the last, publishes the `join` or
+        `leave` in the same step, so each transition is announced exactly
+        once, whichever node (or sweeper) made it.
+        """
         ...
 
     async def nodes(self) -> list[NodeInfo]:

@@ -26,7 +26,7 @@ from redis.crc import key_slot
 
 from publisher.keys import Keys
 
-__all__ = ["REFUSED", "Change", "Changes", "Plan", "Step", "groups", "one_slot"]
+__all__ = ["REFUSED", "Change", "Changes", "EventArgs", "Plan", "Step", "groups", "no_events", "one_slot"]
 
 T = TypeVar("T")
 
@@ -82,12 +82,38 @@ def groups(items: Sequence[T], change_of: Callable[[T], Change]) -> list[list[T]
     return found
 
 
+EventArgs = Callable[[str], tuple[Any, ...]]
+"""room -> the seven event arguments every script that writes a room's members takes first (common.lua)."""
+
+
+def no_events(room: str) -> tuple[Any, ...]:
+    """Event arguments that announce nothing (a store without --presence-rooms, and tests)."""
+    return ("0", "", "0", "", "", 0, room)
+
+
 class Changes:
     """The plans of one node's changes, with its keys."""
 
-    def __init__(self, keys: Keys, node: str) -> None:
+    def __init__(self, keys: Keys, node: str, events: EventArgs = no_events) -> None:
         self.keys = keys
         self.node = node
+        self.events = events
+
+    def add_members(self, room: str, pairs: Sequence[str]) -> Step:
+        """member_add.lua: conn, user pairs into the room (with presence counts and join events)."""
+        k = self.keys
+        return Step("member_add", (k.members(room), k.presence(room)), (*self.events(room), *pairs))
+
+    def remove_members(self, room: str, conns: Sequence[str]) -> Step:
+        """member_remove.lua: connections out of the room (with presence counts and leave events)."""
+        k = self.keys
+        return Step("member_remove", (k.members(room), k.presence(room)), (*self.events(room), *conns))
+
+    def purge_members(self, room: str, node: str, cursor: str, count: int) -> Step:
+        """purge_members.lua: one bounded step of deleting `node`'s members from the room."""
+        k = self.keys
+        return Step("purge_members", (k.members(room), k.presence(room)),
+                    (*self.events(room), node, cursor, count))
 
     def connect(self, conn: str, user: str, limit: int) -> Change:
         """Count a connection ('' = anonymous); with `limit`, refuse it (REFUSED) at the user's limit."""
@@ -126,7 +152,7 @@ class Changes:
     def _disconnect(self, conn: str, user: str, rooms: Sequence[str], emptied: Sequence[str]) -> Plan:
         k = self.keys
         yield []
-        yield [Step("HDEL", (k.members(room),), (conn,)) for room in rooms] + (
+        yield [self.remove_members(room, (conn,)) for room in rooms] + (
             [Step("HDEL", (k.online(user),), (conn,))] if user else [])
         (done,) = yield [self.node_disconnect(conn, user, emptied)]
         return done
@@ -136,13 +162,13 @@ class Changes:
         (indexed,) = yield [Step("node_join", (k.node(node), k.node_conns(node), k.node_rooms(node)), (conn, room))]
         if indexed != 1:  # -1: not registered; 0: the connection is gone, so no member
             return -1 if indexed == -1 else 1
-        yield [Step("HSETNX", (k.members(room),), (conn, user))]
+        yield [self.add_members(room, (conn, user))]
         return 1
 
     def _leave(self, room: str, conn: str, emptied: bool) -> Plan:
         k, node = self.keys, self.node
         yield []
-        yield [Step("HDEL", (k.members(room),), (conn,))]
+        yield [self.remove_members(room, (conn,))]
         if not emptied:
             return 1
         (done,) = yield [Step("node_leave", (k.node(node), k.node_rooms(node)), (room,))]

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
-from hubnode.membership.base import Member, NodeInfo, SnapshotSource, Stats, StoreCounters
+from hubnode.membership.base import Member, NodeInfo, Presence, SnapshotSource, Stats, StoreCounters
 
 if TYPE_CHECKING:
     from hubnode.supervisor import Supervisor
 
-__all__ = ["MemoryMembershipStore"]
+__all__ = ["Announce", "MemoryMembershipStore"]
+
+Announce = Callable[[str, str, str], Awaitable[None]]
+"""(room, "join" | "leave", user): publish a presence event (the node checks --presence-rooms)."""
 
 
 class MemoryMembershipStore:
     """A MembershipStore that lives in this process: the single-node default."""
 
-    def __init__(self, node_id: str, *, address: str | None = None, version: str | None = None) -> None:
+    def __init__(self, node_id: str, *, address: str | None = None, version: str | None = None,
+                 announce: Announce | None = None) -> None:
         self.node_id = node_id
         self.address = address
         self.version = version
@@ -25,6 +29,8 @@ class MemoryMembershipStore:
         self._members: dict[str, dict[str, str | None]] = {}  # room -> conn -> user
         self._clients = 0
         self._online: dict[str, int] = {}
+        self._presence: dict[str, dict[str, int]] = {}  # room -> user -> connections in the room
+        self._announce = announce
 
     @property
     def counters(self) -> StoreCounters:
@@ -57,22 +63,46 @@ class MemoryMembershipStore:
                 del self._online[user_id]
 
     async def add_member(self, room: str, conn_id: str, user_id: str | None) -> None:
-        self._members.setdefault(room, {})[conn_id] = user_id
+        members = self._members.setdefault(room, {})
+        if conn_id in members:
+            return
+        members[conn_id] = user_id
+        if user_id is not None:
+            users = self._presence.setdefault(room, {})
+            users[user_id] = users.get(user_id, 0) + 1
+            if users[user_id] == 1 and self._announce is not None:
+                await self._announce(room, "join", user_id)
 
     async def remove_member(self, room: str, conn_id: str, user_id: str | None,
                             emptied: bool = False) -> None:
         members = self._members.get(room)
         if members is None:
             return
-        members.pop(conn_id, None)
+        if conn_id not in members:
+            return
+        user = members.pop(conn_id)
         if not members:
             del self._members[room]
+        users = self._presence.get(room)
+        if user is None or users is None or user not in users:
+            return
+        users[user] -= 1
+        if users[user] <= 0:
+            del users[user]
+            if not users:
+                del self._presence[room]
+            if self._announce is not None:
+                await self._announce(room, "leave", user)
 
     async def rooms(self) -> dict[str, int]:
         return {room: len(m) for room, m in self._members.items()}
 
     async def members(self, room: str) -> list[Member]:
         return [Member(c, u, self.node_id) for c, u in self._members.get(room, {}).items()]
+
+    async def presence(self, room: str) -> Presence:
+        users = dict(sorted(self._presence.get(room, {}).items()))
+        return Presence(room, users, len(self._members.get(room, {})) - sum(users.values()))
 
     async def stats(self) -> Stats:
         return Stats(clients=self._clients, rooms=len(self._members), nodes=1)
@@ -93,5 +123,6 @@ class MemoryMembershipStore:
 
     async def close(self) -> None:
         self._members.clear()
+        self._presence.clear()
         self._online.clear()
         self._clients = 0

@@ -74,10 +74,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from hubnode.membership.base import Member, NodeInfo, SnapshotSource, Stats, StoreCounters
+from hubnode.broker.base import BrokerUnavailable
+from hubnode.membership.base import Member, NodeInfo, Presence, SnapshotSource, Stats, StoreCounters
 from hubnode.membership.changes import REFUSED, Change, Changes, Plan, Step, groups, one_slot
 from hubnode.supervisor import Supervisor
 from publisher import inspect
+from publisher.envelope import new_message_id
 from publisher.keys import Keys
 from publisher.query import Query, drive_async, run_step, text
 
@@ -88,6 +90,7 @@ __all__ = ["RedisMembershipStore"]
 log = logging.getLogger(__name__)
 
 _SCRIPTS = ("heartbeat", "node_connect", "user_connect", "node_disconnect", "node_join", "node_leave",
+            "member_add", "member_remove", "purge_members",
             "purge_next", "purge_hash", "purge_conns", "purge_end", "registry",
             "register_begin", "register_conns", "register_rooms", "register_end")
 
@@ -133,7 +136,10 @@ class RedisMembershipStore:
     """A MembershipStore on one Redis (or a Sentinel-managed primary) or on a Redis Cluster."""
 
     def __init__(self, client: aioredis.Redis | RedisCluster, keys: Keys, node_id: str, *, heartbeat: float = 2.0,
-                 address: str = "", version: str = "", timeout: float = 5.0) -> None:
+                 address: str = "", version: str = "", timeout: float = 5.0,
+                 announces: Callable[[str], bool] | None = None, sharded: bool = False) -> None:
+        """`announces(room)`: whether the room's members get presence events (--presence-rooms);
+        `sharded`: they go out with SPUBLISH (a Redis Cluster)."""
         self.redis = client
         self.keys = keys
         self.node_id = node_id
@@ -153,7 +159,9 @@ class RedisMembershipStore:
         self._registered = False  # the node's entry is known to be in Redis (readiness)
         self._snapshot: SnapshotSource = lambda: ()
         self._scripts = {name: client.register_script(src) for name, src in _load_scripts().items()}
-        self._changes = Changes(keys, node_id)
+        self._announces = announces or _never
+        self._sharded = "1" if sharded else "0"
+        self._changes = Changes(keys, node_id, self._event_args)
         self._queue: list[_Write] = []
         self._wake = asyncio.Event()
         self._tasks = Supervisor()
@@ -282,6 +290,13 @@ class RedisMembershipStore:
     def _write(self, change: Change) -> _Write:
         return _Write(self._future(), change.name, change)
 
+    def _event_args(self, room: str) -> tuple[Any, ...]:
+        """The event arguments of a step that writes `room`'s members (common.lua): one id base per step."""
+        if not self._announces(room):
+            return ("0", "", self._sharded, "", "", 0, room)
+        return ("1", self.keys.room_channel(room), self._sharded, self.node_id, new_message_id(),
+                int(time.time()), room)
+
     # -- reads -------------------------------------------------------------------
     # Reads are publisher.inspect's queries, so the HTTP API and hubctl give one answer.
     async def rooms(self) -> dict[str, int]:
@@ -295,6 +310,13 @@ class RedisMembershipStore:
 
     async def online(self, user_id: str) -> int:
         return await self._query(inspect.user_online(self.keys, user_id))
+
+    async def presence(self, room: str) -> Presence:
+        """One atomic read (presence.lua); BrokerUnavailable when Redis cannot answer now."""
+        try:
+            return await self._query(inspect.presence(self.keys, room))
+        except (RedisError, TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"presence cannot be read now: {type(exc).__name__}") from None
 
     async def nodes(self) -> list[NodeInfo]:
         return await self._query(inspect.live_nodes(self.keys))
@@ -357,9 +379,10 @@ class RedisMembershipStore:
                 return -1
             await self._call("registry", [k.nodes], ["claim", node, now])
         while True:
-            for kind, index, hashes, per_round in (("set", k.node_rooms(node), k.members, ROOMS_PER_ROUND),
-                                                  ("hash", k.node_users(node), k.online, USERS_PER_ROUND)):
-                if not await self._purge_index(node, mode, stamp, (kind, index), hashes, per_round):
+            for kind, index, step_of, per_round in (
+                    ("set", k.node_rooms(node), partial(self._purge_room, node), ROOMS_PER_ROUND),
+                    ("hash", k.node_users(node), partial(self._purge_user, node), USERS_PER_ROUND)):
+                if not await self._purge_index(node, mode, stamp, (kind, index), step_of, per_round):
                     return -1
             cursor = "0"
             while True:
@@ -380,8 +403,14 @@ class RedisMembershipStore:
             return 1
         return 2 if await self._call("registry", [k.nodes], ["drop", node, now]) == 1 else 1
 
+    def _purge_room(self, node: str, room: str, cursor: str) -> Step:
+        return self._changes.purge_members(room, node, cursor, STEP)
+
+    def _purge_user(self, node: str, user: str, cursor: str) -> Step:
+        return Step("purge_hash", (self.keys.online(user),), (node, cursor, STEP))
+
     async def _purge_index(self, node: str, mode: str, stamp: Callable[[], int], index: tuple[str, str],
-                           hash_of: Callable[[str], str], per_round: int) -> bool:
+                           step_of: Callable[[str, str], Step], per_round: int) -> bool:
         """Delete `node`'s entries from the hash of every name in one of its indexes; False if it is alive.
 
         Each round: a guarded node-slot step (drops the names finished last
@@ -411,8 +440,8 @@ class RedisMembershipStore:
                 done = []
                 continue
             batch = list(active.items())
-            replies = await self._checked([Step("purge_hash", (hash_of(name),), (node, at, STEP))
-                                           for name, at in batch] + self._renewal(node, mode, stamp))
+            replies = await self._checked([step_of(name, at) for name, at in batch]
+                                          + self._renewal(node, mode, stamp))
             done = []
             for (name, _), reply_cursor in zip(batch, replies[:len(batch)], strict=True):
                 active[name] = text(reply_cursor)
@@ -422,15 +451,15 @@ class RedisMembershipStore:
 
     async def _purge_removed(self, node: str) -> None:
         """Clear this node's entries from the hashes of recently removed names (see reconcile), in bounded steps."""
-        k = self.keys
-        active = {(k.members(name) if kind == "room" else k.online(name)): "0" for kind, name in self._removed}
+        active = dict.fromkeys(self._removed, "0")
         while active:
             batch = list(active.items())[:ROOMS_PER_ROUND]
-            replies = await self._checked([Step("purge_hash", (key,), (node, at, STEP)) for key, at in batch])
-            for (key, _), cursor in zip(batch, replies, strict=True):
-                active[key] = text(cursor)
-                if active[key] == "0":
-                    del active[key]
+            replies = await self._checked([(self._purge_room if kind == "room" else self._purge_user)(node, name, at)
+                                           for (kind, name), at in batch])
+            for (name_of, _), cursor in zip(batch, replies, strict=True):
+                active[name_of] = text(cursor)
+                if active[name_of] == "0":
+                    del active[name_of]
         self._sweep_removed = False
 
     def _renewal(self, node: str, mode: str, stamp: Callable[[], int]) -> list[Step]:
@@ -485,7 +514,7 @@ class RedisMembershipStore:
             if await self._call("register_rooms", [k.node(node), k.node_rooms(node)],
                                 [stamp(), *dict.fromkeys(room for room, _ in part_rooms)]) == -1:
                 return -1
-            await self._checked([Step("HSET", (k.members(room),), tuple(pairs)) for room, pairs in part_rooms]
+            await self._checked([self._changes.add_members(room, pairs) for room, pairs in part_rooms]
                                 + self._renewal(node, "reset", stamp))
         now = _now_ms()
         clients = int(await self._call("register_end", [k.node(node), k.node_conns(node)], [self._expiry(now), now]))
@@ -690,6 +719,10 @@ class RedisMembershipStore:
 def _change_of(write: _Write) -> Change:
     assert write.change is not None, "a job is never sent as a change"
     return write.change
+
+
+def _never(room: str) -> bool:
+    return False
 
 
 def _now_ms() -> int:

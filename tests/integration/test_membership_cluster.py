@@ -243,8 +243,9 @@ async def test_a_crash_sweep_on_a_cluster_leaves_only_live_entries(
     assert state == {
         keys.nodes: ["live"], keys.node("live"): {"clients": "1"}, keys.node_conns("live"): {"live:1"},
         keys.node_rooms("live"): {rooms[0]}, keys.node_users("live"): {users[0]: "1"},
-        keys.members(rooms[0]): {"live:1": users[0]}, keys.online(users[0]): {"live:1": "live"}}
-    assert {"purge_next", "purge_hash", "purge_conns", "purge_end", "registry"} <= recorder.check()
+        keys.members(rooms[0]): {"live:1": users[0]}, keys.presence(rooms[0]): {users[0]: "1"},
+        keys.online(users[0]): {"live:1": "live"}}
+    assert {"purge_next", "purge_hash", "purge_members", "purge_conns", "purge_end", "registry"} <= recorder.check()
     await live.close()
     assert dump(primaries(redis_cluster), prefix) == {}
     await dead.redis.aclose()

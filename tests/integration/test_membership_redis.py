@@ -102,7 +102,7 @@ async def test_a_stale_sweep_round_after_the_node_came_back_is_repaired(redis_se
     real_pipeline = b._pipeline
 
     async def stall_before_deleting(steps: list[Step]) -> list[object]:
-        if any(s.name == "purge_hash" for s in steps) and not reached.is_set():
+        if any(s.name in ("purge_hash", "purge_members") for s in steps) and not reached.is_set():
             reached.set()  # b claimed a and checked it is dead; its deletions are on their way
             await gate.wait()
         return await real_pipeline(steps)

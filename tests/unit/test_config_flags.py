@@ -60,6 +60,7 @@ BAD: dict[str, list[str]] = {
     "history_size": ["-1", "1.5", "10001", "many"],
     "history_ttl": ["0", "-5", "1.5"],
     "history_rooms": ["a*b", "**", "a b", ","],
+    "presence_rooms": ["a*b", "**", "a b", "{x}"],
     "history_users": ["maybe", ""],
     "log_level": ["loud", ""],
     "log_format": ["xml"],

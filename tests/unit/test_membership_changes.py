@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from hubnode.membership.changes import REFUSED, Change, Changes, Step, groups, one_slot
+from hubnode.membership.changes import REFUSED, Change, Changes, Step, groups, no_events, one_slot
 from publisher.keys import Keys
 
 CHANGES = Changes(Keys("hub:"), "node-1")
@@ -61,7 +61,8 @@ def test_a_refused_connect_undoes_its_node_count() -> None:
 def test_a_join_writes_the_member_only_when_the_node_step_allows() -> None:
     """join: index first; no member for a closed connection (0) or an unregistered node (-1)."""
     phases, result = run(CHANGES.join("r", "node-1:1", "u"), 1, 1)
-    assert phases[1] == [Step("HSETNX", ("hub:members:{r}",), ("node-1:1", "u"))] and result == 1
+    member_keys = ("hub:members:{r}", "hub:presence:{r}")
+    assert phases[1] == [Step("member_add", member_keys, (*no_events("r"), "node-1:1", "u"))] and result == 1
     node_keys = ("hub:node:{node-1}", "hub:node:{node-1}:conns", "hub:node:{node-1}:rooms")
     assert run(CHANGES.join("r", "node-1:1", "u"), 0) == ([[Step("node_join", node_keys, ("node-1:1", "r"))]], 1)
     assert run(CHANGES.join("r", "node-1:1", "u"), -1)[1] == -1
@@ -70,7 +71,7 @@ def test_a_join_writes_the_member_only_when_the_node_step_allows() -> None:
 def test_leave_and_disconnect_remove_from_the_index_last() -> None:
     """leave and disconnect: nothing in phase 1, the hashes in phase 2, the node's index in phase 3."""
     phases, result = run(CHANGES.leave("r", "node-1:1", True), None, 1, 1)
-    assert [[s.name for s in p] for p in phases] == [[], ["HDEL"], ["node_leave"]] and result == 1
+    assert [[s.name for s in p] for p in phases] == [[], ["member_remove"], ["node_leave"]] and result == 1
     assert len(run(CHANGES.leave("r", "node-1:1", False), None, 1)[0]) == 2
     phases, result = run(CHANGES.disconnect("node-1:1", "u", ["a", "b"], ["b"]), None, 1, 1)
     assert [s.keys[0] for s in phases[1]] == ["hub:members:{a}", "hub:members:{b}", "hub:online:{u}"]

@@ -48,3 +48,46 @@ local function may_purge(node_key, mode, stamp)
   if expiry > 0 then redis.call('HSET', node_key, 'expiry', 0) end
   return true
 end
+
+-- Presence (PROTOCOL.md section 12). A room's presence hash counts each
+-- user's connections in the room, and only the scripts that write its members
+-- hash change it, in the same step: so the step that adds a user's first
+-- member (or removes the last) knows it, and announces it there and then,
+-- exactly once cluster-wide. The scripts that write members take these seven
+-- arguments first: announce ('1': the room is one of --presence-rooms),
+-- the room's channel, sharded ('1': SPUBLISH, on a Redis Cluster), origin
+-- (the node), an envelope id base (unique per call: the events are
+-- <base>.<n>), the time (Unix s) and the room. Anonymous members ('') are
+-- counted by nobody and announce nothing.
+local function event_args()
+  return {announce = ARGV[1] == '1', channel = ARGV[2], publish = ARGV[3] == '1' and 'SPUBLISH' or 'PUBLISH',
+          origin = ARGV[4], base = ARGV[5], ts = tonumber(ARGV[6]), room = ARGV[7], sent = 0}
+end
+local EVENT_ARGS = 7
+
+local function announce(ev, event, user)
+  if not ev.announce then return end
+  ev.sent = ev.sent + 1
+  redis.call(ev.publish, ev.channel, cmsgpack.pack({
+    v = 1, id = ev.base .. '.' .. ev.sent, origin = ev.origin,
+    msg = {type = 'presence', room = ev.room, timestamp = ev.ts, data = {event = event, user_id = user}}}))
+end
+
+-- Add a member unless it is there; returns 1 if added. KEYS of the caller: members, presence.
+local function add_member(ev, members, presence, conn, user)
+  if redis.call('HSETNX', members, conn, user) == 0 then return 0 end
+  if user ~= '' and redis.call('HINCRBY', presence, user, 1) == 1 then announce(ev, 'join', user) end
+  return 1
+end
+
+-- Remove a member if it is there; returns 1 if removed.
+local function remove_member(ev, members, presence, conn)
+  local user = redis.call('HGET', members, conn)
+  if not user then return 0 end
+  redis.call('HDEL', members, conn)
+  if user ~= '' and redis.call('HINCRBY', presence, user, -1) <= 0 then
+    redis.call('HDEL', presence, user)
+    announce(ev, 'leave', user)
+  end
+  return 1
+end
