@@ -23,6 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from publisher import core, history, inspect, redis_clients, topology
+from publisher.control import Command
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
@@ -98,6 +99,34 @@ class AsyncPublisher:
         return (await self._run(core.publish_query([outgoing], self.keys, self.history_policy,
                                            sharded=await self._is_sharded())))[0]
 
+    # -- server-side control: as Publisher's (PROTOCOL.md section 13; publisher.control) --
+    async def disconnect_user(self, user_id: str, *, reason: str = "", reconnect: bool = False) -> int:
+        """Close every open connection of `user_id`, cluster-wide; returns how many nodes took it (0: none holds one).
+
+        Close 4001 when `reconnect`, else 4000; `reason` goes in the system message the client sees first.
+        """
+        return await self._control(Command("disconnect", user=user_id, reason=reason, reconnect=reconnect))
+
+    async def disconnect_connection(self, conn_id: str, *, reason: str = "", reconnect: bool = False) -> int:
+        """Close the one connection `conn_id` ("<node>:<n>"); returns how many nodes took it.
+
+        That is 1 while the node that owns it is up, whether or not the
+        connection is still open there, and 0 when that node is gone.
+        """
+        return await self._control(Command("disconnect", conn=conn_id, reason=reason, reconnect=reconnect))
+
+    async def join_user(self, user_id: str, room: str) -> int:
+        """Join every open connection of `user_id` to `room`, server-side; returns how many nodes took it."""
+        return await self._control(Command("join", user=user_id, room=room))
+
+    async def leave_user(self, user_id: str, room: str) -> int:
+        """Take every open connection of `user_id` out of `room`; returns how many nodes took it."""
+        return await self._control(Command("leave", user=user_id, room=room))
+
+    async def _control(self, command: Command) -> int:
+        sharded = await self._is_sharded()
+        return await self._run(core.control_query(command, self.origin, self.keys, sharded))
+
     # -- inspection: as Publisher's (PROTOCOL.md section 7; publisher.inspect) --
     async def rooms(self) -> dict[str, int]:
         return await self._run(inspect.rooms(self.keys))
@@ -119,6 +148,10 @@ class AsyncPublisher:
 
     async def user_online(self, user_id: str) -> int:
         return await self._run(inspect.user_online(self.keys, user_id))
+
+    async def presence(self, room: str) -> inspect.Presence:
+        """Who is in `room` (as GET /api/rooms/<room>/presence); ValueError for an invalid name."""
+        return await self._run(inspect.presence(self.keys, room))
 
     async def history(self, room: str | None = None, *, user: str | None = None, since: int = 0,
                       limit: int = 100) -> History:

@@ -1,9 +1,11 @@
 """`hubctl`: publish to a hub and look inside it from a shell (PROTOCOL.md section 9).
 
     hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON] [--history-size N ...]
+    hubctl disconnect (USER | --conn CONN_ID) [--reason R] [--reconnect]
+    hubctl join USER ROOM | hubctl leave USER ROOM     # every open connection of USER, server-side
     hubctl history (ROOM | --user U) [--since O] [--limit L]
-    hubctl script (publish | read)            # print a shipped Lua script, for publishers in other languages
-    hubctl rooms | hubctl members ROOM | hubctl nodes | hubctl stats
+    hubctl script (publish | read | presence)   # print a shipped Lua script, for publishers in other languages
+    hubctl rooms | hubctl members ROOM | hubctl presence ROOM | hubctl nodes | hubctl stats
 
 Everything goes through `Publisher`, so hubctl validates, packs and reads
 exactly like a worker would. Output is an aligned table for people, or one
@@ -30,7 +32,7 @@ from redis.sentinel import MasterNotFoundError
 from publisher.core import DEFAULT_TIMEOUT, default_prefix, default_url
 from publisher.core import redact_url as redact
 from publisher.history import PUBLISH_SCRIPT, READ_SCRIPT, HistoryPolicy
-from publisher.inspect import NodeInfo
+from publisher.inspect import PRESENCE_SCRIPT, NodeInfo
 from publisher.keys import check_prefix
 from publisher.sync import Publisher
 from publisher.usage import OneLineParser
@@ -60,6 +62,36 @@ def cmd_publish(pub: Publisher, args: argparse.Namespace) -> Output:
     return {"channel": channel, "nodes": count}, [f"published on {channel}: {_plural(count, 'node')} took it"]
 
 
+def cmd_disconnect(pub: Publisher, args: argparse.Namespace) -> Output:
+    if (args.user is None) == (args.conn is None):
+        raise UsageError("give exactly one of USER and --conn CONN_ID")
+    if args.user is not None:
+        count = pub.disconnect_user(args.user, reason=args.reason, reconnect=args.reconnect)
+        return _controlled("disconnect", count, user=args.user)
+    count = pub.disconnect_connection(args.conn, reason=args.reason, reconnect=args.reconnect)
+    return _controlled("disconnect", count, conn=args.conn)
+
+
+def cmd_join(pub: Publisher, args: argparse.Namespace) -> Output:
+    return _controlled("join", pub.join_user(args.user, args.room), user=args.user, room=args.room)
+
+
+def cmd_leave(pub: Publisher, args: argparse.Namespace) -> Output:
+    return _controlled("leave", pub.leave_user(args.user, args.room), user=args.user, room=args.room)
+
+
+def _controlled(op: str, nodes: int, *, user: str | None = None, conn: str | None = None,
+                room: str | None = None) -> Output:
+    """A control command's answer: `{"op", "user" or "conn", "room"?, "nodes"}`, and one line saying so."""
+    data: dict[str, Any] = {"op": op, **({"user": user} if user is not None else {"conn": conn})}
+    what = f"user {user}" if user is not None else f"connection {conn}"
+    if room is not None:
+        data["room"] = room
+        what += f" {'to' if op == 'join' else 'from'} room {room}"
+    data["nodes"] = nodes
+    return data, [f"{op} {what}: {_plural(nodes, 'node')} took it"]
+
+
 def cmd_history(pub: Publisher, args: argparse.Namespace) -> Output:
     if (args.room is None) == (args.user is None):
         raise UsageError("give a ROOM or --user U, not both")
@@ -78,9 +110,13 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+SCRIPTS = {"publish": PUBLISH_SCRIPT, "read": READ_SCRIPT, "presence": PRESENCE_SCRIPT}
+"""The shipped Lua scripts `hubctl script NAME` prints."""
+
+
 def cmd_script(pub: Publisher, args: argparse.Namespace) -> Output:
     """No Redis needed: the text a publisher in another language loads (SCRIPT LOAD, then EVALSHA)."""
-    script = PUBLISH_SCRIPT if args.name == "publish" else READ_SCRIPT
+    script = SCRIPTS[args.name]
     return {"name": script.name, "sha": script.sha, "text": script.text}, [script.text.rstrip("\n")]
 
 
@@ -95,6 +131,13 @@ def cmd_members(pub: Publisher, args: argparse.Namespace) -> Output:
     rows = [[m.conn_id, m.node, m.user_id or "-"] for m in members]
     data = {"room": args.room, "members": [m._asdict() for m in members]}
     return data, table(["CONN_ID", "NODE", "USER_ID"], rows) if rows else [f"no members in {args.room}"]
+
+
+def cmd_presence(pub: Publisher, args: argparse.Namespace) -> Output:
+    found = pub.presence(args.room)
+    rows = [[user, count] for user, count in found.users.items()]
+    lines = table(["USER", "CONNECTIONS"], rows) if rows else [f"no users in {args.room}"]
+    return found.to_json(), [*lines, f"anonymous: {found.anonymous}"]
 
 
 def cmd_nodes(pub: Publisher, args: argparse.Namespace) -> Output:
@@ -157,10 +200,15 @@ def _json_arg(flag: str, value: str | None) -> Any:
 
 COMMANDS: dict[str, tuple[Callable[[Publisher, argparse.Namespace], Output], str]] = {
     "publish": (cmd_publish, "publish one message to all, a room or a user"),
+    "disconnect": (cmd_disconnect, "close every open connection of a user, or one connection (--conn)"),
+    "join": (cmd_join, "join every open connection of a user to a room, server-side"),
+    "leave": (cmd_leave, "take every open connection of a user out of a room, server-side"),
     "history": (cmd_history, "a room's or user's stored messages, oldest first"),
-    "script": (cmd_script, "print the Lua script that publishes with history (publish) or reads it (read)"),
+    "script": (cmd_script, "print the Lua script that publishes with history (publish), reads it (read) "
+                           "or reads a room's presence (presence)"),
     "rooms": (cmd_rooms, "rooms and their member counts"),
     "members": (cmd_members, "the connections in one room"),
+    "presence": (cmd_presence, "the users in one room with their connection counts, and anonymous connections"),
     "nodes": (cmd_nodes, "live nodes, their heartbeat and client counts"),
     "stats": (cmd_stats, "clients, rooms and nodes (as GET /api/stats)"),
 }
@@ -237,8 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="messages with offset above O (default 0: all kept)")
     sub["history"].add_argument("--limit", type=_whole(1, 10_000), default=100, metavar="L",
                                 help="at most L messages (default 100)")
-    sub["script"].add_argument("name", choices=("publish", "read"))
+    sub["disconnect"].add_argument("user", metavar="USER", nargs="?", help="the user whose connections to close")
+    sub["disconnect"].add_argument("--conn", metavar="CONN_ID",
+                                   help="close only this connection (<node>:<n>, as its connected frame says)")
+    sub["disconnect"].add_argument("--reason", default="", metavar="R", help="the reason the client is shown")
+    sub["disconnect"].add_argument("--reconnect", action="store_true",
+                                   help="close 4001: the client may reconnect (default 4000: it must not)")
+    for name in ("join", "leave"):
+        sub[name].add_argument("user", metavar="USER")
+        sub[name].add_argument("room", metavar="ROOM")
+    sub["script"].add_argument("name", choices=tuple(SCRIPTS))
     sub["members"].add_argument("room", metavar="ROOM")
+    sub["presence"].add_argument("room", metavar="ROOM")
     return parser
 
 

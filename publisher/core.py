@@ -1,4 +1,4 @@
-"""What every publisher shares: defaults, validation, packing and the PUBLISH query.
+"""What every publisher shares: defaults, validation, packing, the PUBLISH query and the control query.
 
 `Publisher`, `AsyncPublisher` and `RecordingPublisher` are adapters over the
 functions here; none of them validates or packs a message by itself, so the
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from publisher.control import Command, pack_command
 from publisher.envelope import process_token
 from publisher.history import HistoryPolicy
 from publisher.history import publish_call as stream_publish_call
@@ -26,8 +27,8 @@ from publisher.targets import Target, coerce_message, pack_for
 
 __all__ = [
     "BATCH_SIZE", "DEFAULT_TIMEOUT", "DEFAULT_URL", "Item", "MessageLike", "Origin", "Outgoing",
-    "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_call", "publish_query",
-    "receivers", "redact_url",
+    "control_query", "default_prefix", "default_url", "make_origin", "prepare", "prepare_many", "publish_call",
+    "publish_query", "receivers", "redact_url",
 ]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -176,3 +177,17 @@ def publish_query(batch: Sequence[Outgoing], keys: Keys, history: HistoryPolicy,
         replies = yield [publish_call(o, keys, history, sharded) for o in part]
         counts.extend(receivers(r) for r in replies)
     return counts
+
+
+def control_query(command: Command, origin: str, keys: Keys, sharded: bool = False) -> Query[int]:
+    """Send one control command (PROTOCOL.md section 13); answers how many nodes took it.
+
+    A plain PUBLISH (SPUBLISH when `sharded`) on `command.channel(keys)`,
+    never the history script: a command is not a message and is never
+    stored. The payload is packed once, when the query starts, so a driver
+    that resends the step after a lost connection resends the same envelope
+    id, which a node acts on once. `command` was validated when it was built.
+    """
+    _, payload = pack_command(command, origin)
+    reply = yield Call("spublish" if sharded else "publish", (command.channel(keys), payload))
+    return int(reply)

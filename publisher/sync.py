@@ -15,7 +15,10 @@ whether the first try reached Redis, so by default nothing is resent and a
 failed call raises `redis.ConnectionError` or `redis.TimeoutError` (the next
 call reconnects). With `retries=N` the same payload, with the same envelope
 id, is sent again up to N times: nodes drop an id they delivered within the
-last 60 s, so a retry never delivers twice.
+last 60 s, so a retry never delivers twice. Control commands
+(`disconnect_user`, `join_user`, ...) are sent the same way, one PUBLISH to
+exactly the nodes that hold the user or connection, and a node acts on an
+envelope id once, so `retries` is safe for them too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, TypeVar
 import redis
 
 from publisher import core, history, inspect, redis_clients, topology
+from publisher.control import Command
 from publisher.core import DEFAULT_TIMEOUT, Item, MessageLike
 from publisher.history import History, HistoryPolicy
 from publisher.keys import Keys
@@ -112,6 +116,40 @@ class Publisher:
         return self._run(core.publish_query([outgoing], self.keys, self.history_policy,
                                            sharded=self._is_sharded()))[0]
 
+    # -- server-side control (PROTOCOL.md section 13; see publisher.control) ----
+    def disconnect_user(self, user_id: str, *, reason: str = "", reconnect: bool = False) -> int:
+        """Close every open connection of `user_id`, cluster-wide; returns how many nodes took it (0: none holds one).
+
+        The client sees a `disconnect` system message with `reason`, then
+        close 4001 when `reconnect` (it may come back) or 4000 (it must not).
+        Connections the user opens afterwards are not affected.
+        """
+        return self._control(Command("disconnect", user=user_id, reason=reason, reconnect=reconnect))
+
+    def disconnect_connection(self, conn_id: str, *, reason: str = "", reconnect: bool = False) -> int:
+        """Close the one connection `conn_id` ("<node>:<n>"); returns how many nodes took it.
+
+        That is 1 while the node that owns it is up, whether or not the
+        connection is still open there, and 0 when that node is gone.
+        """
+        return self._control(Command("disconnect", conn=conn_id, reason=reason, reconnect=reconnect))
+
+    def join_user(self, user_id: str, room: str) -> int:
+        """Join every open connection of `user_id` to `room`, server-side; returns how many nodes took it.
+
+        The token's `rooms` claim does not apply (the server decided), the
+        nodes' `--max-rooms-per-conn` does.
+        """
+        return self._control(Command("join", user=user_id, room=room))
+
+    def leave_user(self, user_id: str, room: str) -> int:
+        """Take every open connection of `user_id` out of `room`; returns how many nodes took it."""
+        return self._control(Command("leave", user=user_id, room=room))
+
+    def _control(self, command: Command) -> int:
+        """Send a command validated by its constructor, to exactly the nodes that hold its user or connection."""
+        return self._run(core.control_query(command, self.origin, self.keys, self._is_sharded()))
+
     # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
     def rooms(self) -> dict[str, int]:
         """Room -> member connections, cluster-wide (as GET /api/rooms)."""
@@ -140,6 +178,13 @@ class Publisher:
     def user_online(self, user_id: str) -> int:
         """How many connections `user_id` has cluster-wide (0: offline)."""
         return self._run(inspect.user_online(self.keys, user_id))
+
+    def presence(self, room: str) -> inspect.Presence:
+        """Who is in `room`: users with their connection counts, and anonymous connections, read in one step.
+
+        As GET /api/rooms/<room>/presence; ValueError for an invalid room name, before asking Redis.
+        """
+        return self._run(inspect.presence(self.keys, room))
 
     def history(self, room: str | None = None, *, user: str | None = None, since: int = 0,
                 limit: int = 100) -> History:

@@ -14,9 +14,17 @@ would receive.
         [note] = hub.to_user("customer-7")
         assert note.type == "order_shipped" and note.data == {"order": 42}
 
-A bad message raises the same ValueError as with a real Publisher, and
-nothing is recorded. The inspection methods (`rooms()`, `nodes()`, ...)
-raise NotImplementedError: there is no Redis behind a recorder.
+Control commands (`disconnect_user`, `join_user`, `leave_user`,
+`disconnect_connection`) are recorded in `commands`, each decoded back from
+its envelope too:
+
+    hub.disconnect_user("customer-7", reason="account closed")
+    assert hub.commands == [Command("disconnect", user="customer-7", reason="account closed")]
+
+A bad message or command raises the same ValueError as with a real
+Publisher, and nothing is recorded. The inspection methods (`rooms()`,
+`nodes()`, `presence()`, ...) raise NotImplementedError: there is no Redis
+behind a recorder, and an invented answer would pass tests it should not.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, cast
 
 import redis
 
+from publisher.control import Command, command_of
 from publisher.envelope import Envelope, unpack
 from publisher.history import PUBLISH_SCRIPT
 from publisher.message import Message
@@ -54,8 +63,9 @@ class _NoRedis:
 class RecordingPublisher(Publisher):
     """A Publisher whose publishes are recorded in order, never sent.
 
-    Every publish returns `node_count` (default 1), as if that many nodes
-    had taken it; set it to 0 to test your code's "nobody listening" path.
+    Every publish and every control command returns `node_count` (default
+    1), as if that many nodes had taken it; set it to 0 to test your code's
+    "nobody listening" (or "user not connected") path.
     """
 
     def __init__(self, *, key_prefix: str | None = None, origin_id: str | None = None,
@@ -64,6 +74,7 @@ class RecordingPublisher(Publisher):
                          client=cast(redis.Redis, _NoRedis()))
         self.node_count = node_count
         self.published: list[Published] = []
+        self.commands: list[Command] = []  # control commands, in the order they were sent
 
     # -- what was published ----------------------------------------------------
     def messages(self, kind: Kind | None = None, name: str | None = None) -> list[Message]:
@@ -84,8 +95,9 @@ class RecordingPublisher(Publisher):
         return self.messages("user", user_id)
 
     def clear(self) -> None:
-        """Forget everything recorded so far (e.g. between phases of one test)."""
+        """Forget everything recorded so far, publishes and commands (e.g. between phases of one test)."""
         self.published.clear()
+        self.commands.clear()
 
     # -- the one overridden step -------------------------------------------------
     def _execute(self, step: Step) -> Any:
@@ -105,9 +117,14 @@ class RecordingPublisher(Publisher):
             raise NotImplementedError(
                 f"RecordingPublisher has no Redis: {name}() cannot be answered; "
                 "use a real Publisher to inspect a hub")
+        envelope = unpack(payload)
+        if envelope.control is not None:  # a control command (core.control_query), on a user or node channel
+            command = command_of(envelope.control)
+            assert channel == command.channel(self.keys), channel  # core sends it where its nodes listen
+            self.commands.append(command)
+            return self.node_count
         parsed = self.keys.parse_channel(channel)
         assert parsed is not None and parsed[0] != "node", channel  # core only targets all/room/user
-        envelope = unpack(payload)
         target = Target(cast(Kind, parsed[0]), parsed[1])
         self.published.append(Published(target, envelope.msg, channel, envelope, payload))
         return self.node_count

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +22,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import publisher.control
 from publisher import AsyncPublisher, Publisher, Target
+from publisher.control import Command, command_of, pack_command
 from publisher.envelope import Envelope, unpack
-from publisher.inspect import Member
+from publisher.inspect import PRESENCE_SCRIPT, Member, Presence
 from publisher.keys import Keys
 from tests.helpers import ROOT, RedisServer, deadline, free_port
 
@@ -385,3 +388,155 @@ def test_publisher_with_history_creates_the_stream_and_a_publisher_without_appen
         assert without.history(user="nobody").epoch is None
         with pytest.raises(ValueError):
             without.history("h", user="u")
+
+
+# -- control and presence (PROTOCOL.md sections 12 and 13) ----------------------------------
+
+CONTROL_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], Command]] = [
+    ("disconnect_user", ("alice",), {"reason": "bye", "reconnect": True},
+     Command("disconnect", user="alice", reason="bye", reconnect=True)),
+    ("join_user", ("alice", "lobby"), {}, Command("join", user="alice", room="lobby")),
+    ("leave_user", ("alice", "lobby"), {}, Command("leave", user="alice", room="lobby")),
+    ("disconnect_connection", ("eu:n2:7",), {"reason": "one"}, Command("disconnect", conn="eu:n2:7", reason="one")),
+    ("disconnect_user", ("ghost",), {}, Command("disconnect", user="ghost")),
+    ("disconnect_connection", ("n9:1",), {}, Command("disconnect", conn="n9:1")),
+]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_control_commands_reach_exactly_the_nodes_that_hold_the_target(
+        redis_server: RedisServer, prefix: str, keys: Keys, listeners: list[Listener],
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Each command lands, byte for byte as packed, on the user's or owning node's channel; the call answers
+    how many subscribers took it (2, 1, or 0 for a user or node nobody holds)."""
+    monkeypatch.setattr(publisher.control, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.5))
+    url = redis_server.url
+    alice = [listen(listeners, url, keys.user_channel("alice")) for _ in range(2)]
+    node = listen(listeners, url, keys.node_channel("eu:n2"))
+    if kind == "sync":
+        with Publisher(url, key_prefix=prefix, origin_id="w1") as pub:
+            counts = [getattr(pub, method)(*args, **kwargs) for method, args, kwargs, _ in CONTROL_CALLS]
+    else:
+        async with AsyncPublisher(url, key_prefix=prefix, origin_id="w1") as apub:
+            counts = [await getattr(apub, method)(*args, **kwargs) for method, args, kwargs, _ in CONTROL_CALLS]
+    assert counts == [2, 2, 2, 1, 0, 0]
+    commands = [command for *_, command in CONTROL_CALLS]
+    received = [[lis.next(5.0) for _ in range(3)] for lis in alice] + [[node.next(5.0)]]
+    for got, expected in zip(received, [commands[:3], commands[:3], commands[3:4]], strict=True):
+        for msg, command in zip(got, expected, strict=True):
+            envelope = unpack(msg["data"])
+            assert msg["channel"].decode() == command.channel(keys)
+            assert msg["data"] == pack_command(command, "pub:w1", envelope.id)[1]
+            assert command_of(envelope.control) == command
+    assert len({unpack(m["data"]).id for m in received[0] + received[2]}) == 4  # one envelope id per command
+
+
+def write_presence(raw: redis.Redis, keys: Keys) -> None:
+    """lobby: alice on two nodes, bob once, two anonymous connections, a stale zero count for carol."""
+    raw.hset(keys.presence("lobby"), mapping={"alice": 2, "bob": 1, "carol": 0})
+    raw.hset(keys.members("lobby"), mapping={"n1:1": "alice", "eu:n2:2": "alice", "n1:3": "bob", "n1:10": "",
+                                             "eu:n2:5": ""})
+
+
+LOBBY_PRESENCE = Presence("lobby", {"alice": 2, "bob": 1}, 2)
+
+
+def test_presence_reads_the_presence_and_members_hashes(redis_server: RedisServer, prefix: str, keys: Keys,
+                                                        raw: redis.Redis) -> None:
+    """presence() gives users with their connection counts and anonymous = HLEN(members) - sum(users)."""
+    write_presence(raw, keys)
+    with Publisher(redis_server.url, key_prefix=prefix) as pub:
+        assert pub.presence("lobby") == LOBBY_PRESENCE
+        assert pub.presence("nowhere") == Presence("nowhere", {}, 0)
+        raw.hset(keys.members("lobby"), "n1:11", "")  # one more anonymous connection
+        assert pub.presence("lobby").anonymous == 3
+    own = redis.Redis.from_url(redis_server.url)  # a caller's client, replies as bytes
+    with Publisher(key_prefix=prefix, client=own) as pub:
+        assert pub.presence("lobby") == Presence("lobby", {"alice": 2, "bob": 1}, 3)
+    own.close()
+
+
+async def test_async_presence_matches_sync(redis_server: RedisServer, prefix: str, keys: Keys,
+                                           raw: redis.Redis) -> None:
+    """AsyncPublisher.presence answers what Publisher.presence does."""
+    write_presence(raw, keys)
+    async with AsyncPublisher(redis_server.url, key_prefix=prefix) as pub:
+        assert await pub.presence("lobby") == LOBBY_PRESENCE
+        assert (await pub.presence("lobby")).to_json() == {"room": "lobby", "users": {"alice": 2, "bob": 1},
+                                                          "anonymous": 2}
+        assert await pub.presence("nowhere") == Presence("nowhere", {}, 0)
+
+
+def test_hubctl_presence(redis_server: RedisServer, prefix: str, keys: Keys, raw: redis.Redis) -> None:
+    """hubctl presence ROOM prints a USER / CONNECTIONS table and the anonymous count; --json the API's shape."""
+    write_presence(raw, keys)
+    url = redis_server.url
+    assert hubctl_json(url, prefix, "presence", "lobby") == LOBBY_PRESENCE.to_json()
+    human = hubctl("--redis-url", url, "--key-prefix", prefix, "presence", "lobby")
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.splitlines() == ["USER   CONNECTIONS", "alice            2", "bob              1",
+                                         "anonymous: 2"]
+    empty = hubctl("--redis-url", url, "--key-prefix", prefix, "presence", "nowhere")
+    assert empty.stdout.splitlines() == ["no users in nowhere", "anonymous: 0"]
+
+
+def test_hubctl_control_commands(redis_server: RedisServer, prefix: str, keys: Keys,
+                                 listeners: list[Listener]) -> None:
+    """disconnect, join and leave send the command and print how many nodes took it; 0 for an unknown user."""
+    url = redis_server.url
+    user = listen(listeners, url, keys.user_channel("alice"))
+    node = listen(listeners, url, keys.node_channel("n1"))
+    assert hubctl_json(url, prefix, "disconnect", "alice", "--reason", "maintenance", "--reconnect") == {
+        "op": "disconnect", "user": "alice", "nodes": 1}
+    assert hubctl_json(url, prefix, "join", "alice", "lobby") == {"op": "join", "user": "alice", "room": "lobby",
+                                                                   "nodes": 1}
+    assert hubctl_json(url, prefix, "leave", "alice", "lobby") == {"op": "leave", "user": "alice",
+                                                                    "room": "lobby", "nodes": 1}
+    assert hubctl_json(url, prefix, "disconnect", "--conn", "n1:4") == {"op": "disconnect", "conn": "n1:4",
+                                                                         "nodes": 1}
+    assert hubctl_json(url, prefix, "disconnect", "ghost") == {"op": "disconnect", "user": "ghost", "nodes": 0}
+    got = [unpack(msg["data"]) for msg in (user.next(5.0), user.next(5.0), user.next(5.0), node.next(5.0))]
+    assert [command_of(env.control) for env in got] == [
+        Command("disconnect", user="alice", reason="maintenance", reconnect=True),
+        Command("join", user="alice", room="lobby"), Command("leave", user="alice", room="lobby"),
+        Command("disconnect", conn="n1:4")]
+    assert all(env.origin.startswith("pub:hubctl-") for env in got)
+    base = ["--redis-url", url, "--key-prefix", prefix]
+    for args, line in ((["disconnect", "alice"], "disconnect user alice: 1 node took it"),
+                       (["disconnect", "--conn", "n1:5", "--reason", "x"],
+                        "disconnect connection n1:5: 1 node took it"),
+                       (["join", "alice", "lobby"], "join user alice to room lobby: 1 node took it"),
+                       (["leave", "alice", "lobby"], "leave user alice from room lobby: 1 node took it"),
+                       (["join", "ghost", "lobby"], "join user ghost to room lobby: 0 nodes took it")):
+        human = hubctl(*base, *args)
+        assert (human.returncode, human.stdout, human.stderr) == (0, line + "\n", ""), args
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["disconnect"], "exactly one of USER and --conn"),
+    (["disconnect", "alice", "--conn", "n1:1"], "exactly one of USER and --conn"),
+    (["disconnect", "a b"], "user id"),
+    (["disconnect", "a{b}", "--reconnect"], "user id"),
+    (["disconnect", "--conn", "n1"], "connection id"),
+    (["disconnect", "alice", "--reason", "x" * 300], "reason"),
+    (["join", "alice", "a b"], "room name"),
+    (["join", "a b", "lobby"], "user id"),
+    (["leave", "alice", "{r}"], "room name"),
+    (["join", "alice"], "required: ROOM"),
+    (["presence", "a b"], "room name"),
+])
+def test_hubctl_control_usage_errors(args: list[str], says: str) -> None:
+    """A bad user id, room, connection id or reason, or a wrong USER/--conn choice: exit 2, one line, before
+    Redis is asked (nothing listens on the URL's port, which would exit 1)."""
+    result = hubctl("--redis-url", f"redis://127.0.0.1:{free_port()}/0", *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("hubctl") and says in result.stderr, result.stderr
+
+
+def test_hubctl_script_prints_the_presence_script() -> None:
+    """`hubctl script presence` prints presence.lua, so a publisher in another language can run the same read."""
+    result = hubctl("script", "presence")
+    assert result.returncode == 0 and result.stdout == PRESENCE_SCRIPT.text
+    data = json.loads(hubctl("script", "presence", "--json").stdout)
+    assert data == {"name": "presence", "sha": PRESENCE_SCRIPT.sha, "text": PRESENCE_SCRIPT.text}

@@ -9,11 +9,14 @@ from typing import Any
 import fakeredis
 import msgpack
 import pytest
+import redis
 
+import publisher.control
 import publisher.envelope
 from publisher import AsyncPublisher, Publisher, RecordingPublisher, Target
 from publisher import inspect as hub_inspect
 from publisher.cli import redact, table
+from publisher.control import Command, command_of, pack_command
 from publisher.core import default_prefix, default_url, make_origin, prepare
 from publisher.envelope import unpack
 from publisher.keys import Keys
@@ -286,3 +289,188 @@ def test_cli_table_and_redaction() -> None:
     assert table(["ROOM", "N"], [["a", 1], ["bbb", 10]]) == ["ROOM   N", "a      1", "bbb   10"]
     assert redact("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+# -- server-side control and presence (PROTOCOL.md sections 12 and 13) -------------------
+
+BAD_CONTROL_CALLS = [
+    ("disconnect_user", ("a b",), {}),
+    ("disconnect_user", ("",), {}),
+    ("disconnect_user", (7,), {}),
+    ("disconnect_user", ("u1",), {"reason": "x" * 257}),
+    ("disconnect_user", ("u1",), {"reason": 5}),
+    ("disconnect_user", ("u1",), {"reconnect": "yes"}),
+    ("disconnect_connection", ("n1",), {}),
+    ("disconnect_connection", ("n1:x",), {}),
+    ("disconnect_connection", ("u1",), {"reason": "x" * 257}),
+    ("join_user", ("u1", "a b"), {}),
+    ("join_user", ("u{1}", "r"), {}),
+    ("join_user", ("u1", ""), {}),
+    ("leave_user", ("u1", "r" * 129), {}),
+    ("leave_user", ("", "r"), {}),
+    ("presence", ("a b",), {}),
+    ("presence", ("",), {}),
+]
+
+
+@pytest.mark.parametrize(("method", "args", "kwargs"), BAD_CONTROL_CALLS)
+def test_sync_control_rejects_bad_input_before_sending(method: str, args: tuple[Any, ...],
+                                                       kwargs: dict[str, Any]) -> None:
+    """A bad user id, connection id, room, reason or flag raises ValueError and issues no Redis command."""
+    spy = Spy(fakeredis.FakeRedis())
+    with Publisher(client=spy) as pub:  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            getattr(pub, method)(*args, **kwargs)
+        assert spy.touched == []
+        assert pub.disconnect_user("u1") == 0  # the spy does see a valid command
+        assert spy.touched == ["publish"]
+
+
+@pytest.mark.parametrize(("method", "args", "kwargs"), BAD_CONTROL_CALLS)
+async def test_async_control_rejects_bad_input_before_sending(method: str, args: tuple[Any, ...],
+                                                              kwargs: dict[str, Any]) -> None:
+    """AsyncPublisher validates control calls exactly like Publisher: ValueError, no command issued."""
+    spy = Spy(fakeredis.FakeAsyncRedis())
+    async with AsyncPublisher(client=spy) as pub:  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            await getattr(pub, method)(*args, **kwargs)
+        assert spy.touched == []
+        assert await pub.join_user("u1", "r") == 0
+        assert spy.touched == ["publish"]
+
+
+@pytest.fixture
+def frozen_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fix a control envelope's id and ts, so payloads can be compared byte for byte."""
+    monkeypatch.setattr(publisher.control, "new_message_id", lambda: "c-1")
+    monkeypatch.setattr(publisher.control, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.5))
+
+
+CONTROL_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], Command]] = [
+    ("disconnect_user", ("alice",), {"reason": "bye", "reconnect": True},
+     Command("disconnect", user="alice", reason="bye", reconnect=True)),
+    ("disconnect_connection", ("eu:n2:7",), {}, Command("disconnect", conn="eu:n2:7")),
+    ("join_user", ("alice", "lobby"), {}, Command("join", user="alice", room="lobby")),
+    ("leave_user", ("alice", "lobby"), {}, Command("leave", user="alice", room="lobby")),
+]
+
+
+async def test_sync_and_async_send_identical_control_bytes(frozen_control: None) -> None:
+    """Publisher and AsyncPublisher put exactly pack_command's bytes on the command's channel."""
+    cap = Capture()
+    keys = Keys("app1:")
+    with Publisher(client=fakeredis.FakeRedis(server=cap.server), origin_id="w1", key_prefix="app1:") as pub:
+        for method, args, kwargs, _ in CONTROL_CALLS:
+            assert getattr(pub, method)(*args, **kwargs) == 1  # PUBLISH counts the pattern subscriber
+    async with AsyncPublisher(client=fakeredis.FakeAsyncRedis(server=cap.server), origin_id="w1",
+                              key_prefix="app1:") as apub:
+        for method, args, kwargs, _ in CONTROL_CALLS:
+            assert await getattr(apub, method)(*args, **kwargs) == 1
+    sent = cap.messages()
+    expected = [(command.channel(keys), pack_command(command, "pub:w1")[1]) for *_, command in CONTROL_CALLS]
+    assert sent == expected * 2
+    assert [c for c, _ in expected] == ["app1:user:{alice}", "app1:node:{eu:n2}", "app1:user:{alice}",
+                                        "app1:user:{alice}"]
+
+
+def test_control_never_goes_through_the_history_script() -> None:
+    """With history on for every room and user, a command is still one plain PUBLISH: it is never stored."""
+    spy = Spy(fakeredis.FakeRedis())
+    with Publisher(client=spy, history_size=10, history_rooms="*", history_users=True) as pub:  # type: ignore[arg-type]
+        for method, args, kwargs, _ in CONTROL_CALLS:
+            getattr(pub, method)(*args, **kwargs)
+    assert spy.touched == ["publish"] * len(CONTROL_CALLS)
+    assert spy.inner.keys("*") == []
+
+
+class Flaky:
+    """A client whose first `failures` PUBLISHes raise ConnectionError; notes the arguments of every try."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.tries: list[tuple[Any, ...]] = []
+
+    def publish(self, *args: Any) -> Any:
+        self.tries.append(args)
+        if len(self.tries) <= self.failures:
+            raise redis.ConnectionError("lost")
+        return self.inner.publish(*args)
+
+
+class AsyncFlaky(Flaky):
+    async def publish(self, *args: Any) -> Any:  # type: ignore[override]
+        self.tries.append(args)
+        if len(self.tries) <= self.failures:
+            raise redis.ConnectionError("lost")
+        return await self.inner.publish(*args)
+
+
+def test_control_retries_resend_the_same_envelope() -> None:
+    """With retries, a command whose connection was lost is resent with the same bytes (same envelope id)."""
+    cap = Capture()
+    flaky = Flaky(fakeredis.FakeRedis(server=cap.server), failures=2)
+    with Publisher(client=flaky, retries=2) as pub:  # type: ignore[arg-type]
+        assert pub.disconnect_user("alice", reason="bye") == 1  # the Capture's pattern subscriber
+    assert len(flaky.tries) == 3 and len(set(flaky.tries)) == 1
+    [(channel, payload)] = cap.messages()
+    assert (channel, payload) == flaky.tries[0]
+    assert command_of(unpack(payload).control) == Command("disconnect", user="alice", reason="bye")
+    without = Flaky(fakeredis.FakeRedis(server=cap.server), failures=1)
+    with Publisher(client=without) as pub, pytest.raises(redis.ConnectionError):  # type: ignore[arg-type]
+        pub.join_user("alice", "r")
+    assert len(without.tries) == 1 and cap.messages() == []
+
+
+async def test_async_control_retries_resend_the_same_envelope() -> None:
+    """AsyncPublisher resends a lost command with the same bytes, as many times as `retries` allows."""
+    flaky = AsyncFlaky(fakeredis.FakeAsyncRedis(), failures=1)
+    async with AsyncPublisher(client=flaky, retries=1) as pub:  # type: ignore[arg-type]
+        assert await pub.leave_user("alice", "r") == 0
+    assert len(flaky.tries) == 2 and flaky.tries[0] == flaky.tries[1]
+    flaky = AsyncFlaky(fakeredis.FakeAsyncRedis(), failures=2)
+    async with AsyncPublisher(client=flaky, retries=1) as pub:  # type: ignore[arg-type]
+        with pytest.raises(redis.ConnectionError):
+            await pub.leave_user("alice", "r")
+    assert len(flaky.tries) == 2
+
+
+def test_presence_reads_one_script_over_the_presence_and_members_hashes() -> None:
+    """presence() counts users from the presence hash and anonymous connections as HLEN(members) - sum."""
+    server = fakeredis.FakeServer()
+    raw = fakeredis.FakeRedis(server=server)
+    keys = Keys("p:")
+    raw.hset(keys.presence("lobby"), mapping={"alice": 2, "bob": 1, "gone": 0})
+    raw.hset(keys.members("lobby"), mapping={"n1:1": "alice", "n2:4": "alice", "n1:2": "bob", "n1:3": "",
+                                             "n2:9": ""})
+    with Publisher(client=fakeredis.FakeRedis(server=server), key_prefix="p:") as pub:
+        found = pub.presence("lobby")
+        assert pub.presence("empty") == hub_inspect.Presence("empty", {}, 0)
+    assert found == hub_inspect.Presence("lobby", {"alice": 2, "bob": 1}, 2)
+    assert found.to_json() == {"room": "lobby", "users": {"alice": 2, "bob": 1}, "anonymous": 2}
+
+
+def test_recording_publisher_records_commands() -> None:
+    """RecordingPublisher notes each control command, decoded from its envelope, and returns node_count."""
+    rec = RecordingPublisher(node_count=2)
+    for method, args, kwargs, _ in CONTROL_CALLS:
+        assert getattr(rec, method)(*args, **kwargs) == 2
+    assert rec.commands == [command for *_, command in CONTROL_CALLS]
+    assert rec.published == []  # commands are not messages
+    rec.broadcast_to_user("alice", {"type": "t"})
+    assert [m.type for m in rec.to_user("alice")] == ["t"] and len(rec.commands) == 4
+    rec.node_count = 0
+    assert rec.disconnect_user("ghost") == 0
+    rec.clear()
+    assert rec.commands == [] and rec.published == []
+
+
+def test_recording_publisher_validates_commands_and_cannot_answer_presence() -> None:
+    """A bad command raises ValueError and records nothing; presence() fails loudly, like every inspection."""
+    rec = RecordingPublisher()
+    for method, args, kwargs in BAD_CONTROL_CALLS:
+        with pytest.raises(ValueError):
+            getattr(rec, method)(*args, **kwargs)
+    assert rec.commands == [] and rec.published == []
+    with pytest.raises(NotImplementedError, match="presence"):
+        rec.presence("lobby")
