@@ -7,7 +7,10 @@ is not registered). Every step touches keys of one Redis Cluster hash slot:
 
 1. node-slot steps that check the node is registered and ADD to its indexes
    (`hub:node:{<id>}:conns`, `…:rooms`, `…:users`);
-2. room- and user-slot steps (`hub:members:{<room>}`, `hub:online:{<user>}`);
+2. room- and user-slot steps (`hub:members:{<room>}` with its presence
+   hash `hub:presence:{<room>}`, written only by member_add.lua,
+   member_remove.lua and purge_members.lua, which announce presence in the
+   same step; `hub:online:{<user>}`);
 3. node-slot steps that REMOVE from its indexes.
 
 So the indexes that sweeps and listings read are always supersets of what

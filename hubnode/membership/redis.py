@@ -6,7 +6,12 @@ touches is passed in KEYS, built by `publisher.keys.Keys` (no script builds a
 key name). A node's keys share the slot of `{<node id>}`, a room's members
 hash the slot of `{<room>}`, a user's online hash the slot of `{<user id>}`;
 the registry index `hub:nodes` is written only by commands and scripts of its
-own. So a change that spans slots is a few single-slot steps, ordered so that
+own. A room's members hash is written only by the member scripts
+(member_add, member_remove, purge_members), which keep its presence hash
+(user -> connections in the room) in step and publish the room's presence
+events from inside the same script (PROTOCOL.md section 12): whichever node
+joins, leaves, disconnects, drains, re-registers or sweeps a dead node, a
+user's first arrival and last departure are each announced exactly once. So a change that spans slots is a few single-slot steps, ordered so that
 the node's own indexes (`…:rooms`, `…:users`) are always SUPERSETS of what the
 room and user hashes hold: a step that adds to an index runs before the member
 is written, a step that removes from it after the member is gone. Sweeps and
@@ -415,8 +420,8 @@ class RedisMembershipStore:
 
         Each round: a guarded node-slot step (drops the names finished last
         round, hands out the next page of the index), then one pipelined
-        purge_hash step per name in progress, each in its own room's or
-        user's slot. `index`: ("set", the node's rooms key) or ("hash", its
+        purge_members (a room: its leaves are announced there) or purge_hash
+        (a user) step per name in progress, each in its own slot. `index`: ("set", the node's rooms key) or ("hash", its
         users key).
         """
         kind, key = index

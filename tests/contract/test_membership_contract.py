@@ -3,7 +3,10 @@ and on a real Redis Cluster (3 primaries with a replica each)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,6 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from hubnode.membership import Member, MembershipStore, MemoryMembershipStore
 from hubnode.membership.redis import RedisMembershipStore
+from publisher.envelope import unpack
 from publisher.keys import Keys
 from tests.helpers import RedisServer
 
@@ -72,3 +76,129 @@ async def test_leaving_a_room_not_joined_is_harmless(store: MembershipStore) -> 
     await store.add_member("r", "n1:1", None)
     await store.remove_member("r", "n1:9", None)
     assert await store.rooms() == {"r": 1}
+
+
+# -- presence (PROTOCOL.md section 12) ----------------------------------------------
+
+class Events:
+    """The presence events a store announces for room "p", as (event, user), in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.pubsub: Any = None
+        self.client: Any = None
+
+    async def announce(self, room: str, event: str, user: str) -> None:  # the memory store's hook
+        if room == "p":
+            self.seen.append((event, user))
+
+    async def until(self, count: int) -> list[tuple[str, str]]:
+        """Every event up to `count` of them (Redis: read from the room channel), with a deadline."""
+        async with asyncio.timeout(5):
+            while self.pubsub is not None and len(self.seen) < count:
+                msg = await self.pubsub.get_message(timeout=1.0)
+                if msg is not None and msg["type"] in ("message", "smessage"):
+                    env = unpack(msg["data"])
+                    assert env.msg.type == "presence" and env.msg.room == "p", env
+                    self.seen.append((env.msg.data["event"], env.msg.data["user_id"]))
+        return list(self.seen)
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def announcing(request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
+                     ) -> AsyncIterator[tuple[MembershipStore, Events]]:
+    """A store that announces room "p" (only), and what it announced there."""
+    events, keys = Events(), Keys(prefix)
+    channel = keys.room_channel("p")
+    if request.param == "memory":
+        s: MembershipStore = MemoryMembershipStore("n1", announce=events.announce)
+    elif request.param == "redis":
+        s = RedisMembershipStore(aioredis.Redis.from_url(redis_server.url), keys, "n1",
+                                 announces=lambda room: room == "p")
+        events.client = aioredis.Redis.from_url(redis_server.url)
+        events.pubsub = events.client.pubsub()
+        await events.pubsub.subscribe(channel)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.seed_url)
+        s = RedisMembershipStore(client, keys, "n1", announces=lambda room: room == "p", sharded=True)
+        await client.initialize()
+        owner = client.get_node_from_key(channel)
+        assert owner is not None
+        events.client = aioredis.Redis(host=owner.host, port=int(owner.port))
+        events.pubsub = events.client.pubsub()
+        await events.pubsub.ssubscribe(channel)
+    if events.pubsub is not None:  # the subscribe confirmation
+        async with asyncio.timeout(5):
+            while await events.pubsub.get_message(timeout=1.0) is None:
+                pass
+    await s.start(lambda: ())
+    yield s, events
+    await s.close()
+    if events.client is not None:
+        await events.pubsub.aclose()
+        await events.client.aclose()
+
+
+async def test_presence_counts_users_once_and_anonymous_apart(store: MembershipStore) -> None:
+    """Two connections of a user count once, with 2; anonymous members are counted apart."""
+    for conn, user in (("n1:1", "alice"), ("n1:2", "alice"), ("n1:3", "bob"), ("n1:4", None)):
+        await store.add_connection(conn, user)
+        await store.add_member("p", conn, user)
+    await store.add_member("p", "n1:1", "alice")  # a repeated join counts nothing
+    found = await store.presence("p")
+    assert (found.room, found.users, found.anonymous) == ("p", {"alice": 2, "bob": 1}, 1)
+    await store.remove_connection("n1:1", "alice", ["p"])
+    await store.remove_member("p", "n1:4", None)
+    found = await store.presence("p")
+    assert (found.users, found.anonymous) == ({"alice": 1, "bob": 1}, 0)
+    assert (await store.presence("nobody-here")).to_json() == {"room": "nobody-here", "users": {}, "anonymous": 0}
+
+
+async def test_a_users_first_and_last_connection_are_announced_once(
+        announcing: tuple[MembershipStore, Events]) -> None:
+    """join at the first connection in the room, leave at the last (leave or disconnect); none for anonymous
+    members, repeated joins, other connections of a present user, or rooms not announced."""
+    store, events = announcing
+    for conn, user in (("n1:1", "alice"), ("n1:2", "alice"), ("n1:3", None), ("n1:4", "bob")):
+        await store.add_connection(conn, user)
+    await store.add_member("p", "n1:1", "alice")
+    await store.add_member("p", "n1:2", "alice")
+    await store.add_member("p", "n1:1", "alice")
+    await store.add_member("p", "n1:3", None)
+    await store.add_member("quiet", "n1:4", "bob")
+    await store.add_member("p", "n1:4", "bob")
+    await store.remove_member("p", "n1:1", "alice")
+    await store.remove_member("p", "n1:3", None)
+    await store.remove_member("quiet", "n1:4", "bob", emptied=True)
+    await store.remove_connection("n1:2", "alice", ["p"])
+    await store.remove_member("p", "n1:4", "bob", emptied=True)
+    await store.remove_member("p", "n1:4", "bob", emptied=True)
+    assert await events.until(4) == [("join", "alice"), ("join", "bob"), ("leave", "alice"), ("leave", "bob")]
+    assert (await store.presence("p")).users == {}
+
+
+@pytest.mark.parametrize("announcing", ["redis", "redis-cluster"], indirect=True)  # the memory store has no peers
+async def test_a_swept_node_announces_the_leaves_of_its_users(
+        announcing: tuple[MembershipStore, Events], redis_server: RedisServer, prefix: str) -> None:
+    """The sweep of a dead node announces a leave for each user it held last, and none for users still here."""
+    store, events = announcing
+    assert isinstance(store, RedisMembershipStore)
+    sharded = isinstance(store.redis, RedisCluster)
+    if isinstance(store.redis, RedisCluster):
+        seed = store.redis.get_default_node()
+        client: Any = RedisCluster(host=seed.host, port=seed.port)
+    else:
+        client = aioredis.Redis.from_url(redis_server.url)
+    dead = RedisMembershipStore(client, store.keys, "dead", heartbeat=60, announces=lambda room: room == "p",
+                                sharded=sharded)
+    table = [("dead:1", "carol", frozenset({"p"})), ("dead:2", "alice", frozenset({"p"}))]
+    await dead.start(lambda: table)
+    await store.add_connection("n1:1", "alice")
+    await store.add_member("p", "n1:1", "alice")
+    assert await events.until(2) == [("join", "carol"), ("join", "alice")]
+    await dead._tasks.close()  # it stops writing, as a crashed process would
+    assert await store.sweep(int(time.time() * 1000) + 600_000) == ["dead"]
+    assert await events.until(3) == [("join", "carol"), ("join", "alice"), ("leave", "carol")]
+    assert (await store.presence("p")).users == {"alice": 1}
+    await client.aclose()

@@ -1,5 +1,6 @@
--- One bounded step of deleting a node's connections from one room's members
--- hash or one user's online hash (room or user slot). KEYS: the hash.
+-- One bounded step of deleting a node's connections from one user's online
+-- hash (user slot; a room's members go through purge_members.lua, which keeps
+-- presence in step). KEYS: the hash.
 -- ARGV: node, cursor, count. HSCANs about `count` fields from `cursor`,
 -- deletes those of the node (conn ids are "<node>:<n>") and returns the next
 -- cursor ('0': done). A big room is thus cleaned in many short scripts
