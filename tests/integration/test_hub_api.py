@@ -44,3 +44,48 @@ async def test_mount_in_existing_app_and_hub_api(session: aiohttp.ClientSession)
         assert await (await session.get(server.make_url("/"))).text() == "my app"
     finally:
         await server.close()
+
+
+async def test_embedded_node_presence_and_control(session: aiohttp.ClientSession) -> None:
+    """Without Redis (the embedded default): presence events and answers, and every control command."""
+    app = web.Application()
+    node = Node(node_config(presence_rooms=("chat-*",), max_rooms_per_conn=2))
+    mount(app, node, path="/ws")
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        url = str(server.make_url("/ws"))
+        watcher = await Client.open(session, url + "?user_id=watcher")
+        await watcher.join("chat-1")
+        alice = await Client.open(session, url + "?user_id=alice")
+        await alice.join("chat-1", "a1")
+        assert (await watcher.recv_type("presence"))["data"] == {"event": "join", "user_id": "alice"}
+        answer = await watcher.request("presence", "chat-1", fid="p")
+        assert answer == {"type": "presence", "room": "chat-1", "id": "p",
+                          "data": {"users": {"alice": 1, "watcher": 1}, "anonymous": 0}}
+        assert (await node.presence("chat-1")).users == {"alice": 1, "watcher": 1}
+        assert (await alice.request("presence", "elsewhere", fid="x"))["data"]["code"] == "not_in_room"
+
+        assert await node.join_user("alice", "news") == 1
+        assert (await alice.recv_type("system_message"))["data"] == {"event": "joined", "room": "news"}
+        await node.broadcast_to_room("news", {"type": "headline", "data": 1})
+        assert (await alice.recv_type("headline"))["data"] == 1
+        assert await node.join_user("alice", "third") == 1  # over --max-rooms-per-conn 2
+        refused = await alice.recv_type("error")
+        assert refused["data"]["code"] == "too_many_rooms" and refused["data"]["room"] == "third"
+        assert await node.leave_user("alice", "news") == 1
+        assert (await alice.recv_type("system_message"))["data"] == {"event": "left", "room": "news"}
+        assert "news" not in node.rooms_of(alice.conn_id)
+
+        assert await node.disconnect_user("alice", reason="banned") == 1
+        notice = await alice.recv_type("system_message")
+        assert notice["data"] == {"event": "disconnect", "reason": "banned", "reconnect": False}
+        closed = await alice.ws.receive()
+        assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4000 and closed.extra == "banned"
+        assert (await watcher.recv_type("presence"))["data"] == {"event": "leave", "user_id": "alice"}
+        assert await node.disconnect_connection(watcher.conn_id, reconnect=True) == 1
+        await watcher.recv_type("system_message")
+        assert (await watcher.ws.receive()).data == 4001
+        assert await node.disconnect_user("nobody") == 0
+    finally:
+        await server.close()
