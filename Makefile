@@ -16,7 +16,7 @@ venv: $(BIN)/python
 ## make run: install and run one node with the embedded broker on http://127.0.0.1:8080
 run: $(BIN)/python
 	$(BIN)/pip install -q -e '.[server,speed]'
-	$(BIN)/hubnode --host 127.0.0.1 --port 8080
+	$(BIN)/hubnode --host 127.0.0.1 --port 8080 --presence-rooms '*'
 
 ## make test: install what the tests need (system packages too) and run the suite
 test: sysdeps venv
