@@ -258,18 +258,23 @@ async def get_cluster_metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """/broadcast and /api/* need the API key (when set); health and readiness never do."""
+    """/broadcast and /api/* need the API key (when set); health and readiness never do.
+
+    Path names match any characters but '/' (aiohttp's default also refuses
+    braces), so a name breaking the naming rules reaches its handler and gets
+    a 400 saying why, not a bare 404.
+    """
     app.router.add_post("/broadcast", with_api_key(post_broadcast))
     app.router.add_get("/api/stats", with_api_key(get_stats))
     app.router.add_get("/api/rooms", with_api_key(get_rooms))
-    app.router.add_get("/api/rooms/{room}", with_api_key(get_room))
-    app.router.add_get("/api/rooms/{name}/history", with_api_key(get_room_history))
-    app.router.add_get("/api/rooms/{name}/presence", with_api_key(get_room_presence))
-    app.router.add_post("/api/users/{user}/disconnect", with_api_key(post_user_disconnect))
-    app.router.add_post("/api/connections/{conn}/disconnect", with_api_key(post_connection_disconnect))
-    app.router.add_put("/api/users/{user}/rooms/{room}", with_api_key(put_user_room))
-    app.router.add_delete("/api/users/{user}/rooms/{room}", with_api_key(delete_user_room))
-    app.router.add_get("/api/users/{name}/history", with_api_key(get_user_history))
+    app.router.add_get("/api/rooms/{room:[^/]+}", with_api_key(get_room))
+    app.router.add_get("/api/rooms/{name:[^/]+}/history", with_api_key(get_room_history))
+    app.router.add_get("/api/rooms/{name:[^/]+}/presence", with_api_key(get_room_presence))
+    app.router.add_post("/api/users/{user:[^/]+}/disconnect", with_api_key(post_user_disconnect))
+    app.router.add_post("/api/connections/{conn:[^/]+}/disconnect", with_api_key(post_connection_disconnect))
+    app.router.add_put("/api/users/{user:[^/]+}/rooms/{room:[^/]+}", with_api_key(put_user_room))
+    app.router.add_delete("/api/users/{user:[^/]+}/rooms/{room:[^/]+}", with_api_key(delete_user_room))
+    app.router.add_get("/api/users/{name:[^/]+}/history", with_api_key(get_user_history))
     app.router.add_get("/api/nodes", with_api_key(get_nodes))
     app.router.add_get("/api/metrics", with_api_key(get_metrics_json))
     app.router.add_get("/api/cluster/metrics", with_api_key(get_cluster_metrics))
