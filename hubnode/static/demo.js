@@ -9,32 +9,58 @@
 // On nodes with history (--history-size), hub.js recovers what was sent while
 // the page was reconnecting: the log shows no gap and no duplicate, and a
 // notice says when a stream could not be recovered.
+// The member list is hub.js's presence tracking (option `presence`): one query
+// per join, then the node's join/leave events, so it is live only in rooms the
+// node's --presence-rooms covers (`--presence-rooms '*'` for any room).
+// When this page may use the HTTP API (a node without --api-key, or the key
+// entered on the dashboard in this tab), each member has a "kick" button:
+// POST /api/users/<user>/disconnect with reconnect false.
 (function () {
   "use strict";
 
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const urls = (params.get("ws") || "/ws").split(",").map((s) => s.trim()).filter(Boolean);
-  const MEMBERS_EVERY = 3000; // ms between member list refreshes
 
   let name = params.get("name") || "guest-" + Math.random().toString(36).slice(2, 6);
   let room = params.get("room") || "lobby";
   let hub = null;
-  let members = []; // [{conn_id, user_id, node}] of the current room, from the HTTP API
+  let stopped = false; // the server disconnected this page for good (close 4000)
+  let members = { users: {}, anonymous: 0 }; // the current room's, from hub.js's presence tracking
+  const seenVia = new Map(); // user -> the node their last message came through
+  let operator = false; // whether this page may use the HTTP API (and so kick)
 
   // -- the connection ---------------------------------------------------------
   function connect() {
     if (hub) hub.close(); // the user id is fixed per connection: a new name needs a new one
-    hub = new HubClient(urls, { userId: name });
+    stopped = false;
+    hub = new HubClient(urls, { userId: name, presence: true });
     hub.on("connected", (m) => {
       setStatus("ok", "node " + m.data.node);
       note(`connected to node ${m.data.node} as ${name}`);
-      refreshMembers();
+      renderMembers();
     });
     hub.on("disconnected", (e) => {
-      setStatus("warn", "reconnecting…");
-      const wait = e.delay == null ? "" : `, retrying in ${(e.delay / 1000).toFixed(1)} s`;
-      note(`disconnected (code ${e.code}${e.reason ? ": " + e.reason : ""})${wait}`);
+      stopped = e.delay == null;
+      setStatus(stopped ? "bad" : "warn", stopped ? "disconnected" : "reconnecting…");
+      const wait = stopped ? ": apply the settings to connect again" : `, retrying in ${(e.delay / 1000).toFixed(1)} s`;
+      note(`disconnected (code ${e.code}${e.reason ? ": " + e.reason : ""})${wait}`, stopped ? "warn" : undefined);
+    });
+    // Server-side control (PROTOCOL.md section 13): an operator disconnected us,
+    // or joined us to a room / removed us from one.
+    hub.on("disconnect", (m) => note("the server disconnected you" + (m.data.reason ? ": " + m.data.reason : ""), "warn"));
+    hub.on("joined", (m) => note(`the server added you to #${m.data.room}`));
+    hub.on("left", (m) => {
+      note(`the server removed you from #${m.data.room}`);
+      if (m.data.room === room) { members = { users: {}, anonymous: 0 }; renderMembers(); }
+    });
+    // The member list: hub.js asks once per join, then follows the presence events.
+    hub.on("members", (e) => {
+      if (e.room !== room) return;
+      members = e;
+      const who = e.change && e.change.user_id;
+      if (who && who !== name) note(`${who} ${e.change.event === "join" ? "entered" : "left"} the room`);
+      renderMembers();
     });
     hub.on("reconnect", () => note("this node is shutting down: moving to another one"));
     hub.on("resync", () => note("the node briefly lost the cluster: some messages may be missing", "warn"));
@@ -45,13 +71,19 @@
       if (e.recovered) note(`back on ${what}: nothing missed`);
       else note(`${what}: messages sent while reconnecting could not be recovered, some may be missing`, "warn");
     });
-    hub.on("error", (m) => note("error: " + m.data.code + (m.room ? " (" + m.room + ")" : "")));
+    hub.on("error", (m) => {
+      const where = m.room || (m.data && m.data.room); // a refused server-side join names its room in data
+      note("error: " + m.data.code + (where ? " (" + where + ")" : ""));
+    });
     hub.on("room_message", (m) => {
       if (m.room !== room) return;
       show("room", m.user_id, m.data.message, m.timestamp);
-      if (!members.some((x) => x.user_id === m.user_id)) refreshMembers();
+      sawVia(m.user_id, m.data.message);
     });
-    hub.on("private_message", (m) => show("private", m.user_id, m.data.message, m.timestamp));
+    hub.on("private_message", (m) => {
+      show("private", m.user_id, m.data.message, m.timestamp);
+      sawVia(m.user_id, m.data.message);
+    });
     hub.on("broadcast", (m) => show("broadcast", m.user_id, m.data, m.timestamp));
     enter(room);
   }
@@ -61,13 +93,13 @@
     for (const old of hub.rooms) hub.leave(old).catch(() => {});
     if (newRoom !== room) {
       $("log").replaceChildren();
-      members = [];
+      members = { users: {}, anonymous: 0 };
     }
     room = newRoom;
     $("room-title").textContent = "#" + room;
     renderMembers();
     hub.join(room)
-      .then(() => { note("joined #" + room); refreshMembers(); })
+      .then(() => note("joined #" + room))
       .catch((err) => note(`could not join #${room}: ${err.code}`));
   }
 
@@ -103,7 +135,7 @@
       note("names and rooms: up to 128 characters, without spaces or { }");
       return;
     }
-    if (newName !== name) {
+    if (newName !== name || stopped) {
       name = newName;
       room = newRoom;
       connect();
@@ -112,50 +144,90 @@
     }
   });
 
-  // -- the member list, from GET /api/rooms/<room> ---------------------------------
-  async function refreshMembers() {
-    const asked = room;
-    const headers = {};
-    const key = sessionStorage.getItem("hubnode.apiKey"); // set by the dashboard, same origin
-    if (key) headers.Authorization = "Bearer " + key;
-    try {
-      const resp = await fetch("/api/rooms/" + encodeURIComponent(asked), { headers });
-      if (asked !== room) return;
-      if (resp.status === 401) {
-        $("members-note").textContent = "The API needs a key: enter it on the dashboard to see members.";
-        return;
-      }
-      members = (await resp.json()).members || [];
-      $("members-note").textContent = members.length + (members.length === 1 ? " connection" : " connections");
-      renderMembers();
-    } catch {
-      // The list comes from the node that served this page: with several node
-      // URLs (?ws=), that node may be gone while the chat goes on elsewhere.
-      members = [];
-      renderMembers();
-      $("members-note").textContent = "member list unavailable: the node that served this page does not answer";
-    }
+  // -- the member list: presence from hub.js; the node of each from their messages ------
+  // Presence says who is in the room, not through which node: the node shown
+  // beside a member is the one their last message came through ({text, node}).
+  function sawVia(user, message) {
+    const node = message && typeof message === "object" ? message.node : null;
+    if (!user || typeof node !== "string" || seenVia.get(user) === node) return;
+    seenVia.set(user, node);
+    renderMembers();
   }
 
   function renderMembers() {
-    const list = $("members");
-    list.replaceChildren(...members.map((m) => {
+    const users = Object.keys(members.users).sort();
+    $("members").replaceChildren(...users.map((user) => {
       const li = document.createElement("li");
-      const user = m.user_id || "anonymous";
       li.dataset.user = user;
-      li.append(text("span", user === name ? user + " (you)" : user), text("span", "node " + m.node, "muted small"));
-      if (user === name) li.className = "me";
-      else if (m.user_id) li.onclick = () => { $("to").value = m.user_id; $("text").focus(); };
+      const connections = members.users[user];
+      const via = user === name && hub ? hub.node : seenVia.get(user);
+      const meta = [connections > 1 ? connections + " connections" : "", via ? "node " + via : ""].filter(Boolean);
+      li.append(text("span", user === name ? user + " (you)" : user), text("span", meta.join(" · "), "muted small"));
+      if (user === name) {
+        li.className = "me";
+      } else {
+        li.onclick = () => { $("to").value = user; $("text").focus(); };
+        if (operator) li.append(kickButton(user));
+      }
       return li;
     }));
+    const anonymous = members.anonymous ? ` + ${members.anonymous} anonymous` : "";
+    $("members-note").textContent = users.length + (users.length === 1 ? " user" : " users") + anonymous;
     // The "to" choices: the whole room, or one member privately.
     const select = $("to");
     const current = select.value;
-    const users = [...new Set(members.map((m) => m.user_id).filter((u) => u && u !== name))].sort();
-    select.replaceChildren(option("", "#" + room), ...users.map((u) => option(u, "to " + u)));
-    select.value = users.includes(current) ? current : "";
+    const others = users.filter((u) => u !== name);
+    select.replaceChildren(option("", "#" + room), ...others.map((u) => option(u, "to " + u)));
+    select.value = others.includes(current) ? current : "";
   }
-  setInterval(() => { if (document.visibilityState === "visible" && hub) refreshMembers(); }, MEMBERS_EVERY);
+
+  // -- kick: the operator's HTTP API (PROTOCOL.md section 13) -------------------------
+  function apiHeaders() {
+    const headers = { "Content-Type": "application/json" };
+    const key = sessionStorage.getItem("hubnode.apiKey"); // set by the dashboard, same origin
+    if (key) headers.Authorization = "Bearer " + key;
+    return headers;
+  }
+
+  // Kick buttons only when this page may use the API: no --api-key on the node, or the dashboard's key.
+  async function probeApi() {
+    try {
+      operator = (await fetch("/api/stats", { headers: apiHeaders() })).ok;
+    } catch {
+      operator = false; // the node that served this page is gone: no API
+    }
+    renderMembers();
+  }
+
+  function kickButton(user) {
+    const button = text("button", "kick", "secondary small kick");
+    button.type = "button";
+    button.title = `disconnect every connection of ${user}, without reconnecting`;
+    button.onclick = (e) => {
+      e.stopPropagation(); // not a click on the member (which picks a private recipient)
+      kick(user);
+    };
+    return button;
+  }
+
+  async function kick(user) {
+    const body = JSON.stringify({ reason: "kicked by " + name, reconnect: false });
+    try {
+      const resp = await fetch(`/api/users/${encodeURIComponent(user)}/disconnect`,
+        { method: "POST", headers: apiHeaders(), body });
+      if (resp.status === 401 || resp.status === 403) {
+        operator = false;
+        renderMembers();
+        note("kick refused: the API needs its key (enter it on the dashboard)", "warn");
+        return;
+      }
+      const answer = await resp.json();
+      if (!resp.ok) throw new Error(answer.error ? answer.error.code : "HTTP " + resp.status);
+      note(`kicked ${user} (${answer.nodes} ${answer.nodes === 1 ? "node" : "nodes"} took it)`);
+    } catch (err) {
+      note(`could not kick ${user}: ${err.message}`, "warn");
+    }
+  }
 
   // -- rendering -------------------------------------------------------------------
   function show(kind, from, message, timestamp, to) {
@@ -207,4 +279,5 @@
   $("name").value = name;
   $("room").value = room;
   connect();
+  probeApi();
 })();

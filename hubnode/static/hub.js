@@ -1,4 +1,4 @@
-// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4 and 10).
+// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4, 10, 12, 13).
 //
 //   <script src="/hub.js"></script>            -> window.HubClient
 //   import { HubClient } from "/hub.mjs";      -> the same class as an ES module
@@ -8,6 +8,13 @@
 //   await hub.join("lobby");                   // resolves on the server's ack
 //   await hub.sendToRoom("lobby", "hello");    // rejects with err.code, e.g. "not_in_room"
 //   hub.on("recovered", (e) => { if (!e.recovered) refetch(e.room); });  // after a reconnect
+//   const { users, anonymous } = await hub.presence("lobby");            // who is in the room
+//   hub.on("presence", (msg) => console.log(msg.room, msg.data.event, msg.data.user_id));
+//   hub.on("disconnect", (msg) => alert(msg.data.reason));              // kicked by the server
+//
+//   // Or let hub.js keep every joined room's member list (query + events):
+//   const hub2 = new HubClient("/ws", { userId: "bob", presence: true });
+//   hub2.on("members", (e) => render(e.room, e.users, e.anonymous));    // also hub2.members(room)
 //
 // What it does for you:
 // - every request carries an id; its Promise settles on the matching `ack` or
@@ -28,6 +35,18 @@
 //   re-established on a new connection, whether nothing was lost;
 // - `resync` (the node lost Redis for a while: messages may be missing) and
 //   `reconnect` (the node is going away) system messages become events;
+// - presence (section 12): `presence(room)` asks who is in a room you are in;
+//   `presence` frames without an id (join/leave events, sent in rooms the node's
+//   --presence-rooms covers) reach on("presence"). With the option
+//   `presence: true` hub.js keeps each joined room's member list itself: one
+//   query after every join ack (re-joins after a reconnect too) and after
+//   `resync`, the events applied on top, in order, and a `members` event per change;
+// - server-side control (section 13): a `disconnect` system message comes
+//   first, then close 4000 (stop for good: no reconnect, pending requests reject
+//   with "closed") or 4001 (reconnect as after any drop); a room the server
+//   joined the connection to (`joined`) is kept, with its position, and re-joined
+//   after a reconnect like the app's own; `left` forgets it. A refused
+//   server-side join is an `error` event with data.code "too_many_rooms" and data.room;
 // - while the tab is hidden it pings the server, and drops a connection whose
 //   pong does not come back, because that is where connections die silently
 //   (laptop sleep, mobile background, NAT timeouts) with nobody typing to notice.
@@ -44,10 +63,16 @@
     timeout: 10000, // ms a request waits for its answer (or for a connection to be sent on)
     pingInterval: 25000, // ms between pings while the tab is hidden; 0 turns liveness pings off
     pingTimeout: 10000, // ms a liveness ping waits for its pong before the connection is dropped
+    presence: false, // keep a member list of every joined room: members(room) and "members" events
   };
 
   // Requests that may safely be sent again on a new connection (idempotent).
   const RESENDABLE = new Set(["join_room", "leave_room"]);
+  // Frame types that answer a request (they carry its id).
+  const ANSWERS = new Set(["ack", "error", "pong", "presence"]);
+  // Close codes of a server-side disconnect (PROTOCOL.md section 13).
+  const CLOSE_STOP = 4000; // do not reconnect
+  const CLOSE_RECONNECT = 4001; // reconnect as usual
 
   function hubError(code, message) {
     return Object.assign(new Error(message || code), { code });
@@ -81,6 +106,10 @@
       // acked: the one whose join ack it last had.
       this._streams = new Map();
       this._user = null; // the user stream: {user, offset, epoch}, from `connected` frames
+      // Member lists (option `presence`): room -> {users: Map user -> connections | null
+      // until the first answer, anonymous, asking: serial of the query in flight | 0, events}.
+      this._presence = new Map();
+      this._farewell = null; // data of the `disconnect` system message that precedes a close 4000/4001
       this._userSince = null; // the `since` the current attempt's URL carries, or null
       this._conn = 0; // serial of the current connection: 1 for the first `connected` frame
       this._urlIndex = 0;
@@ -102,12 +131,18 @@
     get attempts() { return this._attempt; }
 
     // Listen to a message type ("room_message", "private_message", "broadcast",
-    // "connected", any type the server publishes, "*" for every message) or to
-    // a client event: "disconnected" {code, reason, delay}, "resync",
-    // "reconnect", "error" (an error frame not tied to a request), "recovered"
-    // {stream: "room"|"user", room, recovered, offset, epoch}: a stream was
-    // re-established on a new connection (or joined with `since`); recovered
-    // false means messages may be missing: refetch that stream's state.
+    // "connected", "presence" (join/leave events), any type the server
+    // publishes, "*" for every message) or to a client event: "disconnected"
+    // {code, reason, delay} (delay null: no reconnect will follow), a system
+    // message by its data.event ("resync", "reconnect", "disconnect" {data:
+    // {reason, reconnect}}, "joined" and "left" {data: {room}}: the server
+    // joined or removed this connection), "error" (an error frame not tied to a
+    // request), "recovered" {stream: "room"|"user", room, recovered, offset,
+    // epoch}: a stream was re-established on a new connection (or joined with
+    // `since`); recovered false means messages may be missing: refetch that
+    // stream's state. With the option `presence`: "members" {room, users,
+    // anonymous, change}: a room's member list changed (change: the presence
+    // event's data {event, user_id}, or null for a fresh query's answer).
     on(type, fn) {
       if (!this._handlers.has(type)) this._handlers.set(type, new Set());
       this._handlers.get(type).add(fn);
@@ -146,6 +181,25 @@
     broadcast(data) { return this._request("broadcast", data); }
     ping(data = null, timeout) { return this._request("ping", data, timeout); } // resolves with the pong
 
+    // Who is in `room` (joined by this connection), cluster-wide: resolves with
+    // {users: {user_id: connections}, anonymous: connections}; rejects like any
+    // request (err.code "not_in_room", "bad_room", "unavailable", "timeout", ...).
+    presence(room) {
+      return this._request("presence", room).then((msg) => {
+        const d = msg.data && typeof msg.data === "object" ? msg.data : {};
+        return { users: Object.assign({}, d.users), anonymous: d.anonymous || 0 };
+      });
+    }
+
+    // With the option `presence`: the member list hub.js keeps for `room`,
+    // {users: {user_id: connections}, anonymous}, or null before its first
+    // answer. Connection counts are those of the last query (1 for a user who
+    // joined since); which users are there follows every event.
+    members(room) {
+      const p = this._presence.get(room);
+      return p && p.users ? this._membersOf(p) : null;
+    }
+
     // The last position delivered to the app: position(room) for a room,
     // position() for the user's own stream. {offset, epoch}, or null when the
     // stream has no history (or is not joined).
@@ -156,13 +210,8 @@
 
     // Close for good: pending requests reject with "closed", no reconnect.
     close() {
-      this._closed = true;
-      this._clearTimers();
-      if (typeof document !== "undefined") document.removeEventListener("visibilitychange", this._onVisibility);
-      for (const id of [...this._pending.keys()]) this._settle(id, hubError("closed"));
       const ws = this._ws;
-      this._ws = null;
-      this._open = false;
+      this._shutdown();
       if (ws) ws.close(1000);
     }
 
@@ -199,13 +248,14 @@
       try { msg = JSON.parse(text); } catch { return; }
       if (!msg || typeof msg !== "object") return;
       const id = msg.id;
-      if (id != null && ["ack", "error", "pong"].includes(msg.type) && this._pending.has(id)) {
+      if (id != null && ANSWERS.has(msg.type) && this._pending.has(id)) {
         const d = msg.data || {};
         const req = this._pending.get(id);
         if (msg.type === "ack" && req.type === "join_room") this._joined(req, msg.data);
         this._settle(id, msg.type === "error" ? hubError(d.code, d.message) : null, msg);
         return;
       }
+      if (id != null && msg.type === "presence") return; // a late answer (timed out): not an event
       if (msg.type === "connected") {
         const recovery = this._onConnected(msg.data || {});
         this._emit("connected", msg);
@@ -215,11 +265,38 @@
       }
       if (!this._track(msg)) return; // already delivered (a replayed message's live copy)
       if (msg.type === "system_message" && msg.data && msg.data.event) {
-        if (msg.data.event === "reconnect") this._goingAway = true;
+        this._systemMessage(msg.data);
         this._emit(msg.data.event, msg);
       }
+      if (msg.type === "presence") this._presenceEvent(msg);
       this._emit(msg.type, msg);
       this._emit("*", msg);
+    }
+
+    // What a system message changes here, before the app hears of it.
+    _systemMessage(d) {
+      if (d.event === "reconnect") this._goingAway = true;
+      else if (d.event === "disconnect") this._farewell = d;
+      else if (d.event === "joined" && typeof d.room === "string") this._serverJoined(d);
+      else if (d.event === "left" && typeof d.room === "string") this._forget(d.room);
+      else if (d.event === "resync") for (const room of this._presence.keys()) this._askPresence(room);
+    }
+
+    // The server joined this connection to a room (section 13): from now on it
+    // is one of the rooms re-joined after a reconnect, from the position the
+    // `joined` message gives (when the room keeps history). A room the app
+    // joined itself keeps its own position: its messages may already be here.
+    _serverJoined(d) {
+      const room = d.room;
+      if (!this.rooms.has(room)) {
+        this.rooms.add(room);
+        const s = this._streamOf(room);
+        const hasPosition = Number.isInteger(d.offset) && typeof d.epoch === "string";
+        s.conn = s.acked = this._conn;
+        s.offset = hasPosition ? d.offset : null;
+        s.epoch = hasPosition ? d.epoch : null;
+      }
+      this._askPresence(room);
     }
 
     // The connection is routable: re-join rooms, then send what waited.
@@ -254,6 +331,57 @@
     _forget(room) {
       this.rooms.delete(room);
       this._streams.delete(room);
+      this._presence.delete(room);
+    }
+
+    // -- member lists (option `presence`, PROTOCOL.md section 12) -------------------
+    // Ask who is in `room` now; events that arrive meanwhile are kept and applied
+    // on top of the answer, in order: the answer may predate some of them, and
+    // applying a join or leave twice changes nothing. The last query wins.
+    _askPresence(room) {
+      if (!this.options.presence || !this.rooms.has(room)) return;
+      let p = this._presence.get(room);
+      if (!p) this._presence.set(room, p = { users: null, anonymous: 0, asking: 0, serial: 0, events: [] });
+      const serial = p.asking = ++p.serial;
+      p.events = [];
+      const current = () => this._presence.get(room) === p && p.asking === serial;
+      this.presence(room).then((answer) => {
+        if (!current()) return;
+        p.users = new Map(Object.entries(answer.users));
+        p.anonymous = answer.anonymous;
+        this._presenceSettled(room, p);
+      }, () => {
+        // Disconnected, left, unavailable...: the next join ack or resync asks again.
+        if (current()) this._presenceSettled(room, p);
+      });
+    }
+
+    _presenceSettled(room, p) {
+      p.asking = 0;
+      if (!p.users) return;
+      for (const d of p.events) this._applyPresence(p, d);
+      p.events = [];
+      this._emit("members", Object.assign({ type: "members", room, change: null }, this._membersOf(p)));
+    }
+
+    _presenceEvent(msg) {
+      const d = msg.data;
+      const p = this._presence.get(msg.room);
+      if (!p || !d || typeof d.user_id !== "string" || (d.event !== "join" && d.event !== "leave")) return;
+      if (p.asking) { p.events.push(d); return; }
+      if (!p.users) return;
+      this._applyPresence(p, d);
+      const change = { event: d.event, user_id: d.user_id };
+      this._emit("members", Object.assign({ type: "members", room: msg.room, change }, this._membersOf(p)));
+    }
+
+    _applyPresence(p, d) {
+      if (d.event === "leave") p.users.delete(d.user_id);
+      else if (!p.users.has(d.user_id)) p.users.set(d.user_id, 1);
+    }
+
+    _membersOf(p) {
+      return { users: Object.fromEntries(p.users), anonymous: p.anonymous };
     }
 
     // -- recovery (PROTOCOL.md section 10) ----------------------------------------
@@ -289,6 +417,7 @@
     _joined(req, data) {
       const room = req.data;
       if (!this.rooms.has(room)) return; // left meanwhile
+      this._askPresence(room);
       const d = data && typeof data === "object" ? data : {};
       const hasPosition = Number.isInteger(d.offset) && typeof d.epoch === "string";
       const s = this._streamOf(room);
@@ -344,7 +473,14 @@
         if (RESENDABLE.has(req.type)) req.sent = false;
         else this._settle(id, hubError("disconnected", "connection lost before the answer"));
       }
-      const delay = this.options.reconnect ? this._nextDelay(code) : null;
+      // A server-side disconnect: close 4000 (or its announcement, if a proxy
+      // lost the close frame) means stop for good.
+      const farewell = this._farewell;
+      this._farewell = null;
+      const stop = code === CLOSE_STOP || (code !== CLOSE_RECONNECT && farewell !== null && farewell.reconnect === false);
+      if (farewell && typeof farewell.reason === "string" && farewell.reason) reason = farewell.reason; // the operator's words
+      if (stop) this._shutdown();
+      const delay = this.options.reconnect && !stop ? this._nextDelay(code) : null;
       this._goingAway = false; // only the close that follows the announcement is special
       this._emit("disconnected", { type: "disconnected", code, reason, delay });
       if (delay === null) return;
@@ -424,6 +560,16 @@
       for (const fn of this._handlers.get(type) || []) {
         try { fn(msg); } catch (err) { console.error("hub.js: a '" + type + "' handler threw", err); }
       }
+    }
+
+    // No more connections: pending requests reject with "closed".
+    _shutdown() {
+      this._closed = true;
+      this._ws = null;
+      this._open = false;
+      this._clearTimers();
+      if (typeof document !== "undefined") document.removeEventListener("visibilitychange", this._onVisibility);
+      for (const id of [...this._pending.keys()]) this._settle(id, hubError("closed", "the client was closed"));
     }
 
     _clearTimers() {

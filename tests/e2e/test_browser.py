@@ -107,17 +107,28 @@ async def open_page(browser: Browser) -> AsyncIterator[Opener]:
     assert not errors, errors
 
 
-@pytest.fixture
-def cluster(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodeProcess]]:
+def node_pair(redis_server: RedisServer, prefix: str, *extra: str) -> Iterator[dict[str, NodeProcess]]:
     """Nodes "a" and "b", each a real process, on one Redis, heartbeating every 0.5 s."""
     nodes = {name: NodeProcess("--redis-url", redis_server.url, "--node-id", name, "--heartbeat", "0.5",
-                               "--key-prefix", prefix) for name in ("a", "b")}
+                               "--key-prefix", prefix, *extra) for name in ("a", "b")}
     start_all(nodes.values())
     try:
         yield nodes
     finally:
         for node in nodes.values():
             node.stop()
+
+
+@pytest.fixture
+def cluster(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodeProcess]]:
+    """Nodes "a" and "b", each a real process, on one Redis, heartbeating every 0.5 s."""
+    yield from node_pair(redis_server, prefix)
+
+
+@pytest.fixture
+def presence_cluster(redis_server: RedisServer, prefix: str) -> Iterator[dict[str, NodeProcess]]:
+    """The same with presence events in every room: the demo's member list follows them."""
+    yield from node_pair(redis_server, prefix, "--presence-rooms", "*")
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -304,9 +315,10 @@ async def test_background_ping_notices_a_frozen_node(cluster: dict[str, NodeProc
 
 # -- the demo chat ----------------------------------------------------------------------------
 
-async def test_demo_pages_on_two_nodes_chat_in_one_room(cluster: dict[str, NodeProcess], open_page: Opener) -> None:
+async def test_demo_pages_on_two_nodes_chat_in_one_room(presence_cluster: dict[str, NodeProcess],
+                                                       open_page: Opener) -> None:
     """Two demo pages on different nodes share a room: each sees the other's messages and node, and both members."""
-    a, b = cluster["a"], cluster["b"]
+    a, b = presence_cluster["a"], presence_cluster["b"]
     alice = await open_page(demo_url(a, name="alice", room="r1"))
     bob = await open_page(f"{b.url}/", width=390, height=760)  # a phone, live at once as a guest...
     await expect(bob.locator("#status")).to_have_text("node b")
@@ -327,10 +339,10 @@ async def test_demo_pages_on_two_nodes_chat_in_one_room(cluster: dict[str, NodeP
     await shot(bob, "demo-phone")
 
 
-async def test_demo_private_message_reaches_only_its_target(cluster: dict[str, NodeProcess],
+async def test_demo_private_message_reaches_only_its_target(presence_cluster: dict[str, NodeProcess],
                                                             open_page: Opener) -> None:
     """A private message from a page on node a reaches bob on node b, not carol beside him."""
-    a, b = cluster["a"], cluster["b"]
+    a, b = presence_cluster["a"], presence_cluster["b"]
     alice = await open_page(demo_url(a, name="alice", room="team"))
     bob = await open_page(demo_url(b, name="bob", room="team"))
     carol = await open_page(demo_url(b, name="carol", room="team"))
