@@ -11,7 +11,9 @@ own. A room's members hash is written only by the member scripts
 (user -> connections in the room) in step and publish the room's presence
 events from inside the same script (PROTOCOL.md section 12): whichever node
 joins, leaves, disconnects, drains, re-registers or sweeps a dead node, a
-user's first arrival and last departure are each announced exactly once. So a change that spans slots is a few single-slot steps, ordered so that
+user's first arrival and last departure are each announced exactly once.
+
+So a change that spans slots is a few single-slot steps, ordered so that
 the node's own indexes (`…:rooms`, `…:users`) are always SUPERSETS of what the
 room and user hashes hold: a step that adds to an index runs before the member
 is written, a step that removes from it after the member is gone. Sweeps and
@@ -68,7 +70,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -125,6 +127,18 @@ def _load_scripts() -> dict[str, str]:
 
 
 Job = Callable[[], Awaitable[Any]]
+
+Keep = Mapping[str, Collection[str]]
+"""room -> the connections of this node that are in it (what a re-registration keeps)."""
+
+Purger = tuple[Callable[[str, str], Step], Callable[[str, Any], tuple[str, list[Step]]]]
+"""How the entries of one index's names go: (the step for a name at a cursor, its reply -> the next cursor
+('0': done) and the removals to run before the name is done)."""
+
+
+def _settled(name: str, reply: Any) -> tuple[str, list[Step]]:
+    """A purge script's reply is its next cursor; it removed what it found itself."""
+    return text(reply), []
 
 
 @dataclass(slots=True)
@@ -363,7 +377,7 @@ class RedisMembershipStore:
                         type(exc).__name__)
 
     # -- bounded multi-step work ---------------------------------------------------
-    async def _purge(self, node: str, mode: str, now: int) -> int:
+    async def _purge(self, node: str, mode: str, now: int, keep: Keep | None = None) -> int:
         """Remove `node`'s members, online entries and keys in bounded steps.
 
         mode 'sweep' (a dead node: every node-slot step re-checks that it is
@@ -372,7 +386,9 @@ class RedisMembershipStore:
         'reset' (before re-registering: every step renews this node's expiry).
         Returns 2 when this call removed a swept node from the registry, 1
         when the node's entries are gone, -1 when a swept node turned out to
-        be alive or a reset node was claimed.
+        be alive or a reset node was claimed. `keep` (a reset: room -> the
+        node's connections in it now) spares the members the node still
+        has, so a re-registration announces only real arrivals and departures.
         """
         k = self.keys
 
@@ -384,10 +400,10 @@ class RedisMembershipStore:
                 return -1
             await self._call("registry", [k.nodes], ["claim", node, now])
         while True:
-            for kind, index, step_of, per_round in (
-                    ("set", k.node_rooms(node), partial(self._purge_room, node), ROOMS_PER_ROUND),
-                    ("hash", k.node_users(node), partial(self._purge_user, node), USERS_PER_ROUND)):
-                if not await self._purge_index(node, mode, stamp, (kind, index), step_of, per_round):
+            for kind, index, purger, per_round in (
+                    ("set", k.node_rooms(node), self._room_purger(node, keep), ROOMS_PER_ROUND),
+                    ("hash", k.node_users(node), self._user_purger(node), USERS_PER_ROUND)):
+                if not await self._purge_index(node, mode, stamp, (kind, index), purger, per_round):
                     return -1
             cursor = "0"
             while True:
@@ -408,22 +424,44 @@ class RedisMembershipStore:
             return 1
         return 2 if await self._call("registry", [k.nodes], ["drop", node, now]) == 1 else 1
 
-    def _purge_room(self, node: str, room: str, cursor: str) -> Step:
-        return self._changes.purge_members(room, node, cursor, STEP)
+    def _room_purger(self, node: str, keep: Keep | None) -> Purger:
+        """How a room's members of `node` go: all of them (purge_members.lua), or with `keep` only the stale ones.
 
-    def _purge_user(self, node: str, user: str, cursor: str) -> Step:
-        return Step("purge_hash", (self.keys.online(user),), (node, cursor, STEP))
+        With `keep` (a re-registration: nothing else writes this node's
+        members meanwhile) each step reads a page of the node's members
+        (HSCAN) and member_remove.lua takes out those the node no longer
+        has, so users still here are neither announced as leaving nor, at
+        the re-add that follows, as joining.
+        """
+        if keep is None:
+            return (lambda room, cursor: self._changes.purge_members(room, node, cursor, STEP), _settled)
+
+        def scan(room: str, cursor: str) -> Step:
+            return Step("HSCAN", (self.keys.members(room),), (cursor, "MATCH", f"{node}:*", "COUNT", STEP))
+
+        def settle(room: str, reply: Any) -> tuple[str, list[Step]]:
+            cursor, found = reply
+            kept = keep.get(room, frozenset())
+            stale = [conn for conn in map(text, found) if conn not in kept]
+            return text(cursor), [self._changes.remove_members(room, stale)] if stale else []
+        return scan, settle
+
+    def _user_purger(self, node: str) -> Purger:
+        return (lambda user, cursor: Step("purge_hash", (self.keys.online(user),), (node, cursor, STEP)), _settled)
 
     async def _purge_index(self, node: str, mode: str, stamp: Callable[[], int], index: tuple[str, str],
-                           step_of: Callable[[str, str], Step], per_round: int) -> bool:
+                           purger: Purger, per_round: int) -> bool:
         """Delete `node`'s entries from the hash of every name in one of its indexes; False if it is alive.
 
         Each round: a guarded node-slot step (drops the names finished last
         round, hands out the next page of the index), then one pipelined
-        purge_members (a room: its leaves are announced there) or purge_hash
-        (a user) step per name in progress, each in its own slot. `index`: ("set", the node's rooms key) or ("hash", its
-        users key).
+        step per name in progress, each in its own slot (a room's through
+        purge_members.lua, which announces the leaves, or, resetting, a read
+        and the removal of what is stale; a user's through purge_hash.lua).
+        A name is done, and dropped from the index, only after its removals
+        ran. `index`: ("set", the node's rooms key) or ("hash", its users key).
         """
+        step_of, settle = purger
         kind, key = index
         active: dict[str, str] = {}  # name -> HSCAN cursor of its hash
         done: list[str] = []
@@ -447,24 +485,32 @@ class RedisMembershipStore:
             batch = list(active.items())
             replies = await self._checked([step_of(name, at) for name, at in batch]
                                           + self._renewal(node, mode, stamp))
-            done = []
-            for (name, _), reply_cursor in zip(batch, replies[:len(batch)], strict=True):
-                active[name] = text(reply_cursor)
+            done, removals = [], []
+            for (name, _), reply in zip(batch, replies[:len(batch)], strict=True):
+                active[name], more = settle(name, reply)
+                removals.extend(more)
                 if active[name] == "0":
                     del active[name]
                     done.append(name)
+            if removals:
+                await self._checked(removals)
 
-    async def _purge_removed(self, node: str) -> None:
-        """Clear this node's entries from the hashes of recently removed names (see reconcile), in bounded steps."""
+    async def _purge_removed(self, node: str, keep: Keep) -> None:
+        """Clear this node's stale entries from the hashes of recently removed names (see reconcile), in bounded
+        steps; `keep` spares the room members the node still has."""
+        purgers = {"room": self._room_purger(node, keep), "user": self._user_purger(node)}
         active = dict.fromkeys(self._removed, "0")
         while active:
             batch = list(active.items())[:ROOMS_PER_ROUND]
-            replies = await self._checked([(self._purge_room if kind == "room" else self._purge_user)(node, name, at)
-                                           for (kind, name), at in batch])
-            for (name_of, _), cursor in zip(batch, replies, strict=True):
-                active[name_of] = text(cursor)
+            replies = await self._checked([purgers[kind][0](name, at) for (kind, name), at in batch])
+            removals: list[Step] = []
+            for (name_of, _), reply in zip(batch, replies, strict=True):
+                active[name_of], more = purgers[name_of[0]][1](name_of[1], reply)
+                removals.extend(more)
                 if active[name_of] == "0":
                     del active[name_of]
+            if removals:
+                await self._checked(removals)
         self._sweep_removed = False
 
     def _renewal(self, node: str, mode: str, stamp: Callable[[], int]) -> list[Step]:
@@ -492,10 +538,14 @@ class RedisMembershipStore:
         await self._load_all_scripts()  # a new or restarted Redis: no pipelined step meets NOSCRIPT
         await self._call("register_begin", [k.node(node)], [stamp(), info])
         await self._deadline(self.redis.zadd(k.nodes, {node: stamp()}))
-        if await self._purge(node, "reset", 0) != 1:
+        keep: dict[str, set[str]] = {}
+        for conn, _, rooms in snapshot:
+            for room in rooms:
+                keep.setdefault(room, set()).add(conn)
+        if await self._purge(node, "reset", 0, keep) != 1:
             return -1
         if self._sweep_removed:
-            await self._purge_removed(node)
+            await self._purge_removed(node, keep)
         conns = [(conn, user) for conn, user, _ in snapshot]
         for start in range(0, len(conns), REGISTER_STEP):
             part = conns[start:start + REGISTER_STEP]

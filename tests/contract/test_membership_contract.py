@@ -85,6 +85,7 @@ class Events:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.table: list[tuple[str, str | None, frozenset[str]]] = []  # the node's local table (its snapshot)
         self.pubsub: Any = None
         self.client: Any = None
 
@@ -132,7 +133,7 @@ async def announcing(request: pytest.FixtureRequest, redis_server: RedisServer, 
         async with asyncio.timeout(5):
             while await events.pubsub.get_message(timeout=1.0) is None:
                 pass
-    await s.start(lambda: ())
+    await s.start(lambda: list(events.table))
     yield s, events
     await s.close()
     if events.client is not None:
@@ -202,3 +203,27 @@ async def test_a_swept_node_announces_the_leaves_of_its_users(
     assert await events.until(3) == [("join", "carol"), ("join", "alice"), ("leave", "carol")]
     assert (await store.presence("p")).users == {"alice": 1}
     await client.aclose()
+
+
+@pytest.mark.parametrize("announcing", ["redis", "redis-cluster"], indirect=True)  # only Redis re-registers
+async def test_a_re_registration_announces_only_real_changes(announcing: tuple[MembershipStore, Events]) -> None:
+    """After a failover or a failed write the node rewrites its entries: users still here are not announced as
+    leaving and joining again; a departure (or arrival) whose write was lost is announced then, once."""
+    store, events = announcing
+    assert isinstance(store, RedisMembershipStore)
+    for conn, user in (("n1:1", "alice"), ("n1:2", "bob")):
+        events.table.append((conn, user, frozenset({"p"})))
+        await store.add_connection(conn, user)
+        await store.add_member("p", conn, user)
+    assert await events.until(2) == [("join", "alice"), ("join", "bob")]
+    events.table = [events.table[0], ("n1:3", "carol", frozenset({"p"}))]  # bob left, carol came: both writes lost
+    store.reconcile()
+    await store.heartbeat()
+    assert await events.until(4) == [("join", "alice"), ("join", "bob"), ("leave", "bob"), ("join", "carol")]
+    assert (await store.presence("p")).users == {"alice": 1, "carol": 1}
+    store.reconcile()  # again, with nothing lost: nothing to announce
+    await store.heartbeat()
+    await store.add_member("p", "n1:1", "alice")  # a marker: nothing may come before it
+    await store.remove_connection("n1:3", "carol", ["p"])
+    assert await events.until(5) == [("join", "alice"), ("join", "bob"), ("leave", "bob"), ("join", "carol"),
+                                     ("leave", "carol")]
