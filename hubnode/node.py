@@ -556,7 +556,9 @@ class Node:
 
         Streams with history are read back from Redis and delivered by the
         node itself; only connections with a stream that has none (or could
-        not be recovered) are told to `resync` (PROTOCOL.md section 10).
+        not be recovered), or that is in a room announcing presence (its
+        events are never stored, so missed ones cannot be replayed), are
+        told to `resync` (PROTOCOL.md sections 10 and 12).
         Without history on this node, every connection is told. The node's
         membership entries are rewritten at the next heartbeat too: the loss
         may have been a failover that dropped writes not yet replicated.
@@ -568,8 +570,15 @@ class Node:
         if not self.config.history.enabled:
             self._resync_conns(list(self.conns))
             return
-        without = self.history.on_resync(self.table.channels())
+        channels = self.table.channels()
+        without = set(self.history.on_resync(channels))
+        # presence events are never stored: members of rooms that announce them may have missed some
+        without.update(channel for channel in channels if self._announced(channel))
         self._resync_conns({conn_id for channel in without for conn_id in self.table.subscribers(channel)})
+
+    def _announced(self, channel: str) -> bool:
+        parsed = self.keys.parse_channel(channel)
+        return parsed is not None and parsed[0] == "room" and self.config.announces(parsed[1])
 
     def _resync_conns(self, conn_ids: Any) -> None:
         frame = encode_message(Message("system_message", {"event": "resync"}).stamped())
@@ -605,6 +614,8 @@ class Node:
             self.counters.duplicates += 1
             return
         self.counters.control[command.op] += 1
+        if self.draining:
+            return  # every connection is being closed with 1001 anyway
         if command.user is not None:
             targets = [self.conns[c] for c in self.table.subscribers(self.keys.user_channel(command.user))
                        if c in self.conns]
@@ -621,8 +632,14 @@ class Node:
                 self._track(self._server_leave(conn, command.room or ""))
 
     async def _server_join(self, conn: Connection, room: str) -> None:
-        """A join the server decided: no token check, but the room limit; `joined` once it is routable."""
+        """A join the server decided: no token check, but the room limit; `joined` once it is routable.
+
+        A leave that lands while the join waits for Redis (the client's own,
+        or a server-side one) wins: no `joined` follows the `left`.
+        """
         def joined(data: dict[str, Any] | None) -> None:
+            if room not in self.table.rooms_of(conn.id):
+                return
             position = {k: v for k, v in (data or {}).items() if k in ("offset", "epoch")}
             conn.send(encode_message(Message("system_message", {"event": "joined", "room": room,
                                                                 **position}).stamped()))
@@ -630,6 +647,9 @@ class Node:
             error = await self.join(conn.id, room, None, joined)
         except ValueError:  # closed meanwhile
             return
+        except Exception:  # never lost in a task nobody awaits
+            log.warning("server-side join of %s to %s failed", conn.id, room, exc_info=True)
+            error = ErrorCode.UNAVAILABLE
         if error is not None:
             text = ("room limit per connection reached" if error is ErrorCode.TOO_MANY_ROOMS
                     else "broker unreachable: not joined")

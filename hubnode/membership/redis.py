@@ -79,7 +79,7 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.membership.base import Member, NodeInfo, Presence, SnapshotSource, Stats, StoreCounters
@@ -334,7 +334,7 @@ class RedisMembershipStore:
         """One atomic read (presence.lua); BrokerUnavailable when Redis cannot answer now."""
         try:
             return await self._query(inspect.presence(self.keys, room))
-        except (RedisError, TimeoutError, OSError) as exc:
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"presence cannot be read now: {type(exc).__name__}") from None
 
     async def nodes(self) -> list[NodeInfo]:

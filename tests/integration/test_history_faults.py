@@ -401,3 +401,30 @@ async def test_history_reads_survive_a_broken_pooled_connection(
         assert answer["type"] == "ack", f"join got {answer} with Redis up and /readyz 200"
     finally:
         node.stop()
+
+
+async def test_subscriber_killed_with_history_resyncs_only_presence_rooms(
+        own_redis: RedisServer, session: aiohttp.ClientSession) -> None:
+    """With history on, a lost subscriber recovers the streams, but presence events are never stored: members
+    of a room that announces them get resync (they may have missed a join or a leave), the others do not."""
+    node = NodeProcess("--redis-url", own_redis.url, "--node-id", "n1", "--heartbeat", str(HB),
+                       "--history-size", "100", "--presence-rooms", "live-*").start()
+    r = sync_redis(own_redis.url)
+    try:
+        watching = await Client.open(session, f"{node.ws_url}?user_id=watching")
+        quiet = await Client.open(session, f"{node.ws_url}?user_id=quiet")
+        await join_since(watching, "live-1")
+        await join_since(quiet, "plain")
+        old = await wait_until(lambda: subscriber_id(r, "n1"), timeout=5, what="n1's subscriber")
+        assert r.execute_command("CLIENT", "KILL", "ID", old) == 1
+        frame = await watching.recv_type("system_message", timeout=10)
+        assert frame["data"] == {"event": "resync"}
+        await wait_until(lambda: subscriber_id(r, "n1") not in (None, old), timeout=10, what="a new subscriber")
+        with Publisher(own_redis.url) as p:  # a marker: a resync for `quiet` would come before it
+            p.broadcast_to_room("plain", {"type": "after", "data": 1})
+        seen = [await quiet.recv(timeout=10)]
+        while seen[-1]["type"] != "after":
+            seen.append(await quiet.recv(timeout=10))
+        assert [f["type"] for f in seen] == ["after"], seen
+    finally:
+        node.stop()

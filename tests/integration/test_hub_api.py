@@ -7,8 +7,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hubnode import Node, mount
+from publisher.control import Command, pack_command
 from tests.conftest import node_config
-from tests.helpers import Client
+from tests.helpers import Client, RedisServer, wait_until
 
 
 async def test_mount_in_existing_app_and_hub_api(session: aiohttp.ClientSession) -> None:
@@ -87,5 +88,30 @@ async def test_embedded_node_presence_and_control(session: aiohttp.ClientSession
         await watcher.recv_type("system_message")
         assert (await watcher.ws.receive()).data == 4001
         assert await node.disconnect_user("nobody") == 0
+    finally:
+        await server.close()
+
+
+async def test_a_leave_that_overtakes_a_server_side_join_wins(
+        session: aiohttp.ClientSession, redis_server: RedisServer, prefix: str) -> None:
+    """A join and a leave of one room delivered back to back (the join still waiting for Redis): the
+    connection ends outside the room and is told `left`, never `joined` after it."""
+    app = web.Application()
+    node = Node(node_config(redis_url=redis_server.url, key_prefix=prefix))
+    mount(app, node, path="/ws")
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        alice = await Client.open(session, str(server.make_url("/ws")) + "?user_id=alice")
+        channel = node.keys.user_channel("alice")
+        for op in ("join", "leave"):
+            node.on_message(channel, pack_command(Command(op, user="alice", room="raced"), "pub:test")[1])  # type: ignore[arg-type]
+        await wait_until(lambda: not node._updates, timeout=5, what="the join and the leave to finish")
+        await alice.send({"type": "ping", "data": "marker", "id": "m"})
+        seen = [await alice.recv()]
+        while seen[-1]["type"] != "pong":
+            seen.append(await alice.recv())
+        assert [f["data"] for f in seen[:-1]] == [{"event": "left", "room": "raced"}], seen
+        assert "raced" not in node.rooms_of(alice.conn_id)
     finally:
         await server.close()
