@@ -361,21 +361,34 @@ async def test_event_logs_replayed_from_the_first_answer_equal_the_final_presenc
         assert not [e for e in log if e[1].startswith("st-obs-")], (who, log)
 
 
+async def doomed_node(session: aiohttp.ClientSession, cluster: Cluster, spare: Callable[..., NodeProcess],
+                      pub: Publisher, name: str, room: str, tag: str, other: int
+                      ) -> tuple[NodeProcess, list[Client], list[Client]]:
+    """A spare node `name` holding, in `room`: `<tag>-alice`'s only connection, one of `<tag>-bob`'s two (the
+    other on live node `other`) and an anonymous one; observers on every live node.
+
+    Returns (node, observers, [alice, bob, bob, anonymous]): the caller holds the clients, or they close.
+    """
+    victim = spare(name)
+    observers = [await connect(session, node, f"{tag}-obs-{i}") for i, node in enumerate(cluster.nodes)]
+    for observer in observers:
+        await observer.join(room)
+    alone = await connect(session, victim, f"{tag}-alice")
+    twice = [await connect(session, victim, f"{tag}-bob"), await connect(session, cluster.nodes[other], f"{tag}-bob")]
+    anon = await connect(session, victim)
+    for client in (alone, *twice, anon):
+        await client.join(room)
+    await flush(pub, room, observers)
+    return victim, observers, [alone, *twice, anon]
+
+
 async def test_kill_9_gives_exactly_one_leave_within_the_sweep_time(
         cluster: Cluster, pub: Publisher, spare: Callable[..., NodeProcess], session: aiohttp.ClientSession) -> None:
     """kill -9 of a node holding a user's only connection: observers on the other nodes get exactly one leave
     for that user within 4 heartbeats (+1.5 s), and none for a user who still has a connection on a live node."""
     room = "ev-kill"
-    victim = spare("k1")
-    observers = [await connect(session, node, f"kl-obs-{i}") for i, node in enumerate(cluster.nodes)]
-    for observer in observers:
-        await observer.join(room)
-    alone = await connect(session, victim, "kl-alice")
-    twice = [await connect(session, victim, "kl-bob"), await connect(session, cluster.nodes[0], "kl-bob")]
-    anon = await connect(session, victim)
-    for client in (alone, *twice, anon):
-        await client.join(room)
-    await flush(pub, room, observers)
+    # `held`: the clients on the nodes, kept open until the end
+    victim, observers, held = await doomed_node(session, cluster, spare, pub, "k1", room, "kl", other=0)
 
     victim.signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -395,16 +408,8 @@ async def test_drain_gives_the_leaves_exactly_once(
     """SIGTERM of a node (its clients closed 1001, then its entries removed): observers on the other nodes get
     exactly one leave for the user whose only connection it held, none for a user still connected elsewhere."""
     room = "ev-drain"
-    victim = spare("d1")
-    observers = [await connect(session, node, f"dr-obs-{i}") for i, node in enumerate(cluster.nodes)]
-    for observer in observers:
-        await observer.join(room)
-    alone = await connect(session, victim, "dr-alice")
-    twice = [await connect(session, victim, "dr-bob"), await connect(session, cluster.nodes[1], "dr-bob")]
-    anon = await connect(session, victim)
-    for client in (alone, *twice, anon):
-        await client.join(room)
-    await flush(pub, room, observers)
+    victim, observers, held = await doomed_node(session, cluster, spare, pub, "d1", room, "dr", other=1)
+    alone = held[0]
 
     victim.signal(signal.SIGTERM)
     assert await alone.closed_with(10) == 1001
