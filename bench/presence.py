@@ -111,7 +111,6 @@ NODES = 2
 ROOM = "presence-bench"
 STEP_TIMEOUT = 60.0  # one churn step (connect, join, leave) or one wait for a marker
 MODES = ("without", "with")
-PYCLIENT_SOCKETS = 100  # bench/pyclient.py's aiohttp.ClientSession: TCPConnector(limit=100) holds each open socket
 
 
 @dataclass(frozen=True)
@@ -760,8 +759,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="how a churn user leaves the room: leave_room then close (default), or close only")
     p.add_argument("--modes", default="without,with", help="comma-separated, from without, with")
     p.add_argument("--client", choices=("node", "python"), default="node",
-                   help="load client of the members: bench/client/load.js (default) or bench/pyclient.py "
-                        f"(at most {PYCLIENT_SOCKETS} sockets per process: aiohttp's default connection limit)")
+                   help="load client of the members: bench/client/load.js (default) or bench/pyclient.py")
     p.add_argument("--client-processes", type=int, default=2)
     p.add_argument("--timeout", type=float, default=120.0, help="longest connect of the members, s")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -774,11 +772,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
         p.error("--modes: expected some of without, with")
-    members = sizes_of(args).members
-    if args.client == "python" and members > PYCLIENT_SOCKETS * args.client_processes:
-        p.error(f"--client python holds at most {PYCLIENT_SOCKETS} sockets per process (its aiohttp session's "
-                f"default connection limit; more hang): {members} members need --client-processes "
-                f"{-(-members // PYCLIENT_SOCKETS)}")
     return args
 
 

@@ -101,7 +101,8 @@ class Fleet:
         self.hist[bucket] = self.hist.get(bucket, 0) + 1
 
     async def connect(self) -> None:
-        self.session = aiohttp.ClientSession()
+        # no connection limit: aiohttp's default (100) would hold every socket past the 100th forever
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         pending = iter(range(self.cfg["count"]))
         connect_ms: list[float] = []
         failed = 0
