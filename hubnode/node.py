@@ -93,6 +93,8 @@ class Node:
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self.store: MembershipStore = (store if store is not None else MemoryMembershipStore(
             self.id, address=address, version=__version__, announce=self._announce))
+        if isinstance(self.store, MemoryMembershipStore) and self.store.announce is None:
+            self.store.announce = self._announce  # an embedded store handed in announces like the default
         self.supervisor = Supervisor()
         self.table = RoutingTable(self.keys)
         self.conns: dict[str, Connection] = {}

@@ -30,7 +30,8 @@ class MemoryMembershipStore:
         self._clients = 0
         self._online: dict[str, int] = {}
         self._presence: dict[str, dict[str, int]] = {}  # room -> user -> connections in the room
-        self._announce = announce
+        self.announce = announce
+        """The node sets it when none was given (Node does, for the store it is handed)."""
 
     @property
     def counters(self) -> StoreCounters:
@@ -70,8 +71,8 @@ class MemoryMembershipStore:
         if user_id is not None:
             users = self._presence.setdefault(room, {})
             users[user_id] = users.get(user_id, 0) + 1
-            if users[user_id] == 1 and self._announce is not None:
-                await self._announce(room, "join", user_id)
+            if users[user_id] == 1 and self.announce is not None:
+                await self.announce(room, "join", user_id)
 
     async def remove_member(self, room: str, conn_id: str, user_id: str | None,
                             emptied: bool = False) -> None:
@@ -91,8 +92,8 @@ class MemoryMembershipStore:
             del users[user]
             if not users:
                 del self._presence[room]
-            if self._announce is not None:
-                await self._announce(room, "leave", user)
+            if self.announce is not None:
+                await self.announce(room, "leave", user)
 
     async def rooms(self) -> dict[str, int]:
         return {room: len(m) for room, m in self._members.items()}
