@@ -111,6 +111,7 @@ class Node:
         self._stopped = asyncio.Event()
         self._reconnects_seen = 0  # the broker's reconnect count when membership was last reconciled
         self._openings: dict[str, Opening] = {}  # admitted connections' user-stream reads, until attach
+        self._held: dict[str, list[Command]] = {}  # control commands for admitted connections, until attach
         self.history = StreamKeeper(self.broker, self.keys, self.config.history, fan_out=self._fan_out,
                                     frame_of=self._frame_of, resync=self._resync_conns, track=self._track,
                                     subscribers=self.table.subscribers)
@@ -321,12 +322,19 @@ class Node:
             if since is not None and conn.user_id is not None:
                 data["recovered"] = False  # the user's stream keeps no history on this node
             conn.send(encode_message(Message("connected", data).stamped()))
+            self._apply_held(conn)
             return
 
         def connected(position: dict[str, Any]) -> None:
             conn.send(encode_message(Message("connected", {**data, **position}).stamped()))
         # `connected`, then what the user's stream missed, then its live messages
         self.history.finish(opening, conn, connected, answer_first=True)
+        self._apply_held(conn)
+
+    def _apply_held(self, conn: Connection) -> None:
+        """Commands that arrived while the connection's handshake was under way act on it now it is live."""
+        for command in self._held.pop(conn.id, ()):
+            self._act(conn, command)
 
     def abandon(self, conn_id: str, user_id: str | None) -> None:
         """Give back an admitted connection that never became live (the upgrade failed)."""
@@ -336,6 +344,7 @@ class Node:
     def _release(self, conn_id: str, user_id: str | None, counted: bool) -> asyncio.Task[None] | None:
         """Take a connection out of the table and, if it was counted, out of the store (in a tracked task)."""
         change = self.table.remove(conn_id)
+        self._held.pop(conn_id, None)
         if self.config.history.enabled:  # catching-up state exists only with history
             self._openings.pop(conn_id, None)
             channels = [self.keys.room_channel(room) for room in change.rooms]
@@ -603,8 +612,10 @@ class Node:
     def _on_control(self, channel: str, env: Envelope) -> None:
         """A control command from Redis: act on the local connections it names, once per envelope id.
 
-        Only connections live when it arrives (their `connected` sent) are
-        affected: one that opens later is not, whatever its user.
+        The connections it finds here are affected: live ones at once, and
+        ones whose handshake is under way (admitted, not yet live) as soon as
+        they go live, so a ban cannot miss a tab that was connecting. A
+        connection that starts its handshake later is not affected.
         """
         try:
             command = command_of(env.control)
@@ -619,19 +630,24 @@ class Node:
         if self.draining:
             return  # every connection is being closed with 1001 anyway
         if command.user is not None:
-            targets = [self.conns[c] for c in self.table.subscribers(self.keys.user_channel(command.user))
-                       if c in self.conns]
+            found = list(self.table.subscribers(self.keys.user_channel(command.user)))
         else:
-            found = self.conns.get(command.conn or "")
-            targets = [found] if found is not None else []
-        log.info("control %s from %s: %d local connection(s)", command.op, env.origin, len(targets))
-        for conn in targets:
-            if command.op == "disconnect":
-                _disconnect(conn, command)
-            elif command.op == "join":
-                self._track(self._server_join(conn, command.room or ""))
-            else:
-                self._track(self._server_leave(conn, command.room or ""))
+            found = [command.conn] if command.conn is not None and command.conn in self.table else []
+        log.info("control %s from %s: %d local connection(s)", command.op, env.origin, len(found))
+        for conn_id in found:
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                self._act(conn, command)
+            else:  # admitted, not live yet
+                self._held.setdefault(conn_id, []).append(command)
+
+    def _act(self, conn: Connection, command: Command) -> None:
+        if command.op == "disconnect":
+            _disconnect(conn, command)
+        elif command.op == "join":
+            self._track(self._server_join(conn, command.room or ""))
+        else:
+            self._track(self._server_leave(conn, command.room or ""))
 
     async def _server_join(self, conn: Connection, room: str) -> None:
         """A join the server decided: no token check, but the room limit; `joined` once it is routable.

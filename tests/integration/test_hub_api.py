@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hubnode import Node, mount
+from hubnode.membership import MemoryMembershipStore
 from publisher.control import Command, pack_command
 from tests.conftest import node_config
 from tests.helpers import Client, RedisServer, wait_until
@@ -113,5 +116,45 @@ async def test_a_leave_that_overtakes_a_server_side_join_wins(
             seen.append(await alice.recv())
         assert [f["data"] for f in seen[:-1]] == [{"event": "left", "room": "raced"}], seen
         assert "raced" not in node.rooms_of(alice.conn_id)
+    finally:
+        await server.close()
+
+
+class GatedStore(MemoryMembershipStore):
+    """The embedded store, holding the handshakes of user "late" at the membership step until `gate` opens."""
+
+    def __init__(self) -> None:
+        super().__init__("n1")
+        self.gate, self.waiting = asyncio.Event(), asyncio.Event()
+
+    async def add_connection(self, conn_id: str, user_id: str | None, limit: int = 0) -> bool | None:
+        if user_id == "late":
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().add_connection(conn_id, user_id, limit)
+
+
+async def test_commands_reach_a_connection_whose_handshake_is_under_way(session: aiohttp.ClientSession) -> None:
+    """A ban issued while a tab of the user is connecting still closes that tab (4000) once it is live: a command
+    acts on every connection the node has when it arrives; a tab that connects after it is not touched."""
+    store = GatedStore()
+    app = web.Application()
+    node = Node(node_config(), store=store)
+    mount(app, node, path="/ws")
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        opening = asyncio.ensure_future(Client.open(session, str(server.make_url("/ws")) + "?user_id=late"))
+        await asyncio.wait_for(store.waiting.wait(), 5)
+        assert await node.disconnect_user("late", reason="banned") == 1
+        store.gate.set()
+        late = await asyncio.wait_for(opening, 5)
+        assert (await late.recv_type("system_message"))["data"] == {"event": "disconnect", "reason": "banned",
+                                                                      "reconnect": False}
+        closed = await late.ws.receive()
+        assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4000
+        after = await Client.open(session, str(server.make_url("/ws")) + "?user_id=late")
+        await after.send({"type": "ping", "data": 1, "id": "p"})
+        assert (await after.recv_type("pong"))["data"] == 1  # a connection opened after the command is not touched
     finally:
         await server.close()
