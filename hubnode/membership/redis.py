@@ -131,14 +131,17 @@ Job = Callable[[], Awaitable[Any]]
 Keep = Mapping[str, Collection[str]]
 """room -> the connections of this node that are in it (what a re-registration keeps)."""
 
-Purger = tuple[Callable[[str, str], Step], Callable[[str, Any], tuple[str, list[Step]]]]
+Purger = tuple[Callable[[str, str], Step], Callable[[str, Any], str], bool]
 """How the entries of one index's names go: (the step for a name at a cursor, its reply -> the next cursor
-('0': done) and the removals to run before the name is done)."""
+('0': done), whether a finished name leaves the index at once)."""
+
+Stale = dict[str, list[str]]
+"""room -> this node's members found there that its table no longer has (a re-registration's scan)."""
 
 
-def _settled(name: str, reply: Any) -> tuple[str, list[Step]]:
+def _settled(name: str, reply: Any) -> str:
     """A purge script's reply is its next cursor; it removed what it found itself."""
-    return text(reply), []
+    return text(reply)
 
 
 @dataclass(slots=True)
@@ -377,7 +380,8 @@ class RedisMembershipStore:
                         type(exc).__name__)
 
     # -- bounded multi-step work ---------------------------------------------------
-    async def _purge(self, node: str, mode: str, now: int, keep: Keep | None = None) -> int:
+    async def _purge(self, node: str, mode: str, now: int, keep: Keep | None = None,
+                     stale: Stale | None = None) -> int:
         """Remove `node`'s members, online entries and keys in bounded steps.
 
         mode 'sweep' (a dead node: every node-slot step re-checks that it is
@@ -386,9 +390,11 @@ class RedisMembershipStore:
         'reset' (before re-registering: every step renews this node's expiry).
         Returns 2 when this call removed a swept node from the registry, 1
         when the node's entries are gone, -1 when a swept node turned out to
-        be alive or a reset node was claimed. `keep` (a reset: room -> the
-        node's connections in it now) spares the members the node still
-        has, so a re-registration announces only real arrivals and departures.
+        be alive or a reset node was claimed. A reset (with `keep`: room ->
+        the node's connections in it now) deletes no member and keeps the
+        node's rooms index: it fills `stale` with the members the node no
+        longer has, which the re-registration removes after it rewrote the
+        others (see `_reregister`).
         """
         k = self.keys
 
@@ -401,7 +407,7 @@ class RedisMembershipStore:
             await self._call("registry", [k.nodes], ["claim", node, now])
         while True:
             for kind, index, purger, per_round in (
-                    ("set", k.node_rooms(node), self._room_purger(node, keep), ROOMS_PER_ROUND),
+                    ("set", k.node_rooms(node), self._room_purger(node, keep, stale), ROOMS_PER_ROUND),
                     ("hash", k.node_users(node), self._user_purger(node), USERS_PER_ROUND)):
                 if not await self._purge_index(node, mode, stamp, (kind, index), purger, per_round):
                     return -1
@@ -424,30 +430,27 @@ class RedisMembershipStore:
             return 1
         return 2 if await self._call("registry", [k.nodes], ["drop", node, now]) == 1 else 1
 
-    def _room_purger(self, node: str, keep: Keep | None) -> Purger:
-        """How a room's members of `node` go: all of them (purge_members.lua), or with `keep` only the stale ones.
-
-        With `keep` (a re-registration: nothing else writes this node's
-        members meanwhile) each step reads a page of the node's members
-        (HSCAN) and member_remove.lua takes out those the node no longer
-        has, so users still here are neither announced as leaving nor, at
-        the re-add that follows, as joining.
-        """
-        if keep is None:
-            return (lambda room, cursor: self._changes.purge_members(room, node, cursor, STEP), _settled)
+    def _room_purger(self, node: str, keep: Keep | None, stale: Stale | None) -> Purger:
+        """How a room's members of `node` go: all of them (purge_members.lua, announcing the leaves), or, with
+        `keep`, none yet: each step reads a page of the node's members (HSCAN) and notes in `stale` those the
+        node no longer has (every room it reads gets an entry), and the room stays in the node's index."""
+        if keep is None or stale is None:
+            return (lambda room, cursor: self._changes.purge_members(room, node, cursor, STEP), _settled, True)
+        kept, found_stale = keep, stale
 
         def scan(room: str, cursor: str) -> Step:
             return Step("HSCAN", (self.keys.members(room),), (cursor, "MATCH", f"{node}:*", "COUNT", STEP))
 
-        def settle(room: str, reply: Any) -> tuple[str, list[Step]]:
+        def settle(room: str, reply: Any) -> str:
             cursor, found = reply
-            kept = keep.get(room, frozenset())
-            stale = [conn for conn in map(text, found) if conn not in kept]
-            return text(cursor), [self._changes.remove_members(room, stale)] if stale else []
-        return scan, settle
+            mine = kept.get(room, frozenset())
+            found_stale.setdefault(room, []).extend(conn for conn in map(text, found) if conn not in mine)
+            return text(cursor)
+        return scan, settle, False
 
     def _user_purger(self, node: str) -> Purger:
-        return (lambda user, cursor: Step("purge_hash", (self.keys.online(user),), (node, cursor, STEP)), _settled)
+        return (lambda user, cursor: Step("purge_hash", (self.keys.online(user),), (node, cursor, STEP)),
+                _settled, True)
 
     async def _purge_index(self, node: str, mode: str, stamp: Callable[[], int], index: tuple[str, str],
                            purger: Purger, per_round: int) -> bool:
@@ -457,11 +460,12 @@ class RedisMembershipStore:
         round, hands out the next page of the index), then one pipelined
         step per name in progress, each in its own slot (a room's through
         purge_members.lua, which announces the leaves, or, resetting, a read
-        and the removal of what is stale; a user's through purge_hash.lua).
-        A name is done, and dropped from the index, only after its removals
-        ran. `index`: ("set", the node's rooms key) or ("hash", its users key).
+        of what is stale; a user's through purge_hash.lua). A finished name
+        is dropped from the index by the next guarded step, unless the
+        purger keeps names (a reset's rooms). `index`: ("set", the node's
+        rooms key) or ("hash", its users key).
         """
-        step_of, settle = purger
+        step_of, settle, drops = purger
         kind, key = index
         active: dict[str, str] = {}  # name -> HSCAN cursor of its hash
         done: list[str] = []
@@ -485,33 +489,26 @@ class RedisMembershipStore:
             batch = list(active.items())
             replies = await self._checked([step_of(name, at) for name, at in batch]
                                           + self._renewal(node, mode, stamp))
-            done, removals = [], []
+            done = []
             for (name, _), reply in zip(batch, replies[:len(batch)], strict=True):
-                active[name], more = settle(name, reply)
-                removals.extend(more)
+                active[name] = settle(name, reply)
                 if active[name] == "0":
                     del active[name]
-                    done.append(name)
-            if removals:
-                await self._checked(removals)
+                    if drops:
+                        done.append(name)
 
-    async def _purge_removed(self, node: str, keep: Keep) -> None:
-        """Clear this node's stale entries from the hashes of recently removed names (see reconcile), in bounded
-        steps; `keep` spares the room members the node still has."""
-        purgers = {"room": self._room_purger(node, keep), "user": self._user_purger(node)}
+    async def _purge_removed(self, node: str, keep: Keep, stale: Stale) -> None:
+        """Clear this node's entries from the online hashes of recently removed users, and note its stale members
+        of recently removed rooms in `stale` (see reconcile), in bounded steps."""
+        purgers = {"room": self._room_purger(node, keep, stale), "user": self._user_purger(node)}
         active = dict.fromkeys(self._removed, "0")
         while active:
             batch = list(active.items())[:ROOMS_PER_ROUND]
             replies = await self._checked([purgers[kind][0](name, at) for (kind, name), at in batch])
-            removals: list[Step] = []
             for (name_of, _), reply in zip(batch, replies, strict=True):
-                active[name_of], more = purgers[name_of[0]][1](name_of[1], reply)
-                removals.extend(more)
+                active[name_of] = purgers[name_of[0]][1](name_of[1], reply)
                 if active[name_of] == "0":
                     del active[name_of]
-            if removals:
-                await self._checked(removals)
-        self._sweep_removed = False
 
     def _renewal(self, node: str, mode: str, stamp: Callable[[], int]) -> list[Step]:
         """While this node re-registers, its `hub:nodes` score moves on with its expiry (for listings)."""
@@ -542,10 +539,16 @@ class RedisMembershipStore:
         for conn, _, rooms in snapshot:
             for room in rooms:
                 keep.setdefault(room, set()).add(conn)
-        if await self._purge(node, "reset", 0, keep) != 1:
+        stale: Stale = {}
+        if await self._purge(node, "reset", 0, keep, stale) != 1:
             return -1
         if self._sweep_removed:
-            await self._purge_removed(node, keep)
+            self._sweep_removed = False  # a reconcile asked from here on sets it again
+            try:
+                await self._purge_removed(node, keep, stale)
+            except BaseException:
+                self._sweep_removed = True  # the next re-registration does it again
+                raise
         conns = [(conn, user) for conn, user, _ in snapshot]
         for start in range(0, len(conns), REGISTER_STEP):
             part = conns[start:start + REGISTER_STEP]
@@ -571,6 +574,8 @@ class RedisMembershipStore:
                 return -1
             await self._checked([self._changes.add_members(room, pairs) for room, pairs in part_rooms]
                                 + self._renewal(node, "reset", stamp))
+        if await self._drop_stale(node, stale, keep, stamp) == -1:
+            return -1
         now = _now_ms()
         clients = int(await self._call("register_end", [k.node(node), k.node_conns(node)], [self._expiry(now), now]))
         if clients != len(snapshot):
@@ -579,6 +584,22 @@ class RedisMembershipStore:
             return -1
         await self._deadline(self.redis.zadd(k.nodes, {node: self._expiry(now)}))
         return clients
+
+    async def _drop_stale(self, node: str, stale: Stale, keep: Keep, stamp: Callable[[], int]) -> int:
+        """The end of a re-registration's member rewrite: remove the members the node no longer has (after
+        the others were re-added, so a user who is still here through another connection is not announced
+        leaving), then take out of the node's index the rooms where it has none left. -1: claimed meanwhile."""
+        removals = [self._changes.remove_members(room, conns[i:i + STEP])
+                    for room, conns in stale.items() for i in range(0, len(conns), STEP)]
+        for start in range(0, len(removals), ROOMS_PER_ROUND):
+            await self._checked(removals[start:start + ROOMS_PER_ROUND] + self._renewal(node, "reset", stamp))
+        gone = [room for room in stale if room not in keep]
+        for start in range(0, len(gone), REGISTER_STEP):
+            reply = await self._call("purge_next", [self.keys.node(node), self.keys.node_rooms(node)],
+                                     ["reset", stamp(), "set", "0", 0, *gone[start:start + REGISTER_STEP]])
+            if isinstance(reply, int):
+                return -1
+        return 1
 
     # -- the ordered writer --------------------------------------------------------
     async def _update(self, write: _Write) -> Any:

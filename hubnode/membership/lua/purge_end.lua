@@ -7,7 +7,9 @@
 -- one of several racing sweepers reports it).
 local mode, stamp = ARGV[1], ARGV[2]
 if not may_purge(KEYS[1], mode, stamp) then return -1 end
-if redis.call('SCARD', KEYS[2]) > 0 or redis.call('HLEN', KEYS[3]) > 0 then return 0 end
+-- A reset keeps the rooms index: the re-registration rewrites those rooms'
+-- members, then drops the rooms the node has none left in.
+if (mode ~= 'reset' and redis.call('SCARD', KEYS[2]) > 0) or redis.call('HLEN', KEYS[3]) > 0 then return 0 end
 redis.call('DEL', KEYS[4])  -- emptied by purge_conns already
 if mode == 'reset' then
   redis.call('HSET', KEYS[1], 'clients', 0)
