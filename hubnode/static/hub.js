@@ -278,7 +278,7 @@
       if (d.event === "reconnect") this._goingAway = true;
       else if (d.event === "disconnect") this._farewell = d;
       else if (d.event === "joined" && typeof d.room === "string") this._serverJoined(d);
-      else if (d.event === "left" && typeof d.room === "string") this._forget(d.room);
+      else if (d.event === "left" && typeof d.room === "string") this._serverLeft(d.room);
       else if (d.event === "resync") for (const room of this._presence.keys()) this._askPresence(room);
     }
 
@@ -288,6 +288,7 @@
     // joined itself keeps its own position: its messages may already be here.
     _serverJoined(d) {
       const room = d.room;
+      if (this._inFlight("leave_room", room)) return; // the app's leave reaches the node after this join
       if (!this.rooms.has(room)) {
         this.rooms.add(room);
         const s = this._streamOf(room);
@@ -297,6 +298,23 @@
         s.epoch = hasPosition ? d.epoch : null;
       }
       this._askPresence(room);
+    }
+
+    // The server took this connection out of a room. A join of it already on
+    // its way (a re-join after a reconnect, or the app's own) would put the
+    // connection back in once the node reads it: a leave sent after it, on
+    // the same connection, is read after it, so the server's decision holds.
+    _serverLeft(room) {
+      this._forget(room);
+      if (this._inFlight("join_room", room)) this._request("leave_room", room).catch(() => {});
+    }
+
+    // Whether a request of `type` for `room` was sent on this connection and is not answered yet.
+    _inFlight(type, room) {
+      for (const req of this._pending.values()) {
+        if (req.sent && req.type === type && req.data === room) return true;
+      }
+      return false;
     }
 
     // The connection is routable: re-join rooms, then send what waited.

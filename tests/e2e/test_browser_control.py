@@ -338,3 +338,86 @@ async def test_demo_offers_kick_only_with_api_access(redis_server: RedisServer, 
         if bob is not None:
             await bob.close()
         node.stop()
+
+
+# -- races between the server's decisions and the page's own frames ----------------------------
+
+class Gate:
+    """Routes a page's WebSockets through Playwright: once armed, the first page frame that matches, and
+    every frame after it, wait until `release()`, then go to the node in their order."""
+
+    def __init__(self) -> None:
+        self.match: Callable[[str], bool] | None = None
+        self.queue: list[str | bytes] = []
+        self.server: Any = None
+
+    def route(self, ws: Any) -> None:
+        self.server = ws.connect_to_server()
+        ws.on_message(self._from_page)
+
+    def _from_page(self, message: str | bytes) -> None:
+        if self.queue or (self.match is not None and isinstance(message, str) and self.match(message)):
+            self.queue.append(message)
+        else:
+            self.server.send(message)
+
+    def release(self) -> None:
+        self.match = None
+        queued, self.queue = self.queue, []
+        for message in queued:
+            self.server.send(message)
+
+
+async def gated_page(open_page: Opener, node: NodeProcess, user: str, gate: Gate, join: str | None = None) -> Page:
+    """controlled_page, with the page's WebSockets going through `gate`."""
+    page = await open_page(f"{node.url}/healthz")
+    await page.route_web_socket("**/ws*", gate.route)
+    script = (CONTROLLED.replace("URLS", json.dumps([node.ws_url])).replace("USER", user)
+              .replace("MIN_DELAY", str(MIN_DELAY)).replace("MAX_DELAY", str(MAX_DELAY)))
+    if join:
+        script += f'hub.join("{join}").then(() => log.push("joined by me"));\n'
+    await page.set_content(client_page(script, False))
+    await (logged(page, "joined by me") if join else
+           page.wait_for_function("() => hub.connected", timeout=TIMEOUT_MS))
+    return page
+
+
+async def members_of(session: aiohttp.ClientSession, node: NodeProcess, room: str) -> list[Any]:
+    return list((await api(session, node, "GET", f"/api/rooms/{room}"))["members"])
+
+
+async def test_hub_js_ignores_a_joined_that_its_own_leave_overtakes(
+        nodes: dict[str, NodeProcess], open_page: Opener, session: aiohttp.ClientSession) -> None:
+    """The app leaves R while the server joins the user to it: the node sends `joined R` before it reads the
+    page's leave_room. hub.js must not put R back in its rejoin set (the leave wins on the node)."""
+    a, gate = nodes["a"], Gate()
+    page = await gated_page(open_page, a, "sj", gate, join="r1")
+    gate.match = lambda frame: '"leave_room"' in frame
+    await page.evaluate("hub.leave('r1').then(() => log.push('left by me')); null")
+    await wait_until(lambda: bool(gate.queue), timeout=5, what="the page's leave_room to be held")
+    await api(session, a, "PUT", "/api/users/sj/rooms/r1")
+    await logged(page, "joined r1 0")  # r1 keeps history: the joined carries its offset
+    gate.release()
+    await logged(page, "left by me")
+    assert await members_of(session, a, "r1") == []
+    assert "r1" not in await page.evaluate("[...hub.rooms]")
+
+
+async def test_hub_js_upholds_a_server_side_leave_that_overtakes_its_join(
+        nodes: dict[str, NodeProcess], open_page: Opener, session: aiohttp.ClientSession) -> None:
+    """The server takes the user out of R while the page's join_room of R is on its way: the node answers
+    `left R` first and joins R when it reads the join. hub.js then sends leave_room, so R stays left."""
+    a, gate = nodes["a"], Gate()
+    page = await gated_page(open_page, a, "sl", gate)
+    gate.match = lambda frame: '"join_room"' in frame
+    await page.evaluate("hub.join('r2').then(() => log.push('joined by me')); null")
+    await wait_until(lambda: bool(gate.queue), timeout=5, what="the page's join_room to be held")
+    await api(session, a, "DELETE", "/api/users/sl/rooms/r2")
+    await logged(page, "left r2")
+    gate.release()
+    await logged(page, "joined by me")
+
+    async def left_again() -> bool:
+        return await members_of(session, a, "r2") == []
+    await wait_until(left_again, timeout=5, what="the page's leave_room after its join")
+    assert "r2" not in await page.evaluate("[...hub.rooms]")
