@@ -368,9 +368,14 @@
         p.users = new Map(Object.entries(answer.users));
         p.anonymous = answer.anonymous;
         this._presenceSettled(room, p);
-      }, () => {
-        // Disconnected, left, unavailable...: the next join ack or resync asks again.
-        if (current()) this._presenceSettled(room, p);
+      }, (err) => {
+        if (!current()) return;
+        this._presenceSettled(room, p);
+        // Disconnected or left: the next join ack asks again. Anything else (unavailable, a timeout
+        // while connected) would leave the list unknown until a resync: ask again in a while.
+        if (this._open && this.rooms.has(room) && !["disconnected", "closed", "left", "not_in_room"].includes(err.code)) {
+          setTimeout(() => { if (current()) this._askPresence(room); }, this.options.minDelay);
+        }
       });
     }
 
