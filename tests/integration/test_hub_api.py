@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -50,15 +52,23 @@ async def test_mount_in_existing_app_and_hub_api(session: aiohttp.ClientSession)
         await server.close()
 
 
-async def test_embedded_node_presence_and_control(session: aiohttp.ClientSession) -> None:
-    """Without Redis (the embedded default): presence events and answers, and every control command."""
+@contextlib.asynccontextmanager
+async def mounted(node: Node) -> AsyncIterator[str]:
+    """`node` mounted at /ws of a fresh aiohttp app on a free loopback port; yields the WebSocket URL."""
     app = web.Application()
-    node = Node(node_config(presence_rooms=("chat-*",), max_rooms_per_conn=2))
     mount(app, node, path="/ws")
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:
-        url = str(server.make_url("/ws"))
+        yield str(server.make_url("/ws"))
+    finally:
+        await server.close()
+
+
+async def test_embedded_node_presence_and_control(session: aiohttp.ClientSession) -> None:
+    """Without Redis (the embedded default): presence events and answers, and every control command."""
+    node = Node(node_config(presence_rooms=("chat-*",), max_rooms_per_conn=2))
+    async with mounted(node) as url:
         watcher = await Client.open(session, url + "?user_id=watcher")
         await watcher.join("chat-1")
         alice = await Client.open(session, url + "?user_id=alice")
@@ -91,21 +101,15 @@ async def test_embedded_node_presence_and_control(session: aiohttp.ClientSession
         await watcher.recv_type("system_message")
         assert (await watcher.ws.receive()).data == 4001
         assert await node.disconnect_user("nobody") == 0
-    finally:
-        await server.close()
 
 
 async def test_a_leave_that_overtakes_a_server_side_join_wins(
         session: aiohttp.ClientSession, redis_server: RedisServer, prefix: str) -> None:
     """A join and a leave of one room delivered back to back (the join still waiting for Redis): the
     connection ends outside the room and is told `left`, never `joined` after it."""
-    app = web.Application()
     node = Node(node_config(redis_url=redis_server.url, key_prefix=prefix))
-    mount(app, node, path="/ws")
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        alice = await Client.open(session, str(server.make_url("/ws")) + "?user_id=alice")
+    async with mounted(node) as url:
+        alice = await Client.open(session, url + "?user_id=alice")
         channel = node.keys.user_channel("alice")
         for op in ("join", "leave"):
             node.on_message(channel, pack_command(Command(op, user="alice", room="raced"), "pub:test")[1])  # type: ignore[arg-type]
@@ -116,8 +120,6 @@ async def test_a_leave_that_overtakes_a_server_side_join_wins(
             seen.append(await alice.recv())
         assert [f["data"] for f in seen[:-1]] == [{"event": "left", "room": "raced"}], seen
         assert "raced" not in node.rooms_of(alice.conn_id)
-    finally:
-        await server.close()
 
 
 class GatedStore(MemoryMembershipStore):
@@ -138,13 +140,9 @@ async def test_commands_reach_a_connection_whose_handshake_is_under_way(session:
     """A ban issued while a tab of the user is connecting still closes that tab (4000) once it is live: a command
     acts on every connection the node has when it arrives; a tab that connects after it is not touched."""
     store = GatedStore()
-    app = web.Application()
     node = Node(node_config(), store=store)
-    mount(app, node, path="/ws")
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        opening = asyncio.ensure_future(Client.open(session, str(server.make_url("/ws")) + "?user_id=late"))
+    async with mounted(node) as url:
+        opening = asyncio.ensure_future(Client.open(session, url + "?user_id=late"))
         await asyncio.wait_for(store.waiting.wait(), 5)
         assert await node.disconnect_user("late", reason="banned") == 1
         store.gate.set()
@@ -153,8 +151,6 @@ async def test_commands_reach_a_connection_whose_handshake_is_under_way(session:
                                                                       "reconnect": False}
         closed = await late.ws.receive()
         assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4000
-        after = await Client.open(session, str(server.make_url("/ws")) + "?user_id=late")
+        after = await Client.open(session, url + "?user_id=late")
         await after.send({"type": "ping", "data": 1, "id": "p"})
         assert (await after.recv_type("pong"))["data"] == 1  # a connection opened after the command is not touched
-    finally:
-        await server.close()
