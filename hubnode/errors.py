@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-__all__ = ["CloseCode", "ErrorCode"]
+__all__ = ["JOIN_ERRORS", "CloseCode", "ErrorCode"]
 
 
 class ErrorCode(StrEnum):
@@ -36,3 +36,10 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # slow consumer: reconnect with backoff
     DISCONNECTED = 4000  # disconnected by the server (section 13): do not reconnect
     DISCONNECTED_RECONNECT = 4001  # disconnected by the server, may reconnect (e.g. to another node)
+
+
+JOIN_ERRORS = {
+    ErrorCode.TOO_MANY_ROOMS: "room limit per connection reached",
+    ErrorCode.UNAVAILABLE: "broker unreachable: not joined",
+}
+"""Why a join was refused: a client's join_room and a server-side join say the same."""

@@ -63,16 +63,29 @@ def with_api_key(handler: Handler) -> Handler:
     return guarded
 
 
-async def post_broadcast(request: web.Request) -> web.Response:
-    node = _node(request)
+async def _json_body(request: web.Request, empty: Any = None) -> Any:
+    """The parsed JSON body of a POST, or the error to answer (`empty`: what a blank body means, else invalid).
+
+    JSON only: a web page cannot send application/json cross-origin without
+    a CORS preflight this API never grants, so no browser can forge a
+    broadcast or a control command with a form.
+    """
     if request.content_type != "application/json":
-        # a web page cannot send application/json cross-origin without a CORS
-        # preflight this API never grants: no forged broadcasts from browsers
         return _error(415, "bad_message", "Content-Type must be application/json")
+    body = await request.read()
+    if empty is not None and not body.strip():
+        return empty
     try:
-        raw = orjson.loads(await request.read())
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return _error(400, "bad_json", "body is not valid JSON")
+
+
+async def post_broadcast(request: web.Request) -> web.Response:
+    node = _node(request)
+    raw = await _json_body(request)
+    if isinstance(raw, web.Response):
+        return raw
     try:
         target, msg = posted_message(raw)
     except MessageError as exc:
@@ -135,13 +148,9 @@ async def post_connection_disconnect(request: web.Request) -> web.Response:
 
 async def _disconnect(request: web.Request, user: str | None = None, conn: str | None = None) -> web.Response:
     """Body `{"reason": str, "reconnect": bool}`, both optional; JSON only, like /broadcast (no forged form posts)."""
-    if request.content_type != "application/json":
-        return _error(415, "bad_message", "Content-Type must be application/json")
-    body = await request.read()
-    try:
-        raw = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        return _error(400, "bad_json", "body is not valid JSON")
+    raw = await _json_body(request, empty={})
+    if isinstance(raw, web.Response):
+        return raw
     if not isinstance(raw, dict):
         return _error(400, "bad_message", 'body must be {"reason": str, "reconnect": bool}')
     unknown = sorted(set(raw) - {"reason", "reconnect"})

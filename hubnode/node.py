@@ -26,7 +26,7 @@ from hubnode.config import Config
 from hubnode.connection import Connection
 from hubnode.counters import MetricsSource, MetricsStore, NodeCounters
 from hubnode.dedup import RecentIds
-from hubnode.errors import CloseCode, ErrorCode
+from hubnode.errors import JOIN_ERRORS, CloseCode, ErrorCode
 from hubnode.history import Opening, StreamKeeper
 from hubnode.membership.base import Member, MembershipStore, NodeInfo, Presence, Stats
 from hubnode.membership.memory import MemoryMembershipStore
@@ -669,9 +669,7 @@ class Node:
             log.warning("server-side join of %s to %s failed", conn.id, room, exc_info=True)
             error = ErrorCode.UNAVAILABLE
         if error is not None:
-            text = ("room limit per connection reached" if error is ErrorCode.TOO_MANY_ROOMS
-                    else "broker unreachable: not joined")
-            conn.send(encode_error(error, f"server-side join of {room!r} refused: {text}", room=room))
+            conn.send(encode_error(error, f"server-side join of {room!r} refused: {JOIN_ERRORS[error]}", room=room))
 
     async def _server_leave(self, conn: Connection, room: str) -> None:
         await self.leave(conn.id, room)

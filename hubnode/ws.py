@@ -18,7 +18,7 @@ from hubnode.appkey import NODE
 from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.connection import Connection
-from hubnode.errors import CloseCode, ErrorCode
+from hubnode.errors import JOIN_ERRORS, CloseCode, ErrorCode
 from hubnode.node import Node, NodeDraining, Refused, reconnect_frame
 from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
 from hubnode.protocol import (
@@ -207,7 +207,7 @@ async def _join(node: Node, conn: Connection, frame: JoinRoom) -> Outcome:
         if fid is not None:
             conn.send(encode_ack(fid, data))
     code = await node.join(conn.id, frame.room, frame.since, ack)
-    return None if code is None else (code, _JOIN_ERRORS[code])
+    return None if code is None else (code, JOIN_ERRORS[code])
 
 
 async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
@@ -246,9 +246,4 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
 _FRAME_TYPES: dict[type, str] = {
     JoinRoom: "join_room", LeaveRoom: "leave_room", Broadcast: "broadcast",
     RoomMessage: "room_message", PrivateMessage: "private_message", Ping: "ping", PresenceQuery: "presence",
-}
-
-_JOIN_ERRORS = {
-    ErrorCode.TOO_MANY_ROOMS: "room limit per connection reached",
-    ErrorCode.UNAVAILABLE: "broker unreachable: not joined",
 }

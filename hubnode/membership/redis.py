@@ -83,7 +83,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from hubnode.broker.base import BrokerUnavailable
 from hubnode.membership.base import Member, NodeInfo, Presence, SnapshotSource, Stats, StoreCounters
-from hubnode.membership.changes import REFUSED, Change, Changes, Plan, Step, groups, one_slot
+from hubnode.membership.changes import REFUSED, Change, Changes, Plan, Step, groups, no_events, one_slot
 from hubnode.supervisor import Supervisor
 from publisher import inspect
 from publisher.envelope import new_message_id
@@ -315,7 +315,7 @@ class RedisMembershipStore:
     def _event_args(self, room: str) -> tuple[Any, ...]:
         """The event arguments of a step that writes `room`'s members (common.lua): one id base per step."""
         if not self._announces(room):
-            return ("0", "", self._sharded, "", "", 0, room)
+            return no_events(room)
         return ("1", self.keys.room_channel(room), self._sharded, self.node_id, new_message_id(),
                 int(time.time()), room)
 
