@@ -26,7 +26,7 @@ from publisher.usage import OneLineParser
 
 __all__ = ["Config", "ConfigError", "parse_args"]
 
-_BOOLS = {"allow_anonymous", "client_broadcast", "client_private", "history_users"}
+_BOOLS = {"allow_anonymous", "client_broadcast", "client_private", "history_users", "compression"}
 _METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "ID", "key_prefix": "PREFIX",
              "auth": "none|jwt", "allowed_origins": "ORIGINS", "api_key": "KEYS", "jwt_secret": "SECRET",
              "jwt_public_key": "FILE", "redis_ca": "FILE", "redis_cert": "FILE", "redis_key": "FILE",
@@ -69,6 +69,8 @@ class Config:
     client_private: bool = True
     max_message_bytes: int = 65536
     max_outbound_bytes: int = 4 * 1024 * 1024
+    compression: bool = True
+    compress_min_bytes: int = 512
     max_rooms_per_conn: int = 100
     max_connections: int = 10000
     max_connections_per_user: int = 32
@@ -179,6 +181,8 @@ _HELP = {
     "client_private": "let clients send 'private_message' frames",
     "max_message_bytes": "largest client frame; larger closes with 1009",
     "max_outbound_bytes": "per-connection send buffer; past it the client is closed 1013",
+    "compression": "accept permessage-deflate when a client offers it (--no-compression turns it off)",
+    "compress_min_bytes": "messages smaller than this go uncompressed even to clients that negotiated deflate",
     "max_rooms_per_conn": "rooms one connection may join",
     "max_connections": "connections this node accepts (0 = unlimited); over it: 503",
     "max_connections_per_user": "connections one user may hold cluster-wide (0 = unlimited); newest refused",
@@ -221,6 +225,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
             parser.add_argument(flag, nargs="?", const="on", default=None, metavar="on|off", help=_HELP[f.name])
         else:
             parser.add_argument(flag, default=None, metavar=_METAVARS.get(f.name, "N"), help=_HELP[f.name])
+    parser.add_argument("--no-compression", dest="compression", action="store_const", const="off",
+                        help="never negotiate permessage-deflate")
     parser.add_argument("--no-history-users", dest="history_users", action="store_const", const="off",
                         help="user streams keep no history")
     ns = parser.parse_args(argv)

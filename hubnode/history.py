@@ -20,6 +20,7 @@ from typing import Any
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.connection import Connection
 from hubnode.errors import CloseCode
+from hubnode.frames import Frame
 from hubnode.protocol import Since
 from hubnode.streams import Item, Position, Streams, Verdict, contiguous, merge
 from publisher.envelope import Envelope
@@ -55,7 +56,7 @@ class Opening:
 
 
 Fanout = Callable[[str, Envelope], None]
-FrameOf = Callable[[str, Envelope], "bytes | None"]
+FrameOf = Callable[[str, Envelope], "Frame | None"]
 Resync = Callable[[Iterable[str]], None]
 Track = Callable[[Any], "asyncio.Task[None]"]
 

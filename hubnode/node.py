@@ -23,10 +23,11 @@ from hubnode.auth import Authenticate, Authorize, Identity, builtin_authenticate
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
-from hubnode.connection import Connection
+from hubnode.connection import Connection, Flusher
 from hubnode.counters import MetricsSource, MetricsStore, NodeCounters
 from hubnode.dedup import RecentIds
 from hubnode.errors import JOIN_ERRORS, CloseCode, ErrorCode
+from hubnode.frames import Frame
 from hubnode.history import Opening, StreamKeeper
 from hubnode.membership.base import Member, MembershipStore, NodeInfo, Presence, Stats
 from hubnode.membership.memory import MemoryMembershipStore
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every socket
 
 
-def reconnect_frame() -> bytes:
+def reconnect_frame() -> Frame:
     """PROTOCOL.md section 8's notice before close 1001: a Message like any other, so it has its timestamp."""
     return encode_message(Message("system_message", {"event": "reconnect"}).stamped())
 
@@ -107,6 +108,7 @@ class Node:
                                    pinned=(self._all, self._own), supervisor=self.supervisor)
         self._recent = RecentIds(self.config.dedup_window)
         self._seq = itertools.count(1)
+        self.flusher = Flusher()  # one write per socket per loop iteration (write coalescing)
         self._updates: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._reconnects_seen = 0  # the broker's reconnect count when membership was last reconciled
@@ -243,17 +245,16 @@ class Node:
         never pinged needlessly and the loop does no per-socket awaiting.
         """
         interval, timeout = self.config.ping_interval, self.config.ping_timeout
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(interval, timeout) / 2)
-            now = loop.time()
+            now = time.monotonic()  # the clock of Connection.last_seen
             for conn in list(self.conns.values()):
                 if now - conn.last_seen > interval + timeout:
                     log.info("closing %s: no answer to ping for %.0fs", conn.id, now - conn.last_seen)
                     conn.abort()
                 elif now - conn.last_seen >= interval and now - conn.last_ping >= interval:
                     conn.last_ping = now
-                    conn.send(PING_FRAME)
+                    conn.send_raw(PING_FRAME)
 
     # -- connections ---------------------------------------------------------
     def next_conn_id(self) -> str:
@@ -358,19 +359,23 @@ class Node:
         return None
 
     async def disconnect(self, conn: Connection) -> None:
+        """Forget a closed connection and wait for its store update."""
+        update = self.lost(conn)
+        if update is not None:
+            await asyncio.shield(update)
+
+    def lost(self, conn: Connection) -> asyncio.Task[None] | None:
         """Forget a closed connection: it leaves all rooms, here and in the store.
 
         The local tables change at once; the store update runs in a task of its
-        own, so a handler cancelled by aiohttp (peer gone) cannot lose it.
+        own (returned), which a drain waits for.
         """
         if conn.id not in self.conns:
-            return
+            return None
         if conn.slow:
             self.counters.slow_closes += 1
         self.conns.pop(conn.id, None)
-        update = self._release(conn.id, conn.user_id, True)
-        if update is not None:
-            await asyncio.shield(update)
+        return self._release(conn.id, conn.user_id, True)
 
     def _track(self, coro: Any) -> asyncio.Task[None]:
         """Run a store update in a task of its own: a cancelled handler cannot lose it, a drain waits for it."""
@@ -513,7 +518,7 @@ class Node:
         if position is not None and self.history.streams.tracked(channel):
             self.history.on_live(channel, position[0], position[1], None)
 
-    def _frame_of(self, channel: str, env: Envelope) -> bytes | None:
+    def _frame_of(self, channel: str, env: Envelope) -> Frame | None:
         """The client frame of an envelope; None when it cannot be written as JSON."""
         msg = env.msg
         if msg.room is None and channel != self._all:
@@ -558,7 +563,7 @@ class Node:
                             and target.send(frame)):
                         sent += 1
         self.counters.delivered += sent
-        self.counters.bytes_out += sent * len(frame)
+        self.counters.bytes_out += sent * len(frame.text)  # the JSON size: other forms are built only if asked
         if sent and env.ts is not None and self.latency_observer is not None:
             self.latency_observer(max(0.0, time.time() - env.ts))
 

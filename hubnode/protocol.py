@@ -1,22 +1,24 @@
 """Client frames: parsing, validation and encoding (PROTOCOL.md sections 2-4).
 
-Pure: no I/O. `parse_frame` turns the text of one WebSocket frame into a typed
-frame or a `ProtocolError` value; the encoders produce the exact bytes of a
-server WebSocket frame, so the node can build a message once and write the same
-bytes to every target socket (server frames are unmasked and uncompressed,
-hence identical for every connection).
+Pure: no I/O. `parse_frame` (JSON text) and `parse_packed` (msgpack binary)
+turn one WebSocket frame into a typed frame or a `ProtocolError` value; the
+encoders produce a `hubnode.frames.Frame`, so the node builds a message once
+and every target socket gets the same bytes of its wire form (server frames
+are unmasked, and compressed without context, hence identical for every
+connection of one form).
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import orjson
 
 from hubnode.errors import ErrorCode
+from hubnode.frames import Frame, text_frame
 from publisher.history import client_view
 from publisher.message import Message
 from publisher.names import check_name
@@ -25,7 +27,7 @@ __all__ = [
     "unavailable_message",
     "Broadcast", "ClientFrame", "JoinRoom", "LeaveRoom", "Ping", "PresenceQuery", "PrivateMessage",
     "ProtocolError", "RoomMessage", "Since", "encodable", "encode_ack", "encode_error", "encode_message",
-    "encode_positioned", "encode_presence", "parse_frame", "since_of", "since_param", "text_frame",
+    "encode_positioned", "encode_presence", "parse_frame", "parse_packed", "since_of", "since_param", "text_frame",
 ]
 
 FrameId = int | str | None
@@ -106,6 +108,30 @@ def parse_frame(text: str | bytes) -> ClientFrame | ProtocolError:
         return ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON")
     if not isinstance(raw, dict):
         return ProtocolError(ErrorCode.BAD_JSON, "frame must be a JSON object")
+    return _parse_object(raw)
+
+
+def parse_packed(data: bytes) -> ClientFrame | ProtocolError:
+    """Parse one binary frame of the `hubnode.msgpack` subprotocol (PROTOCOL.md section 14); never raises.
+
+    The same map as the JSON protocol; values JSON cannot carry (bytes,
+    non-string keys) are refused, because the message travels on as JSON.
+    """
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several types for malformed or truncated input
+        return ProtocolError(ErrorCode.BAD_JSON, "frame is not valid msgpack")
+    if not isinstance(raw, dict):
+        return ProtocolError(ErrorCode.BAD_JSON, "frame must be a msgpack map")
+    if not encodable(raw):
+        fid = raw.get("id")
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "frame holds values JSON cannot carry "
+                             "(bytes, non-string keys, or nesting too deep)",
+                             fid if isinstance(fid, int | str) and not isinstance(fid, bool) else None)
+    return _parse_object(raw)
+
+
+def _parse_object(raw: dict[Any, Any]) -> ClientFrame | ProtocolError:
     fid = raw.get("id")
     if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int | str)):
         return ProtocolError(ErrorCode.BAD_MESSAGE, "'id' must be an integer or a string")
@@ -223,37 +249,22 @@ _PARSERS: dict[str, Callable[[Any, FrameId], ClientFrame | ProtocolError]] = {
 
 # -- encoding ----------------------------------------------------------------
 
-_LEN1 = struct.Struct("!BB").pack
-_LEN2 = struct.Struct("!BBH").pack
-_LEN3 = struct.Struct("!BBQ").pack
+def encode_message(msg: Message) -> Frame:
+    """The frame of a message, built once and shared by all targets."""
+    return Frame(orjson.dumps(msg.to_wire()))
 
 
-def text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked, final WebSocket text frame carrying `payload`."""
-    n = len(payload)
-    if n < 126:
-        return _LEN1(0x81, n) + payload
-    if n < 65536:
-        return _LEN2(0x81, 126, n) + payload
-    return _LEN3(0x81, 127, n) + payload
-
-
-def encode_message(msg: Message) -> bytes:
-    """The WebSocket frame of a message, built once and shared by all targets."""
-    return text_frame(orjson.dumps(msg.to_wire()))
-
-
-def encode_positioned(msg: Message, offset: int, epoch: str) -> bytes:
+def encode_positioned(msg: Message, offset: int, epoch: str) -> Frame:
     """The frame of a message of a stream with history: its `offset` and `epoch` at top level."""
-    return text_frame(orjson.dumps(client_view(msg, offset, epoch)))
+    return Frame(orjson.dumps(client_view(msg, offset, epoch)))
 
 
-def encode_presence(room: str, users: dict[str, int], anonymous: int, fid: FrameId = None) -> bytes:
+def encode_presence(room: str, users: dict[str, int], anonymous: int, fid: FrameId = None) -> Frame:
     """The answer to a presence query (it is the answer: no separate ack)."""
     out: dict[str, Any] = {"type": "presence", "room": room, "data": {"users": users, "anonymous": anonymous}}
     if fid is not None:
         out["id"] = fid
-    return text_frame(orjson.dumps(out))
+    return Frame(orjson.dumps(out))
 
 
 def unavailable_message(maybe_published: bool) -> str:
@@ -268,14 +279,14 @@ def unavailable_message(maybe_published: bool) -> str:
     return "broker unreachable: nothing was published"
 
 
-def encode_ack(fid: int | str, data: Any = None) -> bytes:
+def encode_ack(fid: int | str, data: Any = None) -> Frame:
     """An ack; a join of a room with history carries the stream's position in `data`."""
     if data is None:
-        return text_frame(orjson.dumps({"type": "ack", "id": fid}))
-    return text_frame(orjson.dumps({"type": "ack", "id": fid, "data": data}))
+        return Frame(orjson.dumps({"type": "ack", "id": fid}))
+    return Frame(orjson.dumps({"type": "ack", "id": fid, "data": data}))
 
 
-def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str | None = None) -> bytes:
+def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str | None = None) -> Frame:
     """An error frame; `room` names the room of a refused server-side join (it answers no client frame)."""
     data: dict[str, Any] = {"code": code.value, "message": message}
     if room is not None:
@@ -283,4 +294,4 @@ def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str |
     out: dict[str, Any] = {"type": "error", "data": data}
     if fid is not None:
         out["id"] = fid
-    return text_frame(orjson.dumps(out))
+    return Frame(orjson.dumps(out))

@@ -319,6 +319,8 @@ RULES: dict[str, Rule] = {
     "client_private": Rule(to_bool, boolean),
     "max_message_bytes": Rule(integer, _POSITIVE_BYTES),
     "max_outbound_bytes": Rule(integer, _POSITIVE_BYTES),
+    "compression": Rule(to_bool, boolean),
+    "compress_min_bytes": Rule(integer, _NON_NEGATIVE),
     "max_rooms_per_conn": Rule(integer, whole(1)),
     "max_connections": Rule(integer, whole(0, meaning="0 = unlimited")),
     "max_connections_per_user": Rule(integer, whole(0, meaning="0 = unlimited")),

@@ -1,4 +1,4 @@
-"""The WebSocket endpoint: handshake checks, one reader task per connection, dispatch.
+"""The WebSocket endpoint: handshake checks, taking the socket over from aiohttp, dispatch.
 
 Handshake refusals are HTTP errors before the upgrade, never a silent close
 (PROTOCOL.md section 1). After the upgrade, bad input is answered with an
@@ -8,17 +8,20 @@ Handshake refusals are HTTP errors before the upgrade, never a silent close
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import weakref
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from hubnode.appkey import NODE
 from hubnode.auth import AuthError, Identity
 from hubnode.broker.base import BrokerUnavailable
-from hubnode.connection import Connection
+from hubnode.connection import Connection, OnFrame
 from hubnode.errors import JOIN_ERRORS, CloseCode, ErrorCode
+from hubnode.handshake import Accepted, negotiate
 from hubnode.node import Node, NodeDraining, Refused, reconnect_frame
 from hubnode.policy import ErrorStreak, TokenBucket, origin_allowed
 from hubnode.protocol import (
@@ -37,6 +40,7 @@ from hubnode.protocol import (
     encode_message,
     encode_presence,
     parse_frame,
+    parse_packed,
     since_param,
     unavailable_message,
 )
@@ -74,9 +78,25 @@ async def _check_handshake(node: Node, request: web.Request) -> web.Response | I
         return _refuse(exc.status, exc.reason)
 
 
+class _TakenOver(web.StreamResponse):
+    """What the handler returns once the node owns the socket: aiohttp has nothing left to write."""
+
+    def __init__(self) -> None:
+        super().__init__(status=101)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """`GET /ws`: mount on any route of an aiohttp app whose `app[NODE]` is a Node."""
     node = request.app[NODE]
+    accepted = negotiate(request.headers, node.config.compression)
+    if isinstance(accepted, str):
+        return _refuse(400, accepted)
     checked = await _check_handshake(node, request)
     if isinstance(checked, web.Response):
         return checked
@@ -94,75 +114,76 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except (BrokerUnavailable, NodeDraining) as exc:
         return _refuse(503, "node draining" if isinstance(exc, NodeDraining) else "broker unreachable")
     try:
-        return await _serve(node, request, conn_id, checked, since)
-    finally:  # the upgrade failed or the handler was cancelled before the connection went live
+        return _take_over(node, request, conn_id, checked, since, accepted)
+    finally:  # the peer left during the handshake, or taking over failed: give the reservation back
         node.abandon(conn_id, checked.user_id)
 
 
-async def _serve(node: Node, request: web.Request, conn_id: str, identity: Identity,
-                 since: Since | None) -> web.StreamResponse:
+def _take_over(node: Node, request: web.Request, conn_id: str, identity: Identity,
+               since: Since | None, accepted: Accepted) -> web.StreamResponse:
+    """Answer 101 and serve the socket with the node's own protocol from now on.
+
+    aiohttp is told the connection is gone (its per-connection state is freed)
+    without the socket being closed; the bytes a client sent right behind its
+    upgrade request, if any, are handed over too.
+    """
+    transport, handler = request.transport, request.protocol
+    if transport is None or transport.is_closing():
+        return _TakenOver()
     cfg = node.config
-    # autoping off: the node's single ping task does the pinging, and pongs
-    # reach the read loop as signs of life
-    ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False, autoping=False)
-    await ws.prepare(request)
-    transport = request.transport
-    if transport is None:
-        return ws
-    loop = asyncio.get_running_loop()
-    conn = Connection(conn_id, identity, ws, transport,
+    conn = Connection(conn_id, identity, transport,
                       max_outbound=cfg.max_outbound_bytes, bucket=TokenBucket(cfg.rate, cfg.burst),
-                      streak=ErrorStreak(cfg.max_errors), now=loop.time())
+                      streak=ErrorStreak(cfg.max_errors), flusher=node.flusher,
+                      on_frame=_handlers(node), on_lost=node.lost, form=accepted.form,
+                      max_message=cfg.max_message_bytes, min_compress=cfg.compress_min_bytes)
+    tail = getattr(handler, "_message_tail", b"")
+    transport.write(accepted.response)
+    handler.transport = None  # so aiohttp's cleanup below cannot close the socket it no longer serves
+    handler.connection_lost(None)
+    transport.set_protocol(conn)
+    if not transport.is_reading():
+        transport.resume_reading()
     try:
         node.attach(conn, since)
     except NodeDraining:
         conn.send(reconnect_frame())
-        await conn.close(CloseCode.GOING_AWAY, "node shutting down")
-        return ws
-    expiry = _expire_at(conn, loop)
-    try:
-        await _read_loop(node, conn, ws)
-    finally:
-        if expiry is not None:
-            expiry.cancel()
-        conn.closing = True  # nothing more may follow the close frame, whoever sent it
-        try:
-            await conn.wait_closed()
-        finally:  # even when aiohttp cancels the handler because the peer is gone
-            await node.disconnect(conn)
-    return ws
+        conn.close_soon(CloseCode.GOING_AWAY, "node shutting down")
+        return _TakenOver()
+    conn.expiry = _expire_at(conn)
+    if tail:
+        conn.data_received(bytes(tail))
+    return _TakenOver()
 
 
-def _expire_at(conn: Connection, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+_bound: weakref.WeakKeyDictionary[Node, OnFrame] = weakref.WeakKeyDictionary()
+
+
+def _handlers(node: Node) -> OnFrame:
+    """One frame handler per node, shared by its connections (not one closure per socket)."""
+    found = _bound.get(node)
+    if found is None:
+        found = _bound[node] = functools.partial(_on_frame, node)
+    return found
+
+
+def _expire_at(conn: Connection) -> asyncio.TimerHandle | None:
     """Close with 1008 when the token expires (one timer, no task, per connection)."""
     expires_at = conn.identity.expires_at
     if expires_at is None:
         return None
     delay = max(0.0, expires_at - time.time())
-    return loop.call_later(delay, conn.close_soon, CloseCode.POLICY, "token expired")
+    return asyncio.get_running_loop().call_later(delay, conn.close_soon, CloseCode.POLICY, "token expired")
 
 
-async def _read_loop(node: Node, conn: Connection, ws: web.WebSocketResponse) -> None:
-    loop = asyncio.get_running_loop()
-    async for msg in ws:
-        if conn.closing:
-            break
-        now = conn.last_seen = loop.time()
-        if msg.type is WSMsgType.TEXT:
-            await _on_text(node, conn, msg.data, now)
-        elif msg.type is WSMsgType.PING:
-            await ws.pong(msg.data)
-        elif msg.type is WSMsgType.PONG:
-            continue
-        elif msg.type is WSMsgType.BINARY:
-            await conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-            break
-        else:
-            break
+async def _on_frame(node: Node, conn: Connection, payload: str | bytes) -> None:
+    """One text (JSON) or binary (msgpack) frame, in the connection's order."""
+    if conn.closing:
+        return
+    frame = parse_frame(payload) if isinstance(payload, str) else parse_packed(payload)
+    await _handle(node, conn, frame, time.monotonic())
 
 
-async def _on_text(node: Node, conn: Connection, text: str, now: float) -> None:
-    frame = parse_frame(text)
+async def _handle(node: Node, conn: Connection, frame: ClientFrame | ProtocolError, now: float) -> None:
     if not conn.bucket.take(now):
         node.counters.errors[ErrorCode.RATE_LIMITED] += 1
         _fail(conn, ErrorCode.RATE_LIMITED, "over the rate limit: frame ignored", frame.id)

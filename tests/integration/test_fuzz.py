@@ -100,3 +100,64 @@ def test_random_frames_never_crash_or_disturb(fuzz_node: NodeProcess, batch: lis
     """Random JSON, types, nesting, huge numbers and invalid UTF-8: only well-formed replies, node alive."""
     asyncio.run(_episode(fuzz_node, batch))
     assert fuzz_node.healthy()
+
+
+# -- raw bytes on the lean socket: the node parses WebSocket frames itself ---------------
+def _raw_frame(op: int, payload: bytes, fin: bool, rsv: int, masked: bool, length_lie: int) -> bytes:
+    first = (0x80 if fin else 0) | (rsv << 4) | op
+    n = len(payload)
+    shown = max(0, n + length_lie)
+    if shown < 126:
+        head = bytes([first, (0x80 if masked else 0) | shown])
+    elif shown < 65536:
+        head = bytes([first, (0x80 if masked else 0) | 126]) + shown.to_bytes(2, "big")
+    else:
+        head = bytes([first, (0x80 if masked else 0) | 127]) + shown.to_bytes(8, "big")
+    key = b"\x01\x02\x03\x04" if masked else b""
+    body = bytes(c ^ key[i % 4] for i, c in enumerate(payload)) if masked else payload
+    return head + key + body
+
+
+raw_frames = st.builds(
+    _raw_frame, st.integers(0, 15), st.binary(max_size=200), st.booleans(), st.integers(0, 7),
+    st.booleans(), st.sampled_from([0, 0, 0, 1, -1, 70000])) | st.binary(max_size=64)
+
+
+async def _raw_episode(node: NodeProcess, batch: list[bytes]) -> None:
+    host, port = "127.0.0.1", int(node.url.rsplit(":", 1)[1])
+    async with aiohttp.ClientSession() as session:
+        good = await session.ws_connect(f"{node.ws_url}?user_id=good")
+        assert orjson.loads((await good.receive(timeout=5)).data)["type"] == "connected"
+        await good.send_json({"type": "join_room", "data": "good-room", "id": "g"})
+        assert orjson.loads((await good.receive(timeout=5)).data) == {"type": "ack", "id": "g"}
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /ws?user_id=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        for frame in batch:
+            writer.write(frame)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+        # a well-behaved client on the same node still receives everything
+        resp = await session.post(f"{node.url}/broadcast", json={"type": "check", "room": "good-room"})
+        assert resp.status == 202
+        while True:
+            got = orjson.loads((await good.receive(timeout=5)).data)
+            if got["type"] == "check":
+                break
+        await good.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(batch=st.lists(raw_frames, min_size=1, max_size=12))
+def test_random_raw_frames_never_crash_or_disturb(fuzz_node: NodeProcess, batch: list[bytes]) -> None:
+    """Bad opcodes, reserved bits, unmasked frames, lying lengths, garbage deflate: the node stays up."""
+    asyncio.run(_raw_episode(fuzz_node, batch))
+    assert fuzz_node.healthy()
+    assert "Traceback" not in fuzz_node.output(), fuzz_node.output()[-2000:]

@@ -35,6 +35,7 @@ from hubnode.broker.base import BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
 from hubnode.connection import Connection
+from hubnode.frames import Frame
 from hubnode.errors import ErrorCode
 from hubnode.node import Node
 from hubnode.protocol import Since
@@ -110,13 +111,8 @@ class Recorder:
         self.frames: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
 
-    def send(self, frame: bytes) -> bool:
-        size, start = frame[1] & 0x7F, 2
-        if size == 126:
-            start = 4
-        elif size == 127:
-            start = 10
-        self.frames.append(orjson.loads(frame[start:]))
+    def send(self, frame: Frame) -> bool:
+        self.frames.append(orjson.loads(frame.payload))
         return True
 
     def close_soon(self, code: int, reason: str = "") -> None:

@@ -43,6 +43,8 @@ BAD: dict[str, list[str]] = {
     "client_private": ["2"],
     "max_message_bytes": ["0", "1k", "-5"],
     "max_outbound_bytes": ["0", "4MiB"],
+    "compression": ["gzip", ""],
+    "compress_min_bytes": ["-1", "half"],
     "max_rooms_per_conn": ["0", "many"],
     "max_connections": ["-1", "1e4"],
     "max_connections_per_user": ["-1"],
@@ -255,3 +257,11 @@ def test_cluster_script_redis_modes_have_fixed_default_ports(argv: list[str], re
 
     args, _ = cluster.parse_args(argv)
     assert (args.redis, args.redis_port) == (redis, port)
+
+
+def test_no_compression_flag_and_compress_min_bytes() -> None:
+    """permessage-deflate is on by default; --no-compression and HUB_COMPRESSION=off turn it off."""
+    assert parse_args([]).compression is True
+    assert parse_args(["--no-compression"]).compression is False
+    assert parse_args([], env={"HUB_COMPRESSION": "off"}).compression is False
+    assert parse_args(["--compress-min-bytes", "0"]).compress_min_bytes == 0

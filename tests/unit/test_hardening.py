@@ -290,15 +290,15 @@ async def test_supervisor_keeps_a_task_respawned_before_its_predecessor_was_reap
 def test_only_the_supervisor_starts_long_lived_tasks() -> None:
     """Every create_task in hubnode is the supervisor's, or a short task that is awaited or tracked.
 
-    The allowed ones: a connection's own close (bounded by CLOSE_TIMEOUT, awaited
-    by its handler), the drain's closers (awaited), store updates (tracked,
+    The allowed ones: a connection's frame worker (it ends when the frames the
+    client sent are handled: an idle connection has none), the drain's closers (awaited), store updates (tracked,
     awaited by their caller and by the drain), and the broker's opening of a
     subscriber connection to a shard (bounded by the Redis timeout, awaited
     through a shield by every subscribe that needs it). A new loop must go through
     Supervisor.spawn, or this test names it.
     """
     root = LUA.parents[1]
-    allowed = {("connection.py", "self.close(code, reason)"), ("node.py", "c.close(CloseCode.GOING_AWAY"),
+    allowed = {("connection.py", "create_task(self._work())"), ("node.py", "c.close(CloseCode.GOING_AWAY"),
                ("node.py", "create_task(coro)"), ("supervisor.py", "factory()"),
                ("redis.py", "ensure_future(open_())")}
     found = set()

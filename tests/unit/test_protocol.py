@@ -108,12 +108,12 @@ def test_text_frame_header_lengths(size: int) -> None:
 
 def test_encoders_produce_protocol_shapes() -> None:
     """ack, error and messages have exactly the documented fields."""
-    assert orjson.loads(encode_ack(3)[2:]) == {"type": "ack", "id": 3}
-    assert orjson.loads(encode_error(ErrorCode.BAD_ROOM, "m", "x")[2:]) == {
+    assert orjson.loads(encode_ack(3).payload) == {"type": "ack", "id": 3}
+    assert orjson.loads(encode_error(ErrorCode.BAD_ROOM, "m", "x").payload) == {
         "type": "error", "data": {"code": "bad_room", "message": "m"}, "id": "x"}
-    assert orjson.loads(encode_error(ErrorCode.BAD_JSON, "m")[2:]) == {
+    assert orjson.loads(encode_error(ErrorCode.BAD_JSON, "m").payload) == {
         "type": "error", "data": {"code": "bad_json", "message": "m"}}
-    wire = orjson.loads(encode_message(Message("t", 1, timestamp=5))[2:])
+    wire = orjson.loads(encode_message(Message("t", 1, timestamp=5)).payload)
     assert wire == {"type": "t", "data": 1, "timestamp": 5}
 
 
