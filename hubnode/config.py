@@ -39,6 +39,22 @@ class ConfigError(ValueError):
     """The configuration cannot work; the message says what to change."""
 
 
+def default_max_connections() -> int:
+    """What one node process can hold: its open-files limit, less 1,000 for Redis, HTTP and files.
+
+    The node raises its soft limit to the hard one when it starts (hubnode.serve), so
+    the hard limit is the one that counts; a fixed 10,000 left most of a 20,000 limit unused.
+    """
+    try:
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    except (ImportError, OSError, ValueError):  # not on a POSIX system
+        return 10_000
+    if hard == resource.RLIM_INFINITY:
+        return 100_000
+    return max(100, hard - 1_000)
+
+
 def _default_node_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:40] or "node"
     return f"{host}-{os.urandom(3).hex()}"
@@ -72,7 +88,7 @@ class Config:
     compression: bool = True
     compress_min_bytes: int = 512
     max_rooms_per_conn: int = 100
-    max_connections: int = 10000
+    max_connections: int = field(default_factory=default_max_connections)
     max_connections_per_user: int = 32
     rate: float = 50.0
     burst: int = 100
@@ -184,7 +200,8 @@ _HELP = {
     "compression": "accept permessage-deflate when a client offers it (--no-compression turns it off)",
     "compress_min_bytes": "messages smaller than this go uncompressed even to clients that negotiated deflate",
     "max_rooms_per_conn": "rooms one connection may join",
-    "max_connections": "connections this node accepts (0 = unlimited); over it: 503",
+    "max_connections": "connections this node accepts (0 = unlimited; default: the open-files limit less "
+                       "1000); over it: 503",
     "max_connections_per_user": "connections one user may hold cluster-wide (0 = unlimited); newest refused",
     "rate": "client frames per second per connection (0 = off)",
     "burst": "token bucket size for --rate",

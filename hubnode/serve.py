@@ -21,8 +21,20 @@ __all__ = ["serve"]
 log = logging.getLogger("hubnode")
 
 
+def raise_open_files() -> None:
+    """Take the whole hard open-files limit: every connection is a file (see --max-connections)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError) as exc:  # not POSIX, or not allowed
+        log.warning("could not raise the open-files limit: %s", exc)
+
+
 async def serve(config: Config) -> int:
     """Serve until a signal; returns the exit code."""
+    raise_open_files()
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=1.0)
