@@ -35,8 +35,8 @@ from hubnode.broker.base import BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
 from hubnode.connection import Connection
-from hubnode.frames import Frame
 from hubnode.errors import ErrorCode
+from hubnode.frames import Frame
 from hubnode.node import Node
 from hubnode.protocol import Since
 from publisher import Publisher

@@ -224,7 +224,8 @@ async def test_idle_connections_hold_no_task(session: aiohttp.ClientSession) -> 
         first = await Client.open(session, f"{url}?user_id=t0")
         await first.join("idle")
         before = len(asyncio.all_tasks())
-        clients = [await Client.open(session, f"{url}?user_id=t{i}") for i in range(1, 61)]  # the session pools at most 100
+        # 60: the session pools at most 100 connections
+        clients = [await Client.open(session, f"{url}?user_id=t{i}") for i in range(1, 61)]
         for c in clients:
             await c.join("idle")
         assert len(node.conns) == 61
