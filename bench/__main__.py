@@ -16,20 +16,21 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import capacity, scenarios, soak
 from bench.loadgen import ensure_node_clients
 from bench.procs import ROOT, background_load
 from bench.report import environment, plot, write_markdown
 from bench.scenarios import Context
 from bench.systems import SYSTEMS, System, available_systems, hub_cluster_available, make_systems
 
-SCENARIOS = ("fanout", "p2p", "latency", "idle", "storm", "pubcost")
+SCENARIOS = ("fanout", "fanout-2k", "p2p", "latency", "idle", "storm", "pubcost", "capacity")
+QUICK_SCENARIOS = tuple(s for s in SCENARIOS if s != "capacity")  # a short run skips the 50k connections
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,14 @@ class Plan:
     idle: tuple[int, ...]  # connections
     storm: int  # clients
     pubcost: int  # publishes (to 10 rooms of 10 clients each)
+    capacity: int = 50_000  # connections over 3 nodes (--capacity-clients)
+    fanout_2k: tuple[int, int] = (1000, 300)  # (clients, messages) of ~2 KB: compression happens
 
 
 QUICK = Plan(fanout=((1000, 100), (5000, 40)), p2p=(2000, 20_000), latency=(1000, 20, 5),
              idle=(10_000,), storm=5000, pubcost=20_000)
 FULL = Plan(fanout=((1000, 1000), (5000, 200)), p2p=(2000, 20_000), latency=(1000, 20, 10),
-            idle=(10_000, 50_000), storm=10_000, pubcost=40_000)
+            idle=(10_000, 50_000), storm=10_000, pubcost=40_000, fanout_2k=(1000, 1000))
 
 Job = tuple[str, dict[str, Any], Callable[[System], Awaitable[dict[str, Any]]]]
 
@@ -59,6 +62,12 @@ def jobs(plan: Plan, ctx: Context, only: set[str]) -> list[Job]:
         for clients, messages in plan.fanout:
             out.append(("fanout", {"clients": clients, "messages": messages},
                         partial(scenarios.fanout, ctx=ctx, clients=clients, messages=messages)))
+    if "fanout-2k" in only:
+        clients, messages = plan.fanout_2k
+        out.append(("fanout-2k", {"clients": clients, "messages": messages,
+                                  "message_bytes": scenarios.TEXT_BYTES},
+                    partial(scenarios.fanout, ctx=ctx, clients=clients, messages=messages,
+                            size=scenarios.TEXT_BYTES)))
     if "p2p" in only:
         clients, messages = plan.p2p
         out.append(("p2p", {"clients": clients, "messages": messages},
@@ -77,6 +86,9 @@ def jobs(plan: Plan, ctx: Context, only: set[str]) -> list[Job]:
     if "pubcost" in only:
         out.append(("pubcost", {"messages": plan.pubcost},
                     lambda s: scenarios.publish_cost(s, ctx, plan.pubcost)))
+    if "capacity" in only:
+        out.append(("capacity", {"requested": plan.capacity, "clients": plan.capacity},
+                    partial(capacity.capacity, ctx=ctx, clients=plan.capacity)))
     return out
 
 
@@ -86,8 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="the full sizes (several minutes)")
     p.add_argument("--systems", default=",".join(available_systems()),
                    help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all this checkout can run)")
-    p.add_argument("--only", default=",".join(SCENARIOS),
-                   help=f"comma-separated scenarios, from {', '.join(SCENARIOS)}")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated scenarios, from {', '.join(SCENARIOS)} "
+                        "(default: all with --full, all but capacity otherwise)")
+    p.add_argument("--capacity-clients", type=int, default=50_000, metavar="N",
+                   help="connections of the capacity scenario, spread over 3 nodes (50,000)")
     p.add_argument("--client", choices=("node", "python"), default="node",
                    help="load generator: Node.js ws/socket.io-client (default) or aiohttp")
     p.add_argument("--client-processes", type=int, default=2)
@@ -105,11 +120,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only rewrite the Markdown (and PNG) from a saved results JSON")
     p.add_argument("--profile", action="store_true",
                    help="also profile hubnode with py-spy (separate runs, no figures)")
+    soak.add_arguments(p)
     return p.parse_args(argv)
 
 
-PRIMARY = {"fanout": "cpu_per_100k", "p2p": "cpu_per_100k", "latency": "p99_ms",
-           "idle": "bytes_per_conn", "storm": "all_joined_s", "pubcost": "redis_rusage_us_per_publish"}
+PRIMARY = {"fanout": "cpu_per_100k", "fanout-2k": "cpu_per_100k", "p2p": "cpu_per_100k", "latency": "p99_ms",
+           "idle": "bytes_per_conn", "storm": "all_joined_s", "pubcost": "redis_rusage_us_per_publish",
+           "capacity": "connect_all_s"}
 
 
 def median_run(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,7 +168,7 @@ def log(text: str) -> None:
 def headline(scenario: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"FAILED: {r['error']}"
-    if scenario in ("fanout", "p2p", "latency"):
+    if scenario in ("fanout", "fanout-2k", "p2p", "latency"):
         text = (f"{r['delivered']:,}/{r['expected']:,} delivered, {r['deliveries_per_s']:,.0f}/s, "
                 f"{r['cpu_per_100k']:.2f} CPU-s/100k, load-gen busiest {r['client_max_core']:.2f} cores")
         if scenario == "latency":
@@ -165,13 +182,19 @@ def headline(scenario: str, r: dict[str, Any]) -> str:
     if scenario == "idle":
         return (f"{r['clients']:,} conns, {r['bytes_per_conn']:,.0f} B/conn, "
                 f"connect all {r['connect_all_s']:.1f} s")
+    if scenario == "capacity":
+        return (f"{r['connected']:,}/{r['clients']:,} connected over {r['nodes']} nodes in "
+                f"{r['connect_all_s']:.1f} s, RSS {r['rss_total_mb']:,.0f} MiB "
+                f"({r['bytes_per_conn']:,.0f} B/conn), reached {r['reached_by_broadcast']:,}")
     return (f"all joined in {r['all_joined_s']:.1f} s, Redis CPU {r['redis_cpu_s']:.2f} s, "
             f"{r['redis_commands']:,} commands")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    plan = FULL if args.full else QUICK
+    plan = replace(FULL if args.full else QUICK, capacity=args.capacity_clients)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    if args.only is None:
+        args.only = ",".join(SCENARIOS if args.full else QUICK_SCENARIOS)
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = (set(names) - set(SYSTEMS)) | (only - set(SCENARIOS))
     if unknown:
@@ -220,6 +243,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.soak:
+        return soak.main(args)
     if args.quiet_wait is None:
         args.quiet_wait = 120.0 if args.full else 10.0
     args.out.mkdir(parents=True, exist_ok=True)

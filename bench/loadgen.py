@@ -29,12 +29,12 @@ LINE_LIMIT = 64 * 1024 * 1024
 
 
 NODE_PACKAGES = ("ws", "socket.io-client", "socket.io", "@socket.io/redis-adapter",
-                 "@socket.io/redis-emitter", "redis")
+                 "@socket.io/redis-emitter", "redis", "@msgpack/msgpack")
 
 
 def ensure_node_clients() -> None:
     """Install bench/package.json into bench/node_modules: the load clients' packages
-    (ws, socket.io-client) and the Node.js Socket.IO server's (socket.io, its Redis
+    (ws, socket.io-client, @msgpack/msgpack) and the Node.js Socket.IO server's (socket.io, its Redis
     adapter and emitter, redis)."""
     if shutil.which("node") is None:
         raise RuntimeError("node is not installed: install Node.js >= 18 or use --client python")
@@ -167,7 +167,7 @@ class Fleet:
                     log_dir: Path, tag: str, rooms: dict[str, Any] | None = None,
                     user_prefix: str = "u", local_addresses: list[str] | None = None,
                     concurrency: int = 64, latency: bool = False, deflate: bool = False,
-                    timeout: float = 120.0) -> Fleet:
+                    msgpack: bool = False, timeout: float = 120.0) -> Fleet:
         """Spawn `processes` client processes holding `total` clients (not yet connected)."""
         if kind == "python" and proto != "hub":
             raise ValueError("the Python client speaks only the hubnode protocol")
@@ -181,7 +181,8 @@ class Fleet:
                 cfg = {"proto": proto, "urls": urls, "start": start, "count": count,
                        "userPrefix": user_prefix, "rooms": rooms or {},
                        "localAddresses": local_addresses or [], "concurrency": concurrency,
-                       "latency": latency, "deflate": deflate, "timeoutMs": int(timeout * 1000)}
+                       "latency": latency, "deflate": deflate, "msgpack": msgpack,
+                       "timeoutMs": int(timeout * 1000)}
                 argv = (["node", str(LOAD_JS), json.dumps(cfg)] if kind == "node"
                         else [python(), "-m", "bench.pyclient", json.dumps(cfg)])
                 name = f"{tag}-client{k}"

@@ -4,6 +4,9 @@ Same command line (one JSON argument) and the same JSON-lines conversation on
 stdin/stdout, so the controller cannot tell them apart. It needs only aiohttp,
 which is why the smoke test uses it; it is far slower than the Node client, so
 the real benchmark does not (`python -m bench --client python` to force it).
+With `deflate` the clients offer permessage-deflate; with `msgpack` they speak
+the `hubnode.msgpack` subprotocol (binary frames, each one msgpack map, every
+one decoded).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import msgpack
 
+MSGPACK_PROTOCOL = "hubnode.msgpack"
 LOG_BASE = math.log(1.01)
 
 
@@ -57,14 +62,19 @@ class Fleet:
         g = cfg["start"] + i
         url = f"{cfg['urls'][g % len(cfg['urls'])]}?user_id={cfg['userPrefix']}{g}"
         assert self.session is not None
-        ws = await self.session.ws_connect(url, autoping=True)
-        first = json.loads((await ws.receive()).data)
+        packed = bool(cfg.get("msgpack"))
+        ws = await self.session.ws_connect(url, autoping=True, compress=15 if cfg.get("deflate") else 0,
+                                           protocols=(MSGPACK_PROTOCOL,) if packed else ())
+        if packed and ws.protocol != MSGPACK_PROTOCOL:
+            raise RuntimeError(f"the server did not accept {MSGPACK_PROTOCOL}")
+        first = self.decode((await ws.receive()).data)
         if first.get("type") != "connected":
             raise RuntimeError(f"unexpected first frame {first}")
         for fid, room in enumerate(self.rooms_of(i), 1):
-            await ws.send_str(json.dumps({"type": "join_room", "data": room, "id": fid}))
+            join = {"type": "join_room", "data": room, "id": fid}
+            await (ws.send_bytes(msgpack.packb(join)) if packed else ws.send_str(json.dumps(join)))
             while True:
-                reply = json.loads((await ws.receive()).data)
+                reply = self.decode((await ws.receive()).data)
                 if reply.get("id") == fid:
                     break
             if reply.get("type") != "ack":
@@ -73,13 +83,27 @@ class Fleet:
         self.open[i] = True
         self.tasks.append(asyncio.create_task(self.read(i, ws)))
 
+    def decode(self, data: str | bytes) -> Any:
+        if self.cfg.get("msgpack"):
+            if not isinstance(data, bytes):
+                raise RuntimeError(f"a text frame on {MSGPACK_PROTOCOL}: {data!r}")
+            return msgpack.unpackb(data)
+        return json.loads(data)
+
     async def read(self, i: int, ws: aiohttp.ClientWebSocketResponse) -> None:
         latency = self.cfg.get("latency")
+        packed = bool(self.cfg.get("msgpack"))
+        kind = aiohttp.WSMsgType.BINARY if packed else aiohttp.WSMsgType.TEXT
         async for msg in ws:
-            if msg.type is not aiohttp.WSMsgType.TEXT:
+            if msg.type is not kind:
                 break
             text = msg.data
-            if '"type":"bench"' in text:
+            if packed:  # decoded in full: the (slow) reference client checks every frame
+                frame = msgpack.unpackb(text)
+                mtype = frame.get("type")
+            else:
+                mtype = "bench" if '"type":"bench"' in text else "warmup" if '"type":"warmup"' in text else ""
+            if mtype == "bench":
                 now = time.monotonic()
                 if not self.received:
                     self.first = now
@@ -87,8 +111,8 @@ class Fleet:
                 self.received += 1
                 self.counts[i] += 1
                 if latency:
-                    self.record(now - json.loads(text)["data"]["t"])
-            elif '"type":"warmup"' in text:
+                    self.record(now - (frame if packed else json.loads(text))["data"]["t"])
+            elif mtype == "warmup":
                 self.warm[i] += 1
         if not self.closing:
             self.closed += 1

@@ -26,6 +26,7 @@ Row = dict[str, Any]
 
 TARGETS = {  # measure -> (limit, lower is better)
     "fanout1000": 1.1, "fanout5000": 1.3, "p2p": 6.0, "latency_p99": 40.0, "idle_bytes": 12_000,
+    "deflate_ratio": 1.3,  # fan-out with every client offering deflate / without
 }
 
 
@@ -82,7 +83,7 @@ def environment() -> dict[str, Any]:
             "socket.io (npm)": _npm_version("socket.io"),
             "@socket.io/redis-adapter (npm)": _npm_version("@socket.io/redis-adapter"),
             "@socket.io/redis-emitter (npm)": _npm_version("@socket.io/redis-emitter"),
-            "redis (npm)": _npm_version("redis"),
+            "redis (npm)": _npm_version("redis"), "@msgpack/msgpack (npm)": _npm_version("@msgpack/msgpack"),
         },
         "git": {"revision": _run(["git", "rev-parse", "--short", "HEAD"]),
                 "hubnode_dirty": dirty},
@@ -137,6 +138,8 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
          lambda r: r["clients"] == 1000, TARGETS["fanout1000"]),
         ("fan-out 5k clients: server CPU-s per 100k deliveries (<= 1.3)", fan, "cpu_per_100k",
          lambda r: r["clients"] == 5000, TARGETS["fanout5000"]),
+        ("fan-out 1k clients, 2 KB messages: server CPU-s per 100k deliveries",
+         results.get("fanout-2k", []), "cpu_per_100k", None, None),
         ("point-to-point: server CPU-s per 100k deliveries (<= 6)", results.get("p2p", []),
          "cpu_per_100k", None, TARGETS["p2p"]),
         ("latency p99, ms (<= 40)", results.get("latency", []), "p99_ms", None,
@@ -145,9 +148,16 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
          lambda r: r["requested"] == 10_000, TARGETS["idle_bytes"]),
         ("storm: seconds to all joined", results.get("storm", []), "all_joined_s", None, None),
     ]
+    cap = results.get("capacity", [])
+    size = f"capacity, {max((r.get('requested', 0) for r in cap), default=0):,} connections on 3 nodes"
+    specs += [(f"{size}: seconds to all connected", cap, "connect_all_s", None, None),
+              (f"{size}: RSS bytes per connection, all nodes", cap, "bytes_per_conn", None, None)]
     for title, rows, key, where, limit in specs:
         if not rows:
             continue
+        if rows is cap and key == "connect_all_s":
+            lines.append(f"| {size}: connected (attempted) | "
+                         + " | ".join(_connected(_by_system(cap).get(s)) for s in systems) + " | - | - | - |")
         values = [_get(rows, s, key, where) for s in systems]
         hub = _get(rows, "hubnode", key, where)
         sio = _get(rows, "socketio", key, where)
@@ -156,12 +166,47 @@ def _summary(results: dict[str, list[Row]], systems: Sequence[str]) -> list[str]
         lines.append(f"| {title} | " + " | ".join(_fmt(v) for v in values)
                      + f" | {_ratio(sio, hub)} | {_ratio(node, hub)} | {met} |")
     lost = {s: sum(r.get("lost_all_runs", r.get("missing", 0) + r.get("duplicated", 0))
-                   for key in ("fanout", "p2p", "latency") for r in results.get(key, [])
+                   for key in ("fanout", "fanout-2k", "p2p", "latency") for r in results.get(key, [])
                    if r.get("system") == s) for s in systems}
     lines.append("| messages lost or duplicated, all delivery runs (0) | "
                  + " | ".join(_fmt(lost[s]) for s in systems)
                  + " | - | - | " + ("yes" if lost.get("hubnode", 1) == 0 else "**no**") + " |")
     return lines
+
+
+# (variant, plain, what the ratio is, the issue's limit on it)
+_VARIANTS = [
+    ("hubnode-deflate", "hubnode", "hubnode: clients offer deflate / plain", TARGETS["deflate_ratio"]),
+    ("hubnode-msgpack", "hubnode", "hubnode: msgpack / JSON", None),
+    ("socketio-node-deflate", "socketio-node", "Node.js Socket.IO: clients offer deflate / plain", None),
+    ("socketio-deflate", "socketio", "python-socketio: clients offer deflate / plain", None),
+]
+
+
+def _wire_forms(results: dict[str, list[Row]]) -> list[str]:
+    """Each system with clients that offer permessage-deflate (or speak msgpack) beside itself without."""
+    fan = results.get("fanout", [])
+    cases: list[tuple[str, list[Row], Callable[[Row], bool] | None]] = [
+        ("fan-out 1k, ~100 B", fan, lambda r: r["clients"] == 1000),
+        ("fan-out 5k, ~100 B", fan, lambda r: r["clients"] == 5000),
+        ("fan-out 1k, 2 KB", results.get("fanout-2k", []), None),
+        ("point-to-point", results.get("p2p", []), None),
+    ]
+    lines = ["| server CPU-s per 100k deliveries | plain | variant | variant / plain "
+             "| bytes written per delivery, plain -> variant | target met |", "|---|---|---|---|---|---|"]
+    for case, rows, where in cases:
+        for variant, plain, title, limit in _VARIANTS:
+            v = _get(rows, variant, "cpu_per_100k", where)
+            p = _get(rows, plain, "cpu_per_100k", where)
+            if v is None:
+                continue
+            limit = limit if case.startswith("fan-out") else None
+            met = "-" if limit is None or p is None or not p else (
+                f"yes (<= {limit}x)" if v / p <= limit else f"**no** (<= {limit}x)")
+            wire = (f"{_fmt(_get(rows, plain, 'write_bytes_per_delivery', where), 0)} -> "
+                    f"{_fmt(_get(rows, variant, 'write_bytes_per_delivery', where), 0)}")
+            lines.append(f"| {case}: {title} | {_fmt(p)} | {_fmt(v)} | {_ratio(v, p, 2)} | {wire} | {met} |")
+    return lines if len(lines) > 2 else []
 
 
 def _history(results: dict[str, list[Row]]) -> list[str]:
@@ -198,7 +243,20 @@ def _history(results: dict[str, list[Row]]) -> list[str]:
 
 _LABELS = {"hubnode": "hubnode", "hubnode-history": "hubnode, history on", "socketio": "python-socketio",
            "socketio-node": "Node.js Socket.IO", "socketio-deflate": "python-socketio, deflate",
-           "baseline": "bare asyncio"}
+           "baseline": "bare asyncio", "hubnode-deflate": "hubnode, clients offer deflate",
+           "hubnode-msgpack": "hubnode, msgpack", "socketio-node-deflate": "Node.js Socket.IO, deflate"}
+
+def _connected(r: Row | None) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "failed"
+    return f"{r['connected']:,} ({r['clients']:,})"
+
+
+def _mib(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
 
 def _all_runs(r: Row) -> str:
     for key, values in r.items():
@@ -220,6 +278,7 @@ _DELIVERY_COLUMNS = [
     ("load-gen CPU-s per 100k", lambda r: _fmt(r["client_cpu_per_100k"])),
     ("busiest load-gen process, cores", lambda r: _fmt(r["client_max_core"])),
     ("publisher CPU-s", lambda r: _fmt(r["publisher_cpu_s"])),
+    ("bytes the nodes wrote per delivery (wchar)", lambda r: _fmt(r.get("write_bytes_per_delivery"), 0)),
     ("wall s", lambda r: _fmt(r["seconds"])),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
     ("primary figure of each run (median shown)", _all_runs),
@@ -241,6 +300,35 @@ _IDLE_COLUMNS = [
     ("server CPU-s per 1k connects", lambda r: _fmt(r["cpu_per_1k_connects"])),
     ("load-gen processes x source addresses",
      lambda r: f"{r['client_processes']} x {r['source_addresses']}"),
+    ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
+    ("primary figure of each run (median shown)", _all_runs),
+]
+
+_CAPACITY_COLUMNS = [
+    ("connected / attempted (requested)",
+     lambda r: f"{r['connected']:,} / {r['clients']:,} ({r['requested']:,})"),
+    ("connections each node holds (ESTABLISHED)", lambda r: _mib(r["connected_by_node"])),
+    ("reached by one message to everyone", lambda r: _fmt(r["reached_by_broadcast"])),
+    ("all connected, s", lambda r: _fmt(r["connect_all_s"])),
+    ("connects/s", lambda r: _fmt(r["connects_per_s"])),
+    ("connect p50 / p99 ms", lambda r: f"{_fmt(r['connect_p50_ms'])} / {_fmt(r['connect_p99_ms'])}"),
+    ("RSS per node before, MiB", lambda r: _mib(r["rss_before_mb"])),
+    ("RSS per node after, MiB (peak)",
+     lambda r: f"{_mib(r['rss_after_mb'])} ({_mib(r['rss_peak_mb'])})"),
+    ("RSS all nodes, MiB", lambda r: f"{r['rss_total_mb']:,.0f}"),
+    ("bytes per connection, all nodes", lambda r: _fmt(r["bytes_per_conn"])),
+    ("bytes per connection, per node", lambda r: _mib(r["bytes_per_conn_by_node"])),
+    ("Redis dataset before -> after, MiB (bytes per connection)",
+     lambda r: f"{r['redis_dataset_mb_before']:.1f} -> {r['redis_dataset_mb_after']:.1f} "
+               f"({_fmt(r['redis_bytes_per_conn'])})"),
+    ("server CPU-s per 1k connects", lambda r: _fmt(r["cpu_per_1k_connects"])),
+    ("Redis CPU-s", lambda r: _fmt(r["redis_cpu_s"])),
+    ("load-gen processes x source addresses (connects in flight)",
+     lambda r: f"{r['client_processes']} x {r['source_addresses']} ({r['connects_in_flight']})"),
+    ("load-gen CPU-s (busiest, cores)",
+     lambda r: f"{r['client_cpu_s']:.2f} ({r['client_max_core']:.2f})"),
+    ("--max-connections per node", lambda r: _fmt(r["max_connections_flag"])),
+    ("closed after connecting", lambda r: _fmt(r["closed_during_run"])),
     ("other load on the machine, cores", lambda r: _fmt(r["other_load_cores"])),
     ("primary figure of each run (median shown)", _all_runs),
 ]
@@ -315,6 +403,15 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
         "",
         *_summary(results, systems), "",
     ]
+    wire = _wire_forms(results)
+    if wire:
+        lines += ["Clients that offer permessage-deflate (as browsers do) and the `hubnode.msgpack` "
+                  "subprotocol, each beside the same server's plain JSON figure from this run (the "
+                  "issue's target: hubnode's fan-out with every client offering deflate <= 1.3x). "
+                  "hubnode compresses only messages of at least 512 bytes (`--compress-min-bytes`), "
+                  "once per node; Node.js Socket.IO (`perMessageDeflate: { threshold: 1024 }`) and "
+                  "python-socketio compress for each socket. Bytes written per delivery (the nodes' "
+                  "/proc wchar over the window) show whether compression happened.", "", *wire, ""]
     history = _history(results)
     if history:
         lines += ["## What history costs", "",
@@ -341,6 +438,11 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
     sections = [
         ("fanout", "Fan-out", "All clients in one room across 2 nodes; an external publisher "
          "floods ~100-byte messages through Redis as fast as it can.", _DELIVERY_COLUMNS),
+        ("fanout-2k", "Fan-out, 2 KB messages", "All clients in one room across 2 nodes; an external "
+         "publisher floods ~2 KB messages (a list of records, values drawn per message so each "
+         "differs; deflate shrinks one to about a third) through Redis as fast as it can. Above the 512-byte "
+         "`--compress-min-bytes`: hubnode compresses them for clients that offered deflate.",
+         _DELIVERY_COLUMNS),
         ("p2p", "Point-to-point", "Each client its own user across 2 nodes; messages to "
          "random users (fixed seed), flooded.", _DELIVERY_COLUMNS),
         ("latency", "Latency", "All clients in one room across 2 nodes; the publisher sends at "
@@ -357,6 +459,13 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
          "messages round-robin to the rooms. What one publish costs Redis and the nodes (with "
          "history on, each room's 1,000 entries are full after the first 10,000 publishes: "
          "every later append also trims).", _PUBCOST_COLUMNS),
+        ("capacity", "Capacity: connections over 3 nodes", "Idle connections (each its own user) "
+         "spread evenly over 3 nodes on one Redis (hubnode with `--max-connections 19000`), from "
+         "several load-generating processes bound to source addresses 127.0.0.2, 127.0.0.3, ... "
+         "(the Python client binds none). \"All connected\" runs from the first connect to the last "
+         "one ready; RSS (VmRSS, peak VmHWM) per node is read before and 3 s after; bytes per "
+         "connection is the RSS growth over the connections held; one message to everyone then "
+         "proves the connections live.", _CAPACITY_COLUMNS),
     ]
     for key, title, text, columns in sections:
         rows = results.get(key)
@@ -377,7 +486,7 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
 
 
 def _group_key(key: str, r: Row) -> str:
-    if key == "fanout":
+    if key in ("fanout", "fanout-2k"):
         return f"{r.get('clients', 0):,} clients, {r.get('messages', 0):,} messages"
     if key == "p2p":
         return f"{r.get('clients', 0):,} clients, {r.get('messages', 0):,} messages"
@@ -388,6 +497,8 @@ def _group_key(key: str, r: Row) -> str:
         return f"{r.get('requested', 0):,} connections requested"
     if key == "pubcost":
         return f"{r.get('messages', 0):,} publishes to {r.get('rooms', 0)} rooms"
+    if key == "capacity":
+        return f"{r.get('requested', 0):,} connections requested on {r.get('nodes', 3)} nodes"
     return ""
 
 
@@ -400,7 +511,7 @@ _METHOD = [
     "the servers' and reported per scenario (\"busiest load-gen process, cores\": 1.0 would "
     "mean a saturated client).",
     "- The same settings for every server: no per-message compression (clients do not offer "
-    "permessage-deflate, except in the \"deflate\" column), no application pings (`--ping-interval 0` for hubnode, "
+    "permessage-deflate, except in the \"deflate\" columns), no application pings (`--ping-interval 0` for hubnode, "
     "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop for the Python servers.",
     "- hubnode: `hubnode --redis-url ... --node-id nodeA|nodeB` (cluster mode); the publisher "
     "PUBLISHes the msgpack envelope of PROTOCOL.md section 7 (`publisher.targets.envelope_for`). "
@@ -421,6 +532,16 @@ _METHOD = [
     "(or `socket.io#/#` for everyone), built in Python and checked byte for byte against the "
     "emitter in bench/node_modules at the start of every run. Every adapter node PSUBSCRIBEs "
     "`socket.io#/#*`, so each node receives every publish and drops those for rooms it does not hold.",
+    "- hubnode, clients offer deflate: the same nodes (compression on, as by default) with load "
+    "clients that offer `permessage-deflate; client_max_window_bits` as browsers do; the node "
+    "answers `server_no_context_takeover; client_no_context_takeover` and compresses each message "
+    "of at least 512 bytes once for all its sockets. hubnode, msgpack: clients on the "
+    "`hubnode.msgpack` subprotocol (binary frames, one msgpack map each, both ways; the load "
+    "client recognises bench frames by their bytes, as the JSON one does, and decodes the rest). "
+    "Node.js Socket.IO, deflate: `sio_node.js --deflate 1024` (`perMessageDeflate: { threshold: "
+    "1024 }`) with clients offering the extension: ws then compresses for each socket with its "
+    "own zlib context (context takeover, so it compresses small frames too) and Socket.IO can no "
+    "longer send one pre-encoded frame to every socket.",
     "- hubnode, history on: the same nodes with `--history-size 1000` (every room and user "
     "stream); the publisher runs the history script (EVALSHA of `publisher/lua/publish.lua`, "
     "keys and arguments from `publisher.history.publish_call`), which appends to the stream, "
@@ -456,6 +577,7 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
         ("server CPU-s per 100k deliveries", [
             ("fan-out 1k", results.get("fanout", []), "cpu_per_100k", lambda r: r["clients"] == 1000),
             ("fan-out 5k", results.get("fanout", []), "cpu_per_100k", lambda r: r["clients"] == 5000),
+            ("fan-out 2 KB", results.get("fanout-2k", []), "cpu_per_100k", None),
             ("p2p", results.get("p2p", []), "cpu_per_100k", None)]),
         ("latency, ms (20 msg/s x 1k)", [
             ("p50", results.get("latency", []), "p50_ms", None),
@@ -465,7 +587,8 @@ def plot(path: Path, run: dict[str, Any]) -> bool:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.4))
     colours = {"hubnode": "#2a7ab0", "hubnode-history": "#7fb3d5", "socketio": "#d9822b",
-               "socketio-node": "#3c9a5f", "socketio-deflate": "#f0b27a", "baseline": "#8a8a8a"}
+               "socketio-node": "#3c9a5f", "socketio-deflate": "#f0b27a", "baseline": "#8a8a8a",
+               "hubnode-deflate": "#1b4f72", "hubnode-msgpack": "#5dade2", "socketio-node-deflate": "#82e0aa"}
     for ax, (title, groups) in zip(axes, panels, strict=True):
         shown = [s for s in systems
                  if any(_get(rows, s, key, where) is not None for _l, rows, key, where in groups)]

@@ -17,9 +17,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 import redis.asyncio as aioredis
 
 from bench.loadgen import Fleet, Ready, Stats
@@ -30,6 +32,14 @@ from bench.systems import Deployment, Item, System
 __all__ = ["Context", "fanout", "idle", "latency", "point_to_point", "publish_cost", "storm"]
 
 PAD = 60  # data {"seq":..,"t":..,"pad":"x"*PAD} is about 100 bytes of JSON
+TEXT_BYTES = 2048  # fanout-2k: data {"seq":..,"t":..,"items":[...]} of about 2 KB of JSON
+# fanout-2k's records: values drawn per message, so each message differs and deflate
+# shrinks it about as much as an application's JSON (to ~1/3), unlike a run of one letter
+WORDS = ("the", "room", "user", "message", "status", "online", "update", "price", "order", "ticket",
+         "player", "score", "level", "match", "queue", "server", "client", "event", "value", "name",
+         "time", "ok", "error", "retry", "item", "count", "total", "amount", "red", "green", "blue",
+         "open", "closed", "pending", "done", "new", "old", "first", "last")
+STATUSES = ("online", "away", "busy", "offline")
 CONNECTS_IN_FLIGHT = 64  # per client process: the nodes listen with a backlog of 128
 
 
@@ -58,6 +68,33 @@ def bench_data(seq: int) -> dict[str, Any]:
     return {"seq": seq, "t": time.monotonic(), "pad": "x" * PAD}
 
 
+def bench_records(seq: int, size: int = TEXT_BYTES) -> dict[str, Any]:
+    """Data whose JSON is about `size` bytes: a list of records drawn from a generator seeded with `seq`."""
+    rng = random.Random(seq)
+    items: list[dict[str, Any]] = []
+    length = 150  # what the server's message adds (type, room, id, ts) and seq, t, "items"
+    while True:
+        item = {"id": rng.randrange(10**6), "user": f"u{rng.randrange(10**5)}", "status": rng.choice(STATUSES),
+                "score": rng.randrange(10**4), "text": " ".join(rng.choices(WORDS, k=rng.randrange(2, 6)))}
+        length += len(orjson.dumps(item)) + 1
+        if length > size:
+            break
+        items.append(item)
+    return {"seq": seq, "t": time.monotonic(), "items": items}
+
+
+def _wchar(pids: Sequence[int]) -> int:
+    """Bytes the processes have passed to write/send so far (/proc/<pid>/io wchar): their socket output."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 class Meter:
     """CPU of the nodes, Redis, the clients and the publisher over one window."""
 
@@ -73,7 +110,8 @@ class Meter:
         return {"nodes": nodes,
                 "redis": cpu_of(self.dep.redis.pid) if self.dep.redis else Cpu(),
                 "clients": [p.cpu() for p in self.fleet.procs],
-                "publisher": cpu_of(os.getpid()), "machine": machine_busy()}
+                "publisher": cpu_of(os.getpid()), "machine": machine_busy(),
+                "wchar": _wchar(self.dep.node_pids)}
 
     def stop(self, end: float | None = None) -> dict[str, Any]:
         """The window's figures; `end` is when the last delivery arrived (default now)."""
@@ -94,6 +132,7 @@ class Meter:
             "client_cpu_s": sum(c.total for c in clients),
             "client_max_core": max((c.total for c in clients), default=0.0) / seconds,
             "publisher_cpu_s": publisher,
+            "server_write_bytes": now["wchar"] - self.start["wchar"],
         }
 
 
@@ -110,7 +149,7 @@ async def _start(system: System, ctx: Context, scenario: str, nodes: int, client
                                   processes=processes or ctx.client_processes, log_dir=ctx.log_dir,
                                   tag=tag, rooms=rooms, local_addresses=addresses,
                                   concurrency=CONNECTS_IN_FLIGHT, latency=latency,
-                                  deflate=system.deflate, timeout=ctx.timeout)
+                                  deflate=system.deflate, msgpack=system.msgpack, timeout=ctx.timeout)
     except BaseException:
         await asyncio.to_thread(dep.stop)
         raise
@@ -224,6 +263,7 @@ async def _deliver(system: System, ctx: Context, scenario: str, *, nodes: int, c
         "deliveries_per_s": delivered / window["seconds"],
         "cpu_per_100k": window["server_cpu_s"] / max(1, delivered) * 1e5,
         "client_cpu_per_100k": window["client_cpu_s"] / max(1, delivered) * 1e5,
+        "write_bytes_per_delivery": window["server_write_bytes"] / max(1, delivered),
         "closed_during_run": full.closed, "errors": full.errors[:5], **window,
         "publishes": count,
         # Redis: the server process's CPU from /proc (10 ms ticks), the same from its own
@@ -256,13 +296,20 @@ async def _paced(pub: Publisher, build: Callable[[int], Item], count: int, rate:
 # -- the scenarios ----------------------------------------------------------------
 
 async def fanout(system: System, ctx: Context, clients: int, messages: int,
-                 nodes: int = 2, probe: Probe | None = None) -> dict[str, Any]:
-    """All clients in one room; `messages` published as fast as possible."""
-    result = await _deliver(system, ctx, f"fanout{clients}", nodes=nodes, clients=clients,
-                            rooms={"shared": ["room1"]},
-                            build=lambda k: system.room("room1", bench_data(k)), count=messages,
+                 nodes: int = 2, probe: Probe | None = None, size: int | None = None) -> dict[str, Any]:
+    """All clients in one room; `messages` published as fast as possible.
+
+    `size`: messages of about that many bytes of varied records (`bench_records`,
+    the fanout-2k scenario) instead of ~100 bytes of one letter.
+    """
+    data = bench_data if size is None else partial(bench_records, size=size)
+    result = await _deliver(system, ctx, f"fanout{clients}" + (f"-{size}b" if size else ""),
+                            nodes=nodes, clients=clients, rooms={"shared": ["room1"]},
+                            build=lambda k: system.room("room1", data(k)), count=messages,
                             expected=lambda i: messages, probe=probe)
     result["messages"] = messages
+    if size is not None:
+        result["message_bytes"] = size
     return result
 
 

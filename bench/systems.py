@@ -22,6 +22,14 @@ puts on Redis, exactly as a real worker process would.
 - `hubnode-history`: hubnode with `--history-size 1000` (PROTOCOL.md section
   10); the publisher appends through the history script (EVALSHA), as every
   publisher of a stream with history must.
+- `hubnode-deflate`: hubnode with load clients that offer permessage-deflate,
+  as browsers do (PROTOCOL.md section 14: the node compresses each message of
+  at least `--compress-min-bytes`, 512, once for all its sockets).
+- `hubnode-msgpack`: hubnode with load clients on the `hubnode.msgpack`
+  subprotocol (binary frames, one msgpack map each, both ways).
+- `socketio-node-deflate`: Node.js Socket.IO started with
+  `perMessageDeflate: { threshold: 1024 }`, its clients offering the extension
+  (ws then compresses every frame of at least 1 KiB, per socket).
 - `baseline`: bench/servers/baseline.py, the bare asyncio floor.
 """
 
@@ -116,7 +124,8 @@ class System:
     proto = "hub"  # the load client's protocol
     cluster = True  # False: one node, published to over HTTP
     deflate = False  # whether the load clients offer permessage-deflate
-    scenarios = frozenset({"fanout", "p2p", "latency", "idle", "storm", "pubcost"})
+    msgpack = False  # whether the load clients speak the hubnode.msgpack subprotocol
+    scenarios = frozenset({"fanout", "fanout-2k", "p2p", "latency", "idle", "storm", "pubcost", "capacity"})
 
     def start(self, nodes: int, log_dir: Path, tag: str) -> Deployment:
         redis = RedisServer(log_dir, f"{tag}-redis")
@@ -298,7 +307,7 @@ class SocketIODeflateSystem(SocketIOSystem):
     name = "socketio-deflate"
     label = "python-socketio, deflate"
     deflate = True
-    scenarios = frozenset({"fanout", "p2p", "latency"})
+    scenarios = frozenset({"fanout", "fanout-2k", "p2p", "latency"})
 
 
 class SocketIONodeSystem(System):
@@ -346,6 +355,51 @@ class SocketIONodeSystem(System):
 
     def everyone(self, data: dict[str, Any], mtype: str = "warmup") -> Item:
         return self.emit(mtype, data, None)
+
+
+class HubDeflateSystem(HubSystem):
+    """hubnode as a browser meets it: the load clients offer permessage-deflate.
+
+    The node accepts (`server_no_context_takeover; client_no_context_takeover`)
+    and compresses each message of at least `--compress-min-bytes` (512) once
+    for all its sockets; smaller ones go plain. Only fan-out: its 100-byte
+    messages show what negotiating costs, the 2 KB ones what compressing costs.
+    """
+
+    name = "hubnode-deflate"
+    label = "hubnode, clients offer deflate"
+    deflate = True
+    scenarios = frozenset({"fanout", "fanout-2k"})
+
+
+class HubMsgpackSystem(HubSystem):
+    """hubnode with load clients on the `hubnode.msgpack` subprotocol (binary msgpack frames both ways).
+
+    Point-to-point too: there the node's msgpack form of a message serves one socket.
+    """
+
+    name = "hubnode-msgpack"
+    label = "hubnode, msgpack"
+    msgpack = True
+    scenarios = frozenset({"fanout", "fanout-2k", "p2p"})
+
+
+class SocketIONodeDeflateSystem(SocketIONodeSystem):
+    """Node.js Socket.IO with `perMessageDeflate: { threshold: 1024 }`, its clients offering it.
+
+    ws compresses every frame of at least 1 KiB for each socket on its own
+    (context takeover: a zlib stream per socket), as a browser-facing Socket.IO
+    server with compression turned on does.
+    """
+
+    name = "socketio-node-deflate"
+    label = "Node.js Socket.IO, deflate"
+    deflate = True
+    THRESHOLD = 1024
+    scenarios = frozenset({"fanout", "fanout-2k"})
+
+    def argv(self, port: int, redis_url: str, index: int) -> list[str]:
+        return [*super().argv(port, redis_url, index), "--deflate", str(self.THRESHOLD)]
 
 
 def check_node_emitter(system: SocketIONodeSystem) -> None:
@@ -400,7 +454,8 @@ class BaselineSystem(System):
 SYSTEMS: dict[str, type[System]] = {
     "hubnode": HubSystem, "hubnode-history": HubHistorySystem, "socketio": SocketIOSystem,
     "socketio-node": SocketIONodeSystem, "socketio-deflate": SocketIODeflateSystem,
-    "baseline": BaselineSystem,
+    "baseline": BaselineSystem, "hubnode-deflate": HubDeflateSystem, "hubnode-msgpack": HubMsgpackSystem,
+    "socketio-node-deflate": SocketIONodeDeflateSystem,
 }
 DEFAULT_SYSTEMS = tuple(SYSTEMS)
 

@@ -14,7 +14,12 @@
 // Protocols: "hub" (hubnode, and the bare baseline server, which speaks the
 // same frames) uses `ws`; "sio" uses socket.io-client over the websocket
 // transport only. Clients offer permessage-deflate only when `deflate` is set
-// (the socketio-deflate system), so otherwise no server compresses.
+// (the *-deflate systems), so otherwise no server compresses. With `msgpack`
+// (hub only) the clients ask for the `hubnode.msgpack` subprotocol: every frame
+// both ways is binary, one msgpack map (@msgpack/msgpack encodes the joins and
+// decodes the server's frames; like the JSON clients, which find "type":"bench"
+// without parsing, a bench or warm-up frame is recognised by its bytes and decoded
+// only for its timestamp, or once per socket to check it).
 //
 // Latency: the publisher puts time.monotonic() (CLOCK_MONOTONIC, seconds) in
 // data.t; process.hrtime is the same clock, so receive - t is the
@@ -26,6 +31,9 @@ const readline = require("readline");
 const cfg = JSON.parse(process.argv[2]);
 const BENCH_TAG = Buffer.from('"type":"bench"');
 const WARM_TAG = Buffer.from('"type":"warmup"');
+// the same key and value in msgpack: fixstr "type", then fixstr "bench" / "warmup"
+const PACKED_BENCH_TAG = Buffer.from("\xa4type\xa5bench", "latin1");
+const PACKED_WARM_TAG = Buffer.from("\xa4type\xa6warmup", "latin1");
 const LOG_BASE = Math.log(1.01);
 
 const state = {
@@ -101,12 +109,31 @@ function onClosed(code) {
 
 // -- hubnode / baseline protocol ------------------------------------------------
 
+let codecOnce = null;
+
+function hubCodec() {
+  if (codecOnce === null) codecOnce = makeHubCodec();
+  return codecOnce;
+}
+
+function makeHubCodec() {
+  if (!cfg.msgpack) {
+    return { protocols: [], benchTag: BENCH_TAG, warmTag: WARM_TAG, encode: JSON.stringify,
+             decode: (data) => JSON.parse(data) };
+  }
+  const { encode, decode } = require("@msgpack/msgpack");
+  return { protocols: ["hubnode.msgpack"], benchTag: PACKED_BENCH_TAG, warmTag: PACKED_WARM_TAG,
+           encode, decode };
+}
+
 function openHub(i) {
   const WebSocket = require("ws");
+  const codec = hubCodec();
   return new Promise((resolve, reject) => {
     const url = `${urlOf(i)}?user_id=${encodeURIComponent(userOf(i))}`;
-    const ws = new WebSocket(url, {
-      perMessageDeflate: false,
+    const ws = new WebSocket(url, codec.protocols, {
+      // as browsers do: `permessage-deflate; client_max_window_bits`
+      perMessageDeflate: Boolean(cfg.deflate),
       localAddress: localAddressOf(i),
       handshakeTimeout: cfg.timeoutMs,
     });
@@ -114,6 +141,7 @@ function openHub(i) {
     let pendingAck = null;
     let nextId = 1;
     let settled = false;
+    let checked = !cfg.msgpack;
     const fail = (err) => {
       if (!settled) {
         settled = true;
@@ -129,19 +157,24 @@ function openHub(i) {
         return;
       }
       pendingAck = nextId++;
-      ws.send(JSON.stringify({ type: "join_room", data: rooms.shift(), id: pendingAck }));
+      ws.send(codec.encode({ type: "join_room", data: rooms.shift(), id: pendingAck }));
     };
-    ws.on("message", (data) => {
-      if (data.indexOf(BENCH_TAG) !== -1) {
+    ws.on("message", (data, isBinary) => {
+      if (isBinary !== Boolean(cfg.msgpack)) noteError(`unexpected ${isBinary ? "binary" : "text"} frame`);
+      if (data.indexOf(codec.benchTag) !== -1) {
         delivered(i);
-        if (cfg.latency) recordLatency(JSON.parse(data).data.t);
+        if (cfg.latency) recordLatency(codec.decode(data).data.t);
+        else if (!checked) {
+          checked = true;
+          if (codec.decode(data).type !== "bench") noteError("a bench frame did not decode as one");
+        }
         return;
       }
-      if (data.indexOf(WARM_TAG) !== -1) {
+      if (data.indexOf(codec.warmTag) !== -1) {
         state.warm[i]++;
         return;
       }
-      const frame = JSON.parse(data);
+      const frame = codec.decode(data);
       if (frame.type === "connected" && !settled) joinNext();
       else if (frame.type === "ack" && frame.id === pendingAck) joinNext();
       else if (frame.type === "error") {

@@ -7,13 +7,15 @@
 // bench/servers/sio_server.py: a client joins a room with the `join` event
 // (acked with "ok"); on connect it enters the room `user:<id>` for its
 // `?user_id=`. Engine.IO pings are set far apart, as hubnode runs with
-// `--ping-interval 0`; no per-message compression (the server's default).
+// `--ping-interval 0`; no per-message compression (the server's default), or with
+// `--deflate THRESHOLD` permessage-deflate on (`perMessageDeflate: { threshold }`:
+// frames of at least THRESHOLD bytes compressed, per socket, for clients that offer it).
 //
 // External publishers (a Node.js worker with @socket.io/redis-emitter, or the
 // bench's Python publisher writing the same msgpack bytes) PUBLISH on
 // `socket.io#/#` or `socket.io#/#<room>#`.
 //
-//   node bench/servers/sio_node.js --port P --redis-url redis://127.0.0.1:6379/0
+//   node bench/servers/sio_node.js --port P --redis-url redis://127.0.0.1:6379/0 [--deflate 1024]
 "use strict";
 
 const http = require("http");
@@ -33,6 +35,7 @@ function option(name) {
 async function main() {
   const port = Number(option("--port"));
   const redisUrl = option("--redis-url");
+  const deflate = process.argv.includes("--deflate") ? { threshold: Number(option("--deflate")) } : false;
   const pubClient = createClient({ url: redisUrl });
   const subClient = pubClient.duplicate();
   for (const c of [pubClient, subClient]) c.on("error", (err) => console.error("redis:", err.message));
@@ -45,6 +48,7 @@ async function main() {
     pingTimeout: 3600 * 1000,
     cors: { origin: "*" },
     serveClient: false,
+    perMessageDeflate: deflate,
   });
 
   io.on("connection", (socket) => {
