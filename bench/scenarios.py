@@ -368,7 +368,7 @@ def idle_capacity(requested: int) -> int:
 
 
 async def idle(system: System, ctx: Context, clients: int) -> dict[str, Any]:
-    """`clients` idle connections on one node: RSS per connection and connect time."""
+    """`clients` idle connections on one node, each joined to 2 rooms: RSS per connection and connect time."""
     n = idle_capacity(clients)
     per_process = 12_000  # each client process is under the same open-files limit
     processes = max(ctx.client_processes, math.ceil(n / per_process))
@@ -376,8 +376,9 @@ async def idle(system: System, ctx: Context, clients: int) -> dict[str, Any]:
     # clients over 127.0.0.x (an explicit bind, so only when one address is not enough)
     sources = math.ceil(n / 25_000)
     addresses = [f"127.0.0.{k + 1}" for k in range(sources)] if sources > 1 else []
+    # each client joins 2 rooms, as in the storm: membership is part of what a connection costs
     dep, fleet = await _start(system, ctx, f"idle{clients}", 1, n, processes=processes,
-                              addresses=addresses)
+                              addresses=addresses, rooms={"shared": ["lobby"], "mod": 100, "modPrefix": "team"})
     try:
         await asyncio.sleep(1.0)  # let the node finish starting (imports, Redis pools)
         node = dep.nodes[0]

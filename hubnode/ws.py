@@ -137,7 +137,7 @@ def _take_over(node: Node, request: web.Request, conn_id: str, identity: Identit
                       on_frame=_handlers(node), on_lost=node.lost, form=accepted.form,
                       max_message=cfg.max_message_bytes, min_compress=cfg.compress_min_bytes)
     tail = getattr(handler, "_message_tail", b"")
-    transport.write(accepted.response)
+    conn.send_raw(accepted.response)  # leaves with `connected` in one write
     handler.transport = None  # so aiohttp's cleanup below cannot close the socket it no longer serves
     handler.connection_lost(None)
     transport.set_protocol(conn)

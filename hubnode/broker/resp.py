@@ -37,6 +37,7 @@ class SubscriberConnection(asyncio.Protocol):
         self._on_push = on_push
         self._on_lost = on_lost
         self._replies: list[asyncio.Future[Any]] = []  # answers expected before subscribe mode
+        self._outbox: list[bytes] = []  # commands of this loop iteration, written together
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,8 +62,21 @@ class SubscriberConnection(asyncio.Protocol):
         self._on_lost(exc)
 
     def send(self, *args: str | bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_command(*args))
+        """Queue a command; the commands of one loop iteration leave in one write.
+
+        A connect storm subscribes thousands of user channels, one SUBSCRIBE per
+        handshake: one system call for each of them was a visible part of the node's CPU.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._outbox.append(encode_command(*args))
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     async def call(self, *args: str | bytes) -> Any:
         """Send a command and await its reply (only before the first SUBSCRIBE)."""
