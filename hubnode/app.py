@@ -32,12 +32,13 @@ def build_node(config: Config) -> Node:
 def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
     """Serve `node`'s WebSocket endpoint at `path` and tie its life to the app's.
 
-    The node starts with the app and drains in `on_shutdown`, which aiohttp runs
-    before it waits for open handlers (a WebSocket handler only returns once
-    its socket is closed).
+    The node starts with the app and drains in `on_shutdown`: once upgraded, a
+    socket is the node's (hubnode.connection), not aiohttp's, so aiohttp's own
+    shutdown would not close it. The `101` is written by the node, so headers
+    that middlewares or `on_response_prepare` add do not reach it.
     """
     app[NODE] = node
-    app.router.add_get(path, websocket_handler)
+    app.router.add_get(path, websocket_handler, allow_head=False)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await node.start()

@@ -68,7 +68,11 @@ class Flusher:
         self._scheduled = False
         pending, self._pending = self._pending, []
         for conn in pending:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:  # never leave the others unflushed
+                log.exception("writing to %s failed: dropping it", conn.id)
+                conn.abort()
 
 
 class Connection(asyncio.Protocol):
@@ -182,12 +186,14 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.last_seen = time.monotonic()
         try:
             messages = self._reader.feed(data)
         except Violation as exc:
             self._violated(exc.code, exc.reason)
             return
+        if not messages:  # a partial frame is no sign of life: a trickle must not keep a peer alive
+            return
+        self.last_seen = time.monotonic()
         for op, payload in messages:
             if op <= 2:
                 if (op == TEXT) == bool(self.form & MSGPACK):
@@ -198,16 +204,18 @@ class Connection(asyncio.Protocol):
                 if not self.closing:
                     self._take(payload)
             elif op == PING:
-                if not self.closing:
+                if not self.closing and self.bucket.take(self.last_seen):  # pings count against --rate
                     self._queue(data_frame(0x8A, payload))  # type: ignore[arg-type]
             elif op == CLOSE:
                 self._peer_closed(payload)  # type: ignore[arg-type]
                 return
 
     def _violated(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 section 7.1.7): close frame, then the socket, reading nothing more."""
         log.info("closing %s with %d: %s", self.id, code, reason)
         self._inbox = None
         self.close_soon(code, reason)
+        self._transport.close()  # after the queued bytes; the close timer still bounds a peer that reads nothing
 
     def _peer_closed(self, payload: bytes) -> None:
         """The client's close frame: answered (unless it answers ours), then the socket is closed."""
@@ -218,7 +226,9 @@ class Connection(asyncio.Protocol):
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CloseCode.NORMAL
             transport.write(close_frame(code))
         self._inbox = None
-        transport.close()
+        transport.close()  # waits for the write buffer to drain: bounded, or a peer that stops reading stays
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def _take(self, payload: str | bytes) -> None:
         inbox = self._inbox
@@ -241,6 +251,7 @@ class Connection(asyncio.Protocol):
                     await self._on_frame(self, payload)
                 except Exception:
                     log.exception("handling a frame of %s failed", self.id)
+                self.last_seen = time.monotonic()  # reading may be paused meanwhile: the client is not silent
         finally:
             self._worker = None
             self._inbox = None

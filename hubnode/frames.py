@@ -53,7 +53,7 @@ def text_frame(payload: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit the 125 bytes a control frame may carry."""
-    return data_frame(0x88, _CLOSE(code) + reason.encode()[:123])
+    return data_frame(0x88, _CLOSE(code) + reason.encode()[:123].decode(errors="ignore").encode())
 
 
 def compress(payload: bytes) -> bytes:

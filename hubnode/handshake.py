@@ -80,8 +80,11 @@ def parse_deflate_offers(value: str) -> bool:
 
 def negotiate(headers: Mapping[str, str], compression: bool) -> Accepted | str:
     """The 101 response and wire form for this upgrade request, or why it is refused."""
-    if "websocket" not in _tokens(headers.get("Upgrade", "")):
+    # exactly `websocket`: aiohttp's parser treats only that as an upgrade (and keeps the bytes after it)
+    if headers.get("Upgrade", "").strip().lower() != "websocket":
         return "not a WebSocket upgrade: 'Upgrade: websocket' is required"
+    if headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in headers:
+        return "an upgrade request has no body"
     if "upgrade" not in _tokens(headers.get("Connection", "")):
         return "not a WebSocket upgrade: 'Connection: upgrade' is required"
     if headers.get("Sec-WebSocket-Version", "").strip() != "13":

@@ -21,6 +21,7 @@ INVALID_DATA = 1007
 TOO_BIG = 1009
 
 _TAIL = b"\x00\x00\xff\xff"
+MAX_FRAGMENTS = 1024  # empty fragments cost no bytes, so the size limit alone does not bound them
 
 try:  # aiohttp's compiled XOR; the same result as the fallback below, faster
     from aiohttp._websocket.mask import (
@@ -58,22 +59,30 @@ Message = tuple[int, str | bytes]
 class FrameReader:
     """Frames in, messages out: (TEXT, str), (BINARY, bytes), (CLOSE|PING|PONG, bytes)."""
 
-    __slots__ = ("_buf", "_max", "_deflate", "_frag_op", "_frag", "_frag_deflated")
+    __slots__ = ("_buf", "_max", "_deflate", "_frag_op", "_frag", "_frag_deflated", "_frags", "failed")
 
     def __init__(self, max_size: int, deflate: bool = False) -> None:
-        self._buf: bytes | bytearray = b""
+        self._buf: bytes = b""
         self._max = max_size  # 0: no limit
         self._deflate = deflate
         self._frag_op = 0  # opcode of the fragmented message being read, 0 if none
         self._frag: bytearray | None = None
         self._frag_deflated = False
+        self._frags = 0
+        self.failed = False  # after a Violation nothing more is read (RFC 6455 section 7.1.7)
 
     def feed(self, data: bytes) -> list[Message]:
-        buf = self._buf
-        if buf:
-            buf += data
-        else:
-            buf = data
+        if self.failed:
+            return []
+        try:
+            return self._feed(data)
+        except Violation:
+            self.failed = True
+            self._buf, self._frag = b"", None
+            raise
+
+    def _feed(self, data: bytes) -> list[Message]:
+        buf = self._buf + data if self._buf else data
         out: list[Message] = []
         pos, n = 0, len(buf)
         limit = self._max
@@ -105,8 +114,7 @@ class FrameReader:
                 out.append(message)
                 if message[0] == CLOSE:
                     pos = n  # nothing after a close frame is read
-        rest = buf[pos:]
-        self._buf = bytearray(rest) if rest else b""
+        self._buf = bytes(buf[pos:]) if pos < n else b""
         return out
 
     def _check(self, b0: int, b1: int, op: int, size: int) -> None:
@@ -136,8 +144,12 @@ class FrameReader:
             if fin:
                 return self._complete(op, payload, bool(b0 & 0x40))
             self._frag_op, self._frag, self._frag_deflated = op, bytearray(payload), bool(b0 & 0x40)
+            self._frags = 1
             return None
         assert self._frag is not None
+        self._frags += 1
+        if self._frags > MAX_FRAGMENTS:
+            raise Violation(TOO_BIG, f"message in over {MAX_FRAGMENTS} fragments")
         self._frag += payload
         if not fin:
             return None

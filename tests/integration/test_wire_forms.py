@@ -7,6 +7,7 @@ import asyncio
 import base64
 import os
 import struct
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import hubnode.connection
 import hubnode.frames
 from hubnode import mount
 from hubnode.auth import Identity
@@ -276,3 +278,71 @@ async def test_a_batch_of_messages_is_one_write_per_socket() -> None:
     for t in transports:
         assert len(t.writes) == 1
         assert t.writes[0] == [f.text for f in frames]
+
+
+class _StuckTransport(_Transport):
+    """A transport whose peer stopped reading: close() never completes, only abort() ends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.aborted = False
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def _client_bytes(payload: bytes, first: int) -> bytes:
+    key = b"\x01\x02\x03\x04"
+    return bytes([first, 0x80 | len(payload)]) + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+
+
+def _bare(transport: asyncio.Transport, lost: list[Connection] | None = None) -> Connection:
+    async def on_frame(conn: Connection, payload: str | bytes) -> None:
+        return None
+    return Connection("c", Identity(user_id="u"), transport, max_outbound=1 << 20, bucket=TokenBucket(0, 1),
+                      streak=ErrorStreak(0), flusher=Flusher(), on_frame=on_frame,
+                      on_lost=(lost.append if lost is not None else (lambda c: None)), max_message=100)
+
+
+async def test_a_client_that_closes_and_stops_reading_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's close is answered; if the answer cannot drain, the socket is aborted after CLOSE_TIMEOUT."""
+    monkeypatch.setattr(hubnode.connection, "CLOSE_TIMEOUT", 0.05)
+    transport = _StuckTransport()
+    conn = _bare(transport)
+    conn.data_received(_client_bytes(struct.pack("!H", 1000), 0x88))
+    assert transport.closed and transport.writes[-1][0][:2] == b"\x88\x02"
+    await wait_until(lambda: transport.aborted, 5, what="the abort")
+
+
+async def test_a_violation_fails_the_connection_and_reads_nothing_more() -> None:
+    transport = _StuckTransport()
+    conn = _bare(transport)
+    conn.data_received(_client_bytes(b"x", 0x83))  # reserved opcode
+    assert conn.closing and transport.closed
+    close = transport.writes[-1][0]
+    assert close[0] == 0x88 and close[2:4] == b"\x03\xea"  # close 1002
+    before = list(transport.writes)
+    conn.data_received(_client_bytes(b"", 0x89))  # a ping after the breach is not answered
+    assert transport.writes == before
+
+
+async def test_a_trickled_partial_frame_is_no_sign_of_life() -> None:
+    conn = _bare(_StuckTransport())
+    seen = conn.last_seen
+    frame = _client_bytes(b'{"type":"ping"}', 0x81)
+    await wait_until(lambda: time.monotonic() > seen, 1)
+    conn.data_received(frame[:5])
+    assert conn.last_seen == seen
+    conn.data_received(frame[5:])
+    assert conn.last_seen > seen

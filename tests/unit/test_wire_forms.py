@@ -250,3 +250,27 @@ def test_packed_frames_parse_like_json_ones() -> None:
 def test_bad_packed_frames(data: bytes, code: str) -> None:
     got = parse_packed(data)
     assert isinstance(got, ProtocolError) and got.code.value == code
+
+
+def test_a_violation_is_final_and_frees_the_buffer() -> None:
+    """After a breach nothing more is read or kept, however much the client goes on sending."""
+    r = FrameReader(100)
+    frame = client_frame(b"x" * 90)
+    assert r.feed(frame[:10]) == []  # a frame split across reads
+    with pytest.raises(Violation):
+        r.feed(frame[10:] + client_frame(b"x", 0x3))
+    assert r.feed(b"\x00" * 100_000) == [] and r.feed(client_frame(b"ok")) == []
+    assert r.failed and r._buf == b""
+
+
+def test_empty_fragments_are_bounded() -> None:
+    r = FrameReader(100)
+    data = client_frame(b"", TEXT, fin=False) + client_frame(b"", 0, fin=False) * 1100
+    with pytest.raises(Violation) as caught:
+        r.feed(data)
+    assert caught.value.code == 1009
+
+
+def test_close_reason_is_cut_on_a_character_boundary() -> None:
+    frame = close_frame(1000, "é" * 100)
+    assert frame[4:].decode() == "é" * 61
