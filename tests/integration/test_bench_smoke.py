@@ -47,15 +47,10 @@ async def test_bench_capacity_holds_every_connection_on_three_nodes(tmp_path: Pa
 
 async def test_bench_soak_loses_nothing_and_leaves_no_membership_keys(tmp_path: Path) -> None:
     """bench.soak, 300 clients for 9 s, both variants: nothing lost or duplicated where it may not be, no key left."""
-    import shutil  # imported here: the file's header is shared with other tests' edits
-
-    import pytest
-
     from bench import soak
-    from bench.loadgen import BENCH_DIR
+    from bench.loadgen import ensure_node_clients
 
-    if shutil.which("node") is None or not (BENCH_DIR / "node_modules" / "ws" / "package.json").exists():
-        pytest.skip("the soak clients need Node.js and bench/node_modules (npm ci in bench/)")
+    ensure_node_clients()  # `make test` installed Node.js; this runs `npm ci` in bench/ once
     args = soak.parse_args(["--soak-clients", "300", "--soak-minutes", "0.15", "--soak-interval", "3",
                             "--soak-rooms", "30", "--soak-rate", "200", "--soak-mix", "10:9:1",
                             "--out", str(tmp_path)])
