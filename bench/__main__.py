@@ -25,7 +25,7 @@ from typing import Any
 from bench import capacity, scenarios, soak
 from bench.loadgen import ensure_node_clients
 from bench.procs import ROOT, background_load
-from bench.report import environment, plot, write_markdown
+from bench.report import environment, plot, plot_scaling, write_markdown
 from bench.scenarios import Context
 from bench.systems import SYSTEMS, System, available_systems, hub_cluster_available, make_systems
 
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     png = md.with_suffix(".png")
     if plot(png, report):
         report["plot"] = png.name
+    scaling = md.with_name(md.stem + "-fanout.png")
+    if plot_scaling(scaling, report):
+        report["plot_scaling"] = scaling.name
     write_markdown(md, report)
     log(f"wrote {json_path}, {md}" + (f", {png}" if report.get("plot") else ""))
     failed = [r for rows in report["results"].values() for r in rows if "error" in r]

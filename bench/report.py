@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.procs import ROOT, nofile_limit
 
-__all__ = ["environment", "plot", "write_markdown"]
+__all__ = ["environment", "plot", "plot_scaling", "write_markdown"]
 
 Row = dict[str, Any]
 
@@ -430,6 +430,8 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
                   "for a quiet machine before each one).", ""]
     if run.get("plot"):
         lines += [f"![headline figures]({run['plot']})", ""]
+    if run.get("plot_scaling"):
+        lines += [f"![fan-out CPU per delivery vs clients]({run['plot_scaling']})", ""]
     if not run.get("hub_cluster", True):
         lines += ["**hubnode ran as a single node with the embedded broker, published to by "
                   "`POST /broadcast`** (cluster mode was not available): its figures include "
@@ -561,6 +563,42 @@ _METHOD = [
 
 
 # -- PNG -------------------------------------------------------------------------------
+
+SCALING_SYSTEMS = ("hubnode", "socketio-node", "socketio")
+
+
+def plot_scaling(path: Path, run: dict[str, Any]) -> bool:
+    """Fan-out CPU per delivery against the number of clients, one line per system
+    (hubnode, Node.js Socket.IO, python-socketio), on a log scale: how the cost of one
+    delivery moves as rooms grow. False without matplotlib or fan-out results."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows: list[Row] = [r for r in run["results"].get("fanout", []) if "error" not in r]
+    lines = {s: sorted((r["clients"], r["cpu_per_100k"]) for r in rows
+                       if r.get("system") == s and r.get("cpu_per_100k") is not None)
+             for s in SCALING_SYSTEMS}
+    lines = {s: pts for s, pts in lines.items() if pts}
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for system, pts in lines.items():
+        ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=_LABELS.get(system, system))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients in the room (2 nodes)")
+    ax.set_ylabel("server CPU-s per 100k deliveries")
+    ax.set_title("fan-out: CPU per delivery vs clients", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
 
 def plot(path: Path, run: dict[str, Any]) -> bool:
     """A small PNG of the headline figures; False when matplotlib is not installed."""
