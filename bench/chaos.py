@@ -416,17 +416,18 @@ async def _progress(clients: Clients, t0: float) -> None:
             f"{s['reconnects']:,} reconnects, {s['resyncs']:,} resyncs")
 
 
-async def _drain(clients: Clients, quiet: float, timeout: float) -> dict[str, int]:
-    """Wait until every client is joined again and nothing arrived for `quiet` seconds."""
+async def _drain(clients: Clients, quiet: float, timeout: float, total: int | None = None,
+                 interval: float = 0.5) -> dict[str, int]:
+    """Wait until every client is joined again (`total` open, when given) and nothing arrived for `quiet` seconds."""
     end = time.monotonic() + timeout
     last = await clients.stats()
     since = time.monotonic()
     while time.monotonic() < end:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(interval)
         s = await clients.stats()
         if s["received"] != last["received"] or s["open"] != last["open"]:
             last, since = s, time.monotonic()
-        elif time.monotonic() - since >= quiet:
+        elif (total is None or s["open"] == total) and time.monotonic() - since >= quiet:
             break
     return last
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.chaos import Clients, _node_metrics, chaos_events
+from bench.chaos import Clients, _drain, _node_metrics, chaos_events
 from bench.chaosclient import rooms_of
 from bench.loadgen import BENCH_DIR, ClientProc, ensure_node_clients, percentile_of_hist
 from bench.procs import ROOT, Cpu, cpu_of, rss_of
@@ -237,17 +237,7 @@ async def start_clients(urls: list[str], plan: Plan, history: bool, log_dir: Pat
 
 async def drain(clients: Clients, total: int, quiet: float, timeout: float) -> dict[str, int]:
     """Wait until every client is joined and nothing arrived for `quiet` seconds (or `timeout`)."""
-    end = time.monotonic() + timeout
-    last = await clients.stats()
-    since = time.monotonic()
-    while time.monotonic() < end:
-        await asyncio.sleep(0.25)
-        s = await clients.stats()
-        if s["received"] != last["received"] or s["open"] != last["open"]:
-            last, since = s, time.monotonic()
-        elif s["open"] == total and time.monotonic() - since >= quiet:
-            break
-    return last
+    return await _drain(clients, quiet, timeout, total=total, interval=0.25)
 
 
 # -- what /proc and Redis say ---------------------------------------------------------------

@@ -52,6 +52,18 @@ def fuzz_node() -> Iterator[NodeProcess]:
     node.stop()
 
 
+async def _still_served(session: aiohttp.ClientSession, node: NodeProcess,
+                        good: aiohttp.ClientWebSocketResponse) -> None:
+    """A well-behaved client on the same node still receives everything."""
+    resp = await session.post(f"{node.url}/broadcast", json={"type": "check", "room": "good-room"})
+    assert resp.status == 202
+    while True:
+        got = orjson.loads((await good.receive(timeout=5)).data)
+        if got["type"] == "check":
+            break
+    await good.close()
+
+
 async def _episode(node: NodeProcess, batch: list[str | bytes]) -> None:
     async with aiohttp.ClientSession() as session:
         good = await session.ws_connect(f"{node.ws_url}?user_id=good")
@@ -81,14 +93,7 @@ async def _episode(node: NodeProcess, batch: list[str | bytes]) -> None:
                 assert set(reply["data"]) == {"code", "message"}
             if reply.get("id") == "__end__" and reply["type"] == "pong":
                 break
-        # a well-behaved client on the same node still receives everything
-        resp = await session.post(f"{node.url}/broadcast", json={"type": "check", "room": "good-room"})
-        assert resp.status == 202
-        while True:
-            got = orjson.loads((await good.receive(timeout=5)).data)
-            if got["type"] == "check":
-                break
-        await good.close()
+        await _still_served(session, node, good)
         if not closed:
             await fuzzer.close()
 
@@ -143,14 +148,7 @@ async def _raw_episode(node: NodeProcess, batch: list[bytes]) -> None:
         except ConnectionError:
             pass
         writer.close()
-        # a well-behaved client on the same node still receives everything
-        resp = await session.post(f"{node.url}/broadcast", json={"type": "check", "room": "good-room"})
-        assert resp.status == 202
-        while True:
-            got = orjson.loads((await good.receive(timeout=5)).data)
-            if got["type"] == "check":
-                break
-        await good.close()
+        await _still_served(session, node, good)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

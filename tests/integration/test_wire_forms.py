@@ -9,20 +9,16 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import msgpack
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 import hubnode.connection
 import hubnode.frames
-from hubnode import mount
 from hubnode.auth import Identity
 from hubnode.connection import Connection, Flusher
 from hubnode.frames import Frame
@@ -31,6 +27,7 @@ from hubnode.node import Node
 from hubnode.policy import ErrorStreak, TokenBucket
 from tests.conftest import node_config
 from tests.helpers import Client, NodeProcess, wait_until
+from tests.integration.test_hub_api import mounted
 
 BIG = "x" * 2000  # over --compress-min-bytes (512)
 
@@ -177,18 +174,6 @@ async def test_no_compression_declines_deflate(session: aiohttp.ClientSession) -
         await client.join("plain")
     finally:
         proc.stop()
-
-
-@asynccontextmanager
-async def mounted(node: Node) -> AsyncIterator[str]:
-    app = web.Application()
-    mount(app, node, path="/ws")
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield str(server.make_url("/ws"))
-    finally:
-        await server.close()
 
 
 async def test_each_message_is_compressed_once_per_node(session: aiohttp.ClientSession,
