@@ -57,7 +57,7 @@ PAGE = """
 
 async def test_browser_negotiates_deflate_and_big_messages_cross_both_ways(hub: TestServer,
                                                                           open_page: Opener) -> None:
-    page = await open_page(str(hub.make_url("/")), client_page(PAGE % {"n": BIG}, module=False))
+    page = await open_page(str(hub.make_url("/healthz")), client_page(PAGE % {"n": BIG}, module=False))
     got: dict[str, Any] = await results(page)
     assert got["extensions"] == "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
     assert got == {**got, "connected": "connected", "ack": 1, "rawEcho": True, "hubEcho": True, "rawSawHub": True}
