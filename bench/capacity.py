@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,7 +33,7 @@ import redis.asyncio as aioredis
 from bench.loadgen import Fleet, Stats
 from bench.procs import nofile_limit
 from bench.publish import Publisher
-from bench.scenarios import CONNECTS_IN_FLIGHT, Context, Meter, _pct
+from bench.scenarios import CONNECTS_IN_FLIGHT, Context, Meter, _pct, wait_delivered
 from bench.systems import Deployment, Item, System
 
 __all__ = ["HUB_MAX_CONNECTIONS", "NODES", "PER_ADDRESS", "PER_PROCESS", "capacity", "established"]
@@ -107,18 +106,7 @@ async def _reach(fleet: Fleet, pub: Publisher, system: System, connected: int,
                  timeout: float = 60.0, stall: float = 10.0) -> Stats:
     """Publish one message to everyone; wait until `connected` clients counted it (or it stalls)."""
     await pub.publish([system.everyone({"w": 0})])
-    end = time.monotonic() + timeout
-    previous, progressed = -1, time.monotonic()
-    while True:
-        await asyncio.sleep(0.2)
-        stats = await fleet.stats()
-        now = time.monotonic()
-        if stats.warm_total >= connected:
-            return stats
-        if stats.warm_total != previous:
-            previous, progressed = stats.warm_total, now
-        if now - progressed > stall or now > end:
-            return stats
+    return await wait_delivered(fleet, connected, timeout, stall, count=lambda s: s.warm_total, interval=0.2)
 
 
 async def _redis_used(r: aioredis.Redis) -> int:

@@ -187,20 +187,22 @@ async def warm_up(fleet: Fleet, pub: Publisher, system: System, timeout: float =
     await fleet.reset()
 
 
-async def wait_delivered(fleet: Fleet, expected: int, timeout: float, stall: float = 15.0) -> Stats:
-    """Poll the clients until `expected` deliveries, `stall` s without progress, or timeout."""
+async def wait_delivered(fleet: Fleet, expected: int, timeout: float, stall: float = 15.0,
+                         count: Callable[[Stats], int] = lambda s: s.received, interval: float = 0.1) -> Stats:
+    """Poll the clients until `count` (deliveries by default) reaches `expected`, `stall` s
+    pass without progress, or timeout."""
     end = time.monotonic() + timeout
     previous, progressed = -1, time.monotonic()
     while True:
         stats = await fleet.stats()
         now = time.monotonic()
-        if stats.received >= expected:
+        if count(stats) >= expected:
             return stats
-        if stats.received != previous:
-            previous, progressed = stats.received, now
+        if count(stats) != previous:
+            previous, progressed = count(stats), now
         if now - progressed > stall or now > end:
             return stats
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval)
 
 
 def _compare(counts: Sequence[int], expected: Callable[[int], int]) -> tuple[int, int]:

@@ -768,12 +768,7 @@ def _disconnect(conn: Connection, command: Command) -> None:
     conn.send(encode_message(Message("system_message", {"event": "disconnect", "reason": command.reason,
                                                         "reconnect": command.reconnect}).stamped()))
     code = CloseCode.DISCONNECTED_RECONNECT if command.reconnect else CloseCode.DISCONNECTED
-    conn.close_soon(code, _close_reason(command.reason))
-
-
-def _close_reason(reason: str) -> str:
-    """At most 123 UTF-8 bytes (a close frame's limit), cut on a character boundary."""
-    return reason.encode()[:123].decode(errors="ignore")
+    conn.close_soon(code, command.reason)  # close_frame cuts it to a control frame's 123 bytes
 
 
 def _ignore(data: dict[str, Any] | None) -> None:

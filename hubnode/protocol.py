@@ -128,10 +128,10 @@ def parse_packed(data: bytes) -> ClientFrame | ProtocolError:
         return ProtocolError(ErrorCode.BAD_MESSAGE, "frame holds values JSON cannot carry "
                              "(bytes, non-string keys, or nesting too deep)",
                              fid if isinstance(fid, int | str) and not isinstance(fid, bool) else None)
-    return _parse_object(raw)
+    return _parse_object(raw, encodable_checked=True)
 
 
-def _parse_object(raw: dict[Any, Any]) -> ClientFrame | ProtocolError:
+def _parse_object(raw: dict[Any, Any], encodable_checked: bool = False) -> ClientFrame | ProtocolError:
     fid = raw.get("id")
     if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int | str)):
         return ProtocolError(ErrorCode.BAD_MESSAGE, "'id' must be an integer or a string")
@@ -142,7 +142,7 @@ def _parse_object(raw: dict[Any, Any]) -> ClientFrame | ProtocolError:
     if parser is None:
         return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {ftype[:64]!r}", fid)
     data = raw.get("data")
-    if isinstance(data, dict | list) and not encodable(data):
+    if not encodable_checked and isinstance(data, dict | list) and not encodable(data):
         return ProtocolError(ErrorCode.BAD_MESSAGE, "'data' nests too deeply", fid)
     return parser(data, fid)
 
