@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def deadline(seconds: float) -> float:
     return time.monotonic() + seconds * SCALE
+
+
+def doc_block(page: str, first_line: str) -> str:
+    """The fenced code block of `page` (README.md, docs/protocol.md, ...) whose first line starts with
+    `first_line`: documentation examples are run as written, so they cannot drift from the code."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", (ROOT / page).read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"{page} has {len(found)} blocks starting with {first_line!r}"
+    return str(found[0])
 
 
 def missing(reason: str) -> NoReturn:

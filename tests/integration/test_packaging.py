@@ -8,7 +8,6 @@ not install the publisher without aiohttp, PyJWT, prometheus-client and the node
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,17 +19,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, Client, NodeProcess, RedisServer
+from tests.helpers import ROOT, Client, NodeProcess, RedisServer, doc_block
 
 SERVER_ONLY = {"aiohttp", "orjson", "prometheus-client", "pyjwt", "cryptography", "uvloop"}
 
 
 def readme_block(first_line: str) -> str:
     """The README's fenced code block whose first line starts with `first_line`."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    found = [b for b in blocks if b.startswith(first_line)]
-    assert len(found) == 1, f"README.md has {len(found)} blocks starting with {first_line!r}"
-    return found[0]
+    return doc_block("README.md", first_line)
 
 
 @pytest.fixture(scope="module")
