@@ -1,5 +1,6 @@
-"""The README says what it shows: its Python API example runs as written, and its table of
-server frames names exactly the fields the frames have.
+"""The documentation says what it shows: docs/python.md's Hub API example runs as written,
+docs/protocol.md's table of server frames names exactly the fields the frames have, and
+docs/configuration.md's console session of bad configuration is what the commands print.
 
 Issue 12: `python app.py` failed outside the venv and its cluster hint silently
 ran alone; the README promised `timestamp` on every frame while acks have none.
@@ -21,18 +22,17 @@ import redis
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import node_config, start_server
-from tests.helpers import ROOT, SCALE, Client, RedisServer, free_port, wait_until, wait_until_sync
-from tests.integration.test_packaging import readme_block
+from tests.helpers import ROOT, SCALE, Client, RedisServer, doc_block, free_port, wait_until, wait_until_sync
 
 
-async def test_readme_app_runs_as_written_and_joins_the_cluster(tmp_path: Path,
+async def test_python_api_app_runs_as_written_and_joins_the_cluster(tmp_path: Path,
                                                                  session: aiohttp.ClientSession) -> None:
     """`.venv/bin/python app.py` with HUB_REDIS_URL: a node registered in that Redis, /notify reaches the lobby.
 
     Only the port changes (8081 may be taken on a test machine).
     """
     port = free_port()
-    source = readme_block("# app.py")
+    source = doc_block("docs/python.md", "# app.py")
     assert source.count("8081") == 4  # the comments, Config and run_app: all move together
     (tmp_path / "app.py").write_text(source.replace("8081", str(port)))
     redis_server = RedisServer()
@@ -84,9 +84,9 @@ def _answers(url: str) -> bool:
         return False
 
 
-def readme_frame_table() -> dict[str, tuple[set[str], set[str]]]:
-    """The README's "server frame | always | only when" table: frame -> (always, optional) fields."""
-    text = (ROOT / "README.md").read_text()
+def frame_table() -> dict[str, tuple[set[str], set[str]]]:
+    """docs/protocol.md's "server frame | always | only when" table: frame -> (always, optional) fields."""
+    text = (ROOT / "docs/protocol.md").read_text()
     table = text[text.index("| server frame | always | only when |"):]
     rows: dict[str, tuple[set[str], set[str]]] = {}
     for line in table.splitlines()[2:]:
@@ -101,12 +101,12 @@ def readme_frame_table() -> dict[str, tuple[set[str], set[str]]]:
 
 
 @pytest.mark.parametrize("history", [0, 10], ids=["no-history", "history"])
-async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSession, history: int) -> None:
+async def test_protocol_frame_table_matches_the_frames(session: aiohttp.ClientSession, history: int) -> None:
     """Every kind of frame a client can get, with and without its optional fields, against the table.
 
     Twice: without history, and with it (positions on messages, acks and `connected`).
     """
-    table = readme_frame_table()
+    table = frame_table()
     assert set(table) == {"connected", "ack", "error", "pong", "room_message", "private_message", "broadcast",
                           "system_message", "published"}
     server: TestServer = await start_server(node_config(history_size=history))
@@ -154,11 +154,11 @@ async def test_readme_frame_table_matches_the_frames(session: aiohttp.ClientSess
     assert (with_optional >= positioned) if history else not (with_optional & positioned)
 
 
-def test_readme_configuration_errors_are_what_the_commands_print() -> None:
-    """The README's console session of bad configuration, run in a shell: the same line, exit 2."""
-    text = (ROOT / "README.md").read_text()
+def test_configuration_errors_are_what_the_commands_print() -> None:
+    """docs/configuration.md's console session of bad configuration, run in a shell: the same line, exit 2."""
+    text = (ROOT / "docs/configuration.md").read_text()
     session = re.search(r"```console\n(\$ hubnode --port 99999\n.*?)```", text, re.S)
-    assert session, "the Configuration section's console block is missing"
+    assert session, "docs/configuration.md's console block of bad configuration is missing"
     lines = session[1].splitlines()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
