@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hubnode.frames import DEFLATE, JSON, MSGPACK
+from hubnode.wire import MSGPACK_PROTOCOL
 
 __all__ = ["MSGPACK_PROTOCOL", "Accepted", "accept_key", "negotiate", "parse_deflate_offers"]
 
-MSGPACK_PROTOCOL = "hubnode.msgpack"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Always both: no compressor or decompressor state outlives a message, so a
 # node compresses each message once for all its sockets and keeps no zlib

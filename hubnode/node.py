@@ -35,6 +35,7 @@ from hubnode.protocol import Since, encode_error, encode_message, encode_positio
 from hubnode.routing import Change, RoutingTable
 from hubnode.subscriptions import Subscriptions
 from hubnode.supervisor import Supervisor
+from hubnode.wire import ServerType, SystemEvent
 from publisher.control import Command, command_of, pack_command
 from publisher.envelope import Envelope, EnvelopeError, pack, position_of, unpack
 from publisher.history import History
@@ -51,7 +52,7 @@ PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every so
 
 def reconnect_frame() -> Frame:
     """PROTOCOL.md section 8's notice before close 1001: a Message like any other, so it has its timestamp."""
-    return encode_message(Message("system_message", {"event": "reconnect"}).stamped())
+    return encode_message(Message(ServerType.SYSTEM_MESSAGE, {"event": SystemEvent.RECONNECT}).stamped())
 
 ConnRef = Connection | str
 
@@ -322,12 +323,12 @@ class Node:
         if opening is None:
             if since is not None and conn.user_id is not None:
                 data["recovered"] = False  # the user's stream keeps no history on this node
-            conn.send(encode_message(Message("connected", data).stamped()))
+            conn.send(encode_message(Message(ServerType.CONNECTED, data).stamped()))
             self._apply_held(conn)
             return
 
         def connected(position: dict[str, Any]) -> None:
-            conn.send(encode_message(Message("connected", {**data, **position}).stamped()))
+            conn.send(encode_message(Message(ServerType.CONNECTED, {**data, **position}).stamped()))
         # `connected`, then what the user's stream missed, then its live messages
         self.history.finish(opening, conn, connected, answer_first=True)
         self._apply_held(conn)
@@ -597,7 +598,7 @@ class Node:
         return parsed is not None and parsed[0] == "room" and self.config.announces(parsed[1])
 
     def _resync_conns(self, conn_ids: Any) -> None:
-        frame = encode_message(Message("system_message", {"event": "resync"}).stamped())
+        frame = encode_message(Message(ServerType.SYSTEM_MESSAGE, {"event": SystemEvent.RESYNC}).stamped())
         for conn_id in conn_ids:
             conn = self.conns.get(conn_id)
             if conn is not None and conn.send(frame):
@@ -664,7 +665,7 @@ class Node:
             if room not in self.table.rooms_of(conn.id):
                 return
             position = {k: v for k, v in (data or {}).items() if k in ("offset", "epoch")}
-            conn.send(encode_message(Message("system_message", {"event": "joined", "room": room,
+            conn.send(encode_message(Message(ServerType.SYSTEM_MESSAGE, {"event": SystemEvent.JOINED, "room": room,
                                                                 **position}).stamped()))
         try:
             error = await self.join(conn.id, room, None, joined)
@@ -679,7 +680,8 @@ class Node:
     async def _server_leave(self, conn: Connection, room: str) -> None:
         await self.leave(conn.id, room)
         if conn.id in self.conns:
-            conn.send(encode_message(Message("system_message", {"event": "left", "room": room}).stamped()))
+            left = {"event": SystemEvent.LEFT, "room": room}
+            conn.send(encode_message(Message(ServerType.SYSTEM_MESSAGE, left).stamped()))
 
     async def control(self, command: Command) -> int:
         """Publish a command on the channel of what it acts on; the number of nodes that took it.
@@ -765,8 +767,8 @@ class Node:
 
 def _disconnect(conn: Connection, command: Command) -> None:
     """The `disconnect` system message, then close 4000 (stay away) or 4001 (reconnect)."""
-    conn.send(encode_message(Message("system_message", {"event": "disconnect", "reason": command.reason,
-                                                        "reconnect": command.reconnect}).stamped()))
+    farewell = {"event": SystemEvent.DISCONNECT, "reason": command.reason, "reconnect": command.reconnect}
+    conn.send(encode_message(Message(ServerType.SYSTEM_MESSAGE, farewell).stamped()))
     code = CloseCode.DISCONNECTED_RECONNECT if command.reconnect else CloseCode.DISCONNECTED
     conn.close_soon(code, command.reason)  # close_frame cuts it to a control frame's 123 bytes
 

@@ -19,6 +19,7 @@ import orjson
 
 from hubnode.errors import ErrorCode
 from hubnode.frames import Frame, text_frame
+from hubnode.wire import ClientType, ServerType
 from publisher.history import client_view
 from publisher.message import Message
 from publisher.names import check_name
@@ -238,13 +239,13 @@ def _presence(data: Any, fid: FrameId) -> ClientFrame | ProtocolError:
 
 
 _PARSERS: dict[str, Callable[[Any, FrameId], ClientFrame | ProtocolError]] = {
-    "join_room": _join,
-    "leave_room": _leave,
-    "broadcast": _broadcast,
-    "room_message": _room_message,
-    "private_message": _private_message,
-    "ping": _ping,
-    "presence": _presence,
+    ClientType.JOIN_ROOM: _join,
+    ClientType.LEAVE_ROOM: _leave,
+    ClientType.BROADCAST: _broadcast,
+    ClientType.ROOM_MESSAGE: _room_message,
+    ClientType.PRIVATE_MESSAGE: _private_message,
+    ClientType.PING: _ping,
+    ClientType.PRESENCE: _presence,
 }
 
 # -- encoding ----------------------------------------------------------------
@@ -261,7 +262,7 @@ def encode_positioned(msg: Message, offset: int, epoch: str) -> Frame:
 
 def encode_presence(room: str, users: dict[str, int], anonymous: int, fid: FrameId = None) -> Frame:
     """The answer to a presence query (it is the answer: no separate ack)."""
-    out: dict[str, Any] = {"type": "presence", "room": room, "data": {"users": users, "anonymous": anonymous}}
+    out: dict[str, Any] = {"type": ServerType.PRESENCE, "room": room, "data": {"users": users, "anonymous": anonymous}}
     if fid is not None:
         out["id"] = fid
     return Frame(orjson.dumps(out))
@@ -282,8 +283,8 @@ def unavailable_message(maybe_published: bool) -> str:
 def encode_ack(fid: int | str, data: Any = None) -> Frame:
     """An ack; a join of a room with history carries the stream's position in `data`."""
     if data is None:
-        return Frame(orjson.dumps({"type": "ack", "id": fid}))
-    return Frame(orjson.dumps({"type": "ack", "id": fid, "data": data}))
+        return Frame(orjson.dumps({"type": ServerType.ACK, "id": fid}))
+    return Frame(orjson.dumps({"type": ServerType.ACK, "id": fid, "data": data}))
 
 
 def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str | None = None) -> Frame:
@@ -291,7 +292,7 @@ def encode_error(code: ErrorCode, message: str, fid: FrameId = None, room: str |
     data: dict[str, Any] = {"code": code.value, "message": message}
     if room is not None:
         data["room"] = room
-    out: dict[str, Any] = {"type": "error", "data": data}
+    out: dict[str, Any] = {"type": ServerType.ERROR, "data": data}
     if fid is not None:
         out["id"] = fid
     return Frame(orjson.dumps(out))

@@ -44,6 +44,7 @@ from hubnode.protocol import (
     since_param,
     unavailable_message,
 )
+from hubnode.wire import ServerType
 from publisher.message import Message
 from publisher.targets import Target
 
@@ -238,7 +239,7 @@ async def _execute(node: Node, conn: Connection, frame: ClientFrame) -> Outcome:
         case LeaveRoom(room=room):
             await node.leave(conn.id, room)
         case Ping(data=data, id=fid):
-            conn.send(encode_message(Message("pong", data, id=fid).stamped()))
+            conn.send(encode_message(Message(ServerType.PONG, data, id=fid).stamped()))
         case PresenceQuery(room=room, id=fid):
             if room not in node.rooms_of(conn.id):
                 return (ErrorCode.NOT_IN_ROOM, f"join {room!r} before asking who is in it")
