@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hubnode.app import create_app, mount
+    from hubnode.client import HubClient
     from hubnode.config import Config
     from hubnode.node import Node
     from publisher.message import Message
 
-__all__ = ["Config", "Message", "Node", "create_app", "mount"]
+__all__ = ["Config", "HubClient", "Message", "Node", "create_app", "mount"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "Config": "hubnode.config",
+    "HubClient": "hubnode.client",
     "Message": "publisher.message",
     "Node": "hubnode.node",
     "create_app": "hubnode.app",
