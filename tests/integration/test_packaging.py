@@ -1,6 +1,6 @@
 """What users install: the wheel carries what the node needs, and a worker installs the publisher alone.
 
-The README's worker example and its test are executed as written, the worker
+examples/worker.py and examples/test_worker.py are run as they are, the worker
 from a fresh venv holding only `pip install hubnode` (issue 12: a worker could
 not install the publisher without aiohttp, PyJWT, prometheus-client and the node).
 """
@@ -19,14 +19,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, Client, NodeProcess, RedisServer, doc_block
+from tests.helpers import ROOT, Client, NodeProcess, RedisServer
 
 SERVER_ONLY = {"aiohttp", "orjson", "prometheus-client", "pyjwt", "cryptography", "uvloop"}
+EXAMPLES = ROOT / "examples"
 
 
-def readme_block(first_line: str) -> str:
-    """The README's fenced code block whose first line starts with `first_line`."""
-    return doc_block("README.md", first_line)
+def copy_example(name: str, folder: Path) -> None:
+    """examples/<name> into `folder`/examples, byte for byte: its first line's command runs in `folder` as it
+    would in the repository, away from the repository's source tree."""
+    (folder / "examples").mkdir(exist_ok=True)
+    shutil.copyfile(EXAMPLES / name, folder / "examples" / name)
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +92,19 @@ def test_publisher_install_carries_nothing_of_the_node(worker_venv: Path) -> Non
     assert "pip install 'hubnode[server]'" in node.stderr and "Traceback" not in node.stderr
 
 
-async def test_readme_worker_runs_as_written_from_the_fresh_venv(worker_venv: Path, tmp_path: Path,
-                                                                  session: aiohttp.ClientSession) -> None:
-    """`python worker.py 42 alice` with HUB_REDIS_URL set reaches alice and the ops room on a real node."""
+async def test_example_worker_runs_as_written_from_the_fresh_venv(worker_venv: Path, tmp_path: Path,
+                                                                   session: aiohttp.ClientSession) -> None:
+    """`python examples/worker.py 42 alice` with HUB_REDIS_URL set reaches alice and the ops room on a real node."""
     redis_server = RedisServer()
     redis_server.start()  # its own Redis: the example uses the default prefix "hub:"
-    node = NodeProcess("--redis-url", redis_server.url, "--node-id", "readme").start()
+    node = NodeProcess("--redis-url", redis_server.url, "--node-id", "example").start()
     try:
         alice = await Client.open(session, node.ws_url + "?user_id=alice")
         operator = await Client.open(session, node.ws_url + "?user_id=op")
         await operator.join("ops")
-        (tmp_path / "worker.py").write_text(readme_block("# worker.py"))
+        copy_example("worker.py", tmp_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {"HUB_REDIS_URL": redis_server.url}
-        ran = subprocess.run([str(worker_venv / "bin" / "python"), "worker.py", "42", "alice"], cwd=tmp_path,
+        ran = subprocess.run([str(worker_venv / "bin" / "python"), "examples/worker.py", "42", "alice"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=60)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.strip() == "1 node(s) took it"
@@ -114,10 +117,10 @@ async def test_readme_worker_runs_as_written_from_the_fresh_venv(worker_venv: Pa
         redis_server.stop()
 
 
-def test_readme_worker_test_runs_as_written(tmp_path: Path) -> None:
-    """The README's test of the worker, with RecordingPublisher, passes next to the README's worker.py."""
-    (tmp_path / "worker.py").write_text(readme_block("# worker.py"))
-    (tmp_path / "test_worker.py").write_text(readme_block("# test_worker.py"))
+def test_example_worker_test_runs_as_written(tmp_path: Path) -> None:
+    """`cd examples && pytest test_worker.py`: the worker's test, with RecordingPublisher, passes."""
+    copy_example("worker.py", tmp_path)
+    copy_example("test_worker.py", tmp_path)
     ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_worker.py"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path / "examples", capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0 and "1 passed" in ran.stdout, ran.stdout + ran.stderr
