@@ -21,7 +21,7 @@ import aiohttp
 import jwt
 import pytest
 
-from tests.helpers import ROOT, Client, free_port, wait_until_sync
+from tests.helpers import ROOT, Client, NodeProcess, free_port, wait_until, wait_until_sync
 
 SECRET = "example-secret-of-at-least-32-bytes!"
 
@@ -164,3 +164,49 @@ async def test_app_routes_answer_and_refuse_bad_input(app: App, session: aiohttp
     got = await dave.recv_type("announcement")
     assert got["room"] == "kitchen" and got["user_id"] == "dave" and got["data"] == {"text": "soup"}
     await dave.close()
+
+
+async def test_bot_answers_in_its_room_and_comes_back_after_its_node_restarts(
+        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """examples/bot.py as its first line says, against a real node: !ping, !who, and again after a restart."""
+    node = NodeProcess("--rate", "0").start()
+    log = tmp_path / "bot.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {"HUB_URL": node.ws_url}
+    with log.open("wb") as out:
+        bot = subprocess.Popen([sys.executable, "examples/bot.py"], cwd=ROOT, env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_until_sync(lambda: "bot joined lobby" in log.read_text() or bot.poll() is not None, 20,
+                        "the bot to join the lobby")
+        assert bot.poll() is None, log.read_text()
+        for _ in range(2):
+            tester = await Client.open(session, node.ws_url + "?user_id=tester")
+            await tester.join("lobby")
+            await tester.send({"type": "room_message", "data": {"room": "lobby", "message": "!ping"}})
+            assert await _reply_from_bot(tester) == "pong"
+            await tester.send({"type": "room_message", "data": {"room": "lobby", "message": "!who"}})
+            assert await _reply_from_bot(tester) == "here: bot, tester"
+            await tester.close()
+            node.stop()  # the bot reconnects with backoff and re-joins the lobby by itself
+            node.start()
+            await wait_until(lambda: "lobby" in _rooms(node), 20, what="the bot to re-join the lobby")
+        assert bot.poll() is None, log.read_text()
+    finally:
+        bot.kill()
+        bot.wait()
+        node.stop()
+
+
+async def _reply_from_bot(client: Client) -> Any:
+    while True:
+        got = await client.recv_type("room_message")
+        if got.get("user_id") == "bot":
+            return got["data"]["message"]
+
+
+def _rooms(node: NodeProcess) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{node.url}/api/rooms", timeout=2) as resp:
+        return dict(json.load(resp)["rooms"])
