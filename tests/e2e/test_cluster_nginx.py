@@ -1,6 +1,6 @@
 """The `make cluster` topology for real: redis-server, three hubnode processes, nginx in front.
 
-Clients reach the nodes only through nginx (deploy/nginx.conf rendered by
+Clients (hubnode.client.HubClient) reach the nodes only through nginx (deploy/nginx.conf rendered by
 deploy/cluster.py), the way a browser would. Absence is proven without
 waiting: a message that must not reach a client is followed by a broadcast
 marker, published after the message was acknowledged (so after Redis took
@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import re
 import signal
 import statistics
@@ -27,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from deploy.cluster import Cluster
+from hubnode.client import HubClient
 from hubnode.config import Config
-from tests.helpers import ROOT, SCALE, Client, free_port, wait_until, wait_until_sync
+from tests.helpers import ROOT, SCALE, free_port, wait_until, wait_until_sync
 
 HEARTBEAT = 0.5
 NODES = {"node1", "node2", "node3"}
@@ -77,26 +76,27 @@ def fresh_cluster() -> Iterator[Cluster]:
     shutdown(c, killed=("node2",))
 
 
-class HubClient:
-    """A WebSocket client through nginx that reconnects on close, like hubnode/static/hub.js.
+class NginxClient:
+    """A `hubnode.client.HubClient` through nginx, as an application would hold one, plus what the
+    failover test measures: the node of each connection, when a connection dropped, when the next
+    attempt began (after the client's backoff) and when the client was back in all its rooms.
 
-    After close 1001 (node draining) it reconnects at once, after any other
-    close after 250 ms * 2^attempt with jitter; then it re-joins its rooms.
-    Acks, errors and pongs answer `request()`; every other frame is queued.
+    Frames that are not the client's own events are queued for `next()`.
     """
 
     def __init__(self, session: aiohttp.ClientSession, url: str, user: str, rooms: tuple[str, ...]) -> None:
-        self.session, self.url, self.user, self.rooms = session, f"{url}?user_id={user}", user, rooms
+        self.user, self.rooms = user, rooms
+        # min_delay 0.25: a reconnect waits 125-250 ms first, as hub.js's tests expect
+        self.hub = HubClient(url, user_id=user, session=session, min_delay=0.25, max_delay=10.0,
+                             timeout=5 * SCALE, heartbeat=None, queue_size=0)
         self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.ready = asyncio.Event()  # connected and every room joined
-        self.conn: Client | None = None
         self.nodes: list[str] = []  # node of each connection, in order
         self.down_at: float | None = None  # when the last connection was seen closed
         self.retry_at: float | None = None  # when the first attempt after it began (after the backoff)
         self.up_at: float | None = None  # when the client was ready again after it
-        self._answers: dict[Any, asyncio.Future[dict[str, Any]]] = {}
-        self._next_id = 0
-        self._task: asyncio.Task[None] | None = None
+        self._rejoined: set[str] = set()
+        self.hub.on("*", self._frame)
 
     @property
     def node(self) -> str:
@@ -104,103 +104,61 @@ class HubClient:
 
     @property
     def conn_id(self) -> str:
-        assert self.conn is not None
-        return self.conn.conn_id
+        assert self.hub.info is not None
+        return str(self.hub.info["conn_id"])
 
-    async def start(self) -> HubClient:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.wait_for(self.ready.wait(), 10 * SCALE)
+    async def start(self) -> NginxClient:
+        await self.hub.connect()
+        for room in self.rooms:
+            await self.hub.join(room)
+        self.ready.set()
         return self
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.conn is not None:
-            await self.conn.close()
-
-    async def request(self, mtype: str, data: Any) -> dict[str, Any]:
-        """Send a frame with an id; its ack, error or pong."""
-        assert self.conn is not None and self.ready.is_set()
-        answer = await self._send_with_id(self.conn, mtype, data)
-        return await asyncio.wait_for(answer, 5 * SCALE)
+        await self.hub.close()
 
     async def next(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next queued frame (not an answer to a request)."""
+        """The next queued frame (not an answer to a request, nor a client event)."""
         return await asyncio.wait_for(self.frames.get(), timeout * SCALE)
 
-    async def _send_with_id(self, conn: Client, mtype: str, data: Any) -> asyncio.Future[dict[str, Any]]:
-        self._next_id += 1
-        fid = f"{self.user}-{self._next_id}"
-        answer = self._answers[fid] = asyncio.get_running_loop().create_future()
-        await conn.send({"type": mtype, "data": data, "id": fid})
-        return answer
-
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            if self.down_at is not None and self.retry_at is None:
-                self.retry_at = time.monotonic()
-            try:
-                conn = await Client.open(self.session, self.url)
-            except (aiohttp.ClientError, AssertionError, TimeoutError):
-                await asyncio.sleep(_backoff(attempt))  # the client's own behaviour, not a test wait
-                attempt += 1
-                continue
-            attempt = 0
-            self.conn = conn
-            self.nodes.append(str(conn.connected["node"]))
-            joins = [await self._send_with_id(conn, "join_room", room) for room in self.rooms]
-            code = await self._read(conn, joins)
-            self.ready.clear()
-            self.down_at, self.retry_at, self.up_at = time.monotonic(), None, None
-            await asyncio.sleep(0 if code == 1001 else _backoff(attempt))
-            attempt += 1
-
-    async def _read(self, conn: Client, joins: list[asyncio.Future[dict[str, Any]]]) -> int | None:
-        """Read until the connection closes; returns its close code."""
-        if not joins:
-            self._up()
-        while True:
-            msg = await conn.ws.receive()
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                return conn.ws.close_code
-            frame = orjson.loads(msg.data)
-            answer = self._answers.pop(frame.get("id"), None)
-            if answer is None:
-                self.frames.put_nowait(frame)
-                continue
-            answer.set_result(frame)
-            if joins and all(j.done() for j in joins) and not self.ready.is_set():
-                assert all(j.result()["type"] == "ack" for j in joins), [j.result() for j in joins]
+    def _frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "connected":
+            self.nodes.append(str(frame["data"]["node"]))
+            self._rejoined = set()
+            if self.down_at is not None and not self.rooms:
                 self._up()
+        elif kind == "disconnected":
+            self.ready.clear()
+            self.down_at, self.up_at = time.monotonic(), None
+            self.retry_at = self.down_at + (frame["delay"] or 0.0)
+        elif kind == "recovered":  # one per room re-joined on a new connection
+            self._rejoined.add(frame["room"])
+            if self.down_at is not None and self._rejoined >= set(self.rooms):
+                self._up()
+        else:
+            self.frames.put_nowait(frame)
 
     def _up(self) -> None:
-        if self.down_at is not None:
-            self.up_at = time.monotonic()
+        self.up_at = time.monotonic()
         self.ready.set()
-
-
-def _backoff(attempt: int) -> float:
-    return min(10.0, 0.25 * 2.0 ** attempt) * (0.5 + random.random() / 2)
 
 
 @contextlib.asynccontextmanager
 async def open_clients(session: aiohttp.ClientSession, cluster: Cluster, tag: str,
-                       rooms_of: Any = lambda i: ()) -> AsyncIterator[list[HubClient]]:
+                       rooms_of: Any = lambda i: ()) -> AsyncIterator[list[NginxClient]]:
     """CLIENTS clients through nginx, two per user (`<tag>-u0` … ), opened one after the other."""
-    clients: list[HubClient] = []
+    clients: list[NginxClient] = []
     try:
         for i in range(CLIENTS):
             user = f"{tag}-u{i // 2}"
-            clients.append(await HubClient(session, cluster.ws_url, user, tuple(rooms_of(i))).start())
+            clients.append(await NginxClient(session, cluster.ws_url, user, tuple(rooms_of(i))).start())
         yield clients
     finally:
         await asyncio.gather(*(c.close() for c in clients))
 
 
-async def expect_each(clients: list[HubClient], predicate: Any, what: str) -> None:
+async def expect_each(clients: list[NginxClient], predicate: Any, what: str) -> None:
     """Every client's next frame satisfies `predicate`."""
     frames = await asyncio.gather(*(c.next() for c in clients))
     bad = [(c.user, c.node, f) for c, f in zip(clients, frames, strict=True) if not predicate(f)]
@@ -235,7 +193,7 @@ async def room_members(session: aiohttp.ClientSession, cluster: Cluster, room: s
         return list((await resp.json())["members"])
 
 
-def expected_members(clients: list[HubClient]) -> list[tuple[str, str, str]]:
+def expected_members(clients: list[NginxClient]) -> list[tuple[str, str, str]]:
     return sorted((c.conn_id, c.user, c.node) for c in clients)
 
 
@@ -267,34 +225,32 @@ async def test_room_user_and_broadcast_messages_cross_nodes(
         sender = clients[0]
 
         # room message to every member of "lobby", on every node
-        reply = await sender.request("room_message", {"room": "lobby", "message": "hello lobby"})
-        assert reply["type"] == "ack", reply
+        assert (await sender.hub.send_to_room("lobby", "hello lobby"))["type"] == "ack"
         await expect_each(clients, lambda f: f["type"] == "room_message" and f["room"] == "lobby"
                           and f["data"]["message"] == "hello lobby" and f["user_id"] == sender.user,
                           "room message to lobby")
 
         # room message to "evens" only: the odd clients see the marker first
         sender = next(c for c in evens if c.node != clients[0].node)
-        assert (await sender.request("room_message", {"room": "evens", "message": "hi"}))["type"] == "ack"
+        assert (await sender.hub.send_to_room("evens", "hi"))["type"] == "ack"
         await marker(session, cluster, 1)
         await expect_each(evens, lambda f: f["type"] == "room_message" and f["room"] == "evens", "evens message")
         await expect_each(clients, is_marker(1), "marker after the evens message")
 
         # private message to a user with connections on two nodes, from a third node
-        by_user: dict[str, list[HubClient]] = {}
+        by_user: dict[str, list[NginxClient]] = {}
         for c in clients:
             by_user.setdefault(c.user, []).append(c)
         target_user, targets = next((u, cs) for u, cs in by_user.items() if len({c.node for c in cs}) == 2)
         sender = next(c for c in clients if c.node not in {t.node for t in targets})
-        reply = await sender.request("private_message", {"user_id": target_user, "message": "psst"})
-        assert reply["type"] == "ack", reply
+        assert (await sender.hub.send_private(target_user, "psst"))["type"] == "ack"
         await marker(session, cluster, 2)
         await expect_each(targets, lambda f: f["type"] == "private_message" and f["data"] == {
             "to": target_user, "message": "psst"} and f["user_id"] == sender.user, "private message")
         await expect_each(clients, is_marker(2), "marker after the private message")
 
         # a client's broadcast, then an HTTP broadcast through nginx, reach all 30
-        assert (await clients[-1].request("broadcast", {"n": 3}))["type"] == "ack"
+        assert (await clients[-1].hub.broadcast({"n": 3}))["type"] == "ack"
         await expect_each(clients, lambda f: f["type"] == "broadcast" and f["data"] == {"n": 3}
                           and f["user_id"] == clients[-1].user, "client broadcast")
         await marker(session, cluster, 4)
@@ -356,7 +312,7 @@ async def test_killed_node_clients_reconnect_through_nginx_and_membership_conver
         print(f"\nfailover through nginx, {len(victims)} clients of {victim} (SIGKILL):"
               f"\n  close seen after kill: max {max(downs) * 1000:.0f} ms"
               f"\n  reconnect (close -> connected and re-joined): median {statistics.median(ups) * 1000:.0f} ms,"
-              f" max {max(ups) * 1000:.0f} ms (includes hub.js's first backoff, 125-250 ms)"
+              f" max {max(ups) * 1000:.0f} ms (includes the client's first backoff, 125-250 ms)"
               f"\n  of which the attempt through nginx (handshake, connected, re-join):"
               f" median {statistics.median(handshakes) * 1000:.0f} ms, max {max(handshakes) * 1000:.0f} ms"
               f"\n  all clients back {(reconnected - killed_at) * 1000:.0f} ms after the kill"
