@@ -8,6 +8,7 @@ ran alone; the README promised `timestamp` on every frame while acks have none.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestServer
 
+from hubnode.appkey import NODE
 from tests.conftest import node_config, start_server
 from tests.helpers import ROOT, SCALE, Client, RedisServer, doc_block, free_port, wait_until, wait_until_sync
 
@@ -104,12 +106,15 @@ def frame_table() -> dict[str, tuple[set[str], set[str]]]:
 async def test_protocol_frame_table_matches_the_frames(session: aiohttp.ClientSession, history: int) -> None:
     """Every kind of frame a client can get, with and without its optional fields, against the table.
 
-    Twice: without history, and with it (positions on messages, acks and `connected`).
+    Twice: without history, and with it (positions on messages, acks and `connected`). The lobby announces
+    presence; server-side control adds the `joined`, `left` and `disconnect` notices and a refused join's error.
     """
     table = frame_table()
-    assert set(table) == {"connected", "ack", "error", "pong", "room_message", "private_message", "broadcast",
-                          "system_message", "published"}
-    server: TestServer = await start_server(node_config(history_size=history))
+    assert set(table) == {"connected", "ack", "error", "pong", "presence", "room_message", "private_message",
+                          "broadcast", "system_message", "published"}
+    server: TestServer = await start_server(node_config(history_size=history, presence_rooms=("lobby",),
+                                                        max_rooms_per_conn=2))
+    node = server.app[NODE]
     seen: list[tuple[str, dict[str, Any]]] = []
     try:
         url = str(server.make_url("/ws"))
@@ -124,6 +129,15 @@ async def test_protocol_frame_table_matches_the_frames(session: aiohttp.ClientSe
         seen.append(("pong", await alice.recv_type("pong")))
         await alice.send({"type": "ping", "data": 2})
         seen.append(("pong", await alice.recv_type("pong")))
+        await alice.send({"type": "presence", "data": "lobby", "id": 3})
+        await alice.send({"type": "presence", "data": "lobby"})
+        bob = await _open(session, url + "?user_id=bob", seen)
+        await bob.join("lobby")  # alice is told: a presence event
+        presence: list[dict[str, Any]] = []
+        while not ({3, None} <= {p.get("id") for p in presence if "users" in p["data"]}
+                   and {"event": "join", "user_id": "bob"} in [p["data"] for p in presence]):
+            presence.append(await alice.recv_type("presence"))
+        seen.extend(("presence", p) for p in presence)
         for sender in (alice, anon):
             await sender.send({"type": "room_message", "data": {"room": "lobby", "message": "hi"}})
             seen.append(("room_message", await alice.recv_type("room_message")))
@@ -131,14 +145,26 @@ async def test_protocol_frame_table_matches_the_frames(session: aiohttp.ClientSe
             seen.append(("private_message", await alice.recv_type("private_message")))
             await sender.send({"type": "broadcast", "data": {"x": 1}})
             seen.append(("broadcast", await alice.recv_type("broadcast")))
-        for body in ({"type": "news", "data": 1}, {"type": "news", "room": "lobby", "metadata": {"k": 1}},
+        for body in ({"type": "news", "data": 1}, {"type": "news", "room": "lobby", "metadata": {"k": 1}, "id": 7},
                      {"type": "news", "to": "alice", "user_id": "support"}, {"type": "news", "user_id": "alice"}):
             async with session.post(server.make_url("/broadcast"), json=body) as posted:  # released at once
                 assert posted.status == 202
             seen.append(("published", await alice.recv_type("news")))
-        await server.close()  # drains: system_message reconnect, then close 1001
+        assert await node.join_user("alice", "vip") == 1
         seen.append(("system_message", await alice.recv_type("system_message")))
-        for client in (alice, anon):  # closed by the drain; release them, or the GC warns later
+        assert await node.join_user("alice", "full") == 1  # lobby and vip: at --max-rooms-per-conn 2
+        seen.append(("error", refused := await alice.recv_type("error")))
+        assert refused["data"]["code"] == "too_many_rooms" and refused["data"]["room"] == "full"
+        assert await node.leave_user("alice", "vip") == 1
+        seen.append(("system_message", await alice.recv_type("system_message")))
+        assert await node.disconnect_connection(anon.conn_id, reason="bye", reconnect=True) == 1
+        seen.append(("system_message", await anon.recv_type("system_message")))
+        assert await anon.closed_with() == 4001
+        drain = asyncio.ensure_future(server.close())  # drains: system_message reconnect, then close 1001
+        seen.append(("system_message", await alice.recv_type("system_message")))
+        assert [await alice.closed_with(), await bob.closed_with()] == [1001, 1001]  # answered: the drain ends
+        await drain
+        for client in (alice, anon, bob):  # release them, or the GC warns later
             await client.close()
     finally:
         await server.close()
@@ -146,9 +172,13 @@ async def test_protocol_frame_table_matches_the_frames(session: aiohttp.ClientSe
         always, optional = table[kind]
         keys = set(frame)
         assert always <= keys <= always | optional, (kind, frame, always, optional)
+    events = [frame["data"]["event"] for kind, frame in seen if kind == "system_message"]
+    assert events == ["joined", "left", "disconnect", "reconnect"]
+    assert ("presence", {"type", "room", "data"}) in [(kind, set(frame)) for kind, frame in seen]  # no id asked
     with_optional = {(kind, key) for kind, frame in seen for key in frame if key in table[kind][1]}
-    assert with_optional >= {("error", "id"), ("pong", "id"), ("room_message", "user_id"), ("published", "room"),
-                             ("published", "user_id"), ("published", "metadata")}
+    assert with_optional >= {("error", "id"), ("pong", "id"), ("presence", "id"), ("presence", "timestamp"),
+                             ("room_message", "user_id"), ("published", "room"), ("published", "user_id"),
+                             ("published", "metadata"), ("published", "id")}
     positioned = {("ack", "data"), ("room_message", "offset"), ("room_message", "epoch"),
                   ("private_message", "offset"), ("published", "offset"), ("published", "epoch")}
     assert (with_optional >= positioned) if history else not (with_optional & positioned)
