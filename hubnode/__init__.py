@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from publisher.message import Message
 
 __all__ = ["Config", "HubClient", "Message", "Node", "create_app", "mount"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Config": "hubnode.config",
