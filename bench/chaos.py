@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.chaos --duration 60 --clients 2000 --rate 100
 
 Three hubnode nodes on one private redis-server, history on (`--history-size
-1000`, PROTOCOL.md section 10). Every client (bench/chaosclient.py, aiohttp,
+1000`, docs/protocol.md). Every client (bench/chaosclient.py, aiohttp,
 spread over the nodes) has a user id and a few rooms. An external publisher
 sends mixed room and user messages at a fixed rate through the history script
 (EVALSHA, `publisher.history.publish_call`), and remembers each stream's last
@@ -24,7 +24,7 @@ frame for the user stream) up to the stream's last published offset; lost
 are the expected offsets it never received, duplicated the offsets it
 received more than once. `resync` messages and recoveries a node refused
 (`recovered: false`) are counted too; a loss in a stream whose client got
-neither is "unannounced", the one kind PROTOCOL.md section 10 never allows. A short table goes to stdout and the
+neither is "unannounced", the one kind docs/protocol.md never allows. A short table goes to stdout and the
 whole result to bench/out/chaos-<time>.json.
 """
 

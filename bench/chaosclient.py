@@ -1,6 +1,6 @@
 """One client process of the chaos run (bench/chaos.py): WebSocket clients that recover.
 
-Each client has a user id and a few rooms, and follows PROTOCOL.md section 10
+Each client has a user id and a few rooms, and follows docs/protocol.md
 to the letter: it tracks the offset and epoch of each of its streams (its
 rooms and its user), and when its connection drops it reconnects to another
 node with `?since=<offset>:<epoch>` for the user stream and joins each room

@@ -1,6 +1,6 @@
 """`python -m bench.presence`: what one presence event costs, in a room of thousands.
 
-PROTOCOL.md section 12: a node run with `--presence-rooms` announces
+docs/protocol.md: a node run with `--presence-rooms` announces
 `{"type":"presence","room":R,"data":{"event":"join"|"leave","user_id":U}}`
 to every member of R when user U's first connection joins R and when U's
 last one leaves. On Redis the member scripts (member_add.lua,

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-MSGPACK_PROTOCOL = "hubnode.msgpack"
+from hubnode.wire import MSGPACK_PROTOCOL
 LOG_BASE = math.log(1.01)
 
 

@@ -416,7 +416,7 @@ def write_markdown(path: Path, run: dict[str, Any]) -> None:
     if history:
         lines += ["## What history costs", "",
                   "hubnode with history on every room and user stream (`--history-size 1000`, "
-                  "PROTOCOL.md section 10; the publisher appends through the history script) beside "
+                  "docs/protocol.md; the publisher appends through the history script) beside "
                   "hubnode without, from this run. Redis CPU per publish is redis-server's utime + stime "
                   "over the publishing window divided by the publishes, read from /proc/<pid>/stat "
                   "(10 ms ticks: coarse for a cheap PUBLISH) and from its own getrusage (INFO cpu, "
@@ -516,7 +516,7 @@ _METHOD = [
     "permessage-deflate, except in the \"deflate\" columns), no application pings (`--ping-interval 0` for hubnode, "
     "Engine.IO ping interval 3600 s), no rate limit (`--rate 0`), uvloop for the Python servers.",
     "- hubnode: `hubnode --redis-url ... --node-id nodeA|nodeB` (cluster mode); the publisher "
-    "PUBLISHes the msgpack envelope of PROTOCOL.md section 7 (`publisher.targets.envelope_for`). "
+    "PUBLISHes the msgpack envelope of docs/redis.md (`publisher.targets.envelope_for`). "
     "python-socketio: `AsyncServer(client_manager=AsyncRedisManager(url), async_mode='aiohttp')` "
     "(`bench/servers/sio_server.py`), published to with a write-only `AsyncRedisManager`'s "
     "payloads; users are rooms `user:<id>` entered on connect. \"python-socketio, deflate\" "

@@ -75,7 +75,7 @@ PER_PROCESS = 5000  # clients per load process by default (the open-files limit 
 SOCKETS_PER_ADDRESS = 15_000  # above this, a process spreads over source addresses 127.0.0.x
 TICK = 0.02  # the publisher sends what is due every TICK seconds, pipelined
 KILL_AT, BLIP_AT = 0.4, 0.6  # fractions of the run (history variant)
-# Keys that exist only while connections do (PROTOCOL.md section 7), and those that stay.
+# Keys that exist only while connections do (docs/redis.md), and those that stay.
 MEMBERSHIP = ("members:{*}", "presence:{*}", "online:{*}", "rooms",
               "node:{*}:conns", "node:{*}:rooms", "node:{*}:users")
 REGISTRY = ("nodes", "node:{*}", "node:{*}:metrics")
@@ -343,7 +343,7 @@ async def wait_keys_clean(r: aioredis.Redis, prefix: str, timeout: float) -> tup
 
 
 async def node_clients(r: aioredis.Redis, dep: Deployment, prefix: str) -> dict[str, str | None]:
-    """The `clients` field of each node's registry hash (PROTOCOL.md section 7)."""
+    """The `clients` field of each node's registry hash (docs/redis.md)."""
     out: dict[str, str | None] = {}
     for k in range(len(dep.nodes)):
         node_id = f"node{chr(65 + k)}"

@@ -6,7 +6,7 @@ user or everyone: it turns (target, message data) into the bytes a publisher
 puts on Redis, exactly as a real worker process would.
 
 - `hubnode`: `hubnode --redis-url ...` nodes; the publisher writes the msgpack
-  envelope of PROTOCOL.md section 7 with `publisher.targets.envelope_for`.
+  envelope of docs/redis.md with `publisher.targets.envelope_for`.
   While cluster mode is missing (`hubnode.cluster` not importable) it falls
   back to one node with the embedded broker, published to by `POST /broadcast`.
 - `socketio`: python-socketio AsyncServer + AsyncRedisManager
@@ -19,11 +19,11 @@ puts on Redis, exactly as a real worker process would.
   (bench/servers/sio_node.js), one process per node; the publisher writes what
   a Node.js worker's @socket.io/redis-emitter would PUBLISH (msgpack on the
   adapter's channel), checked once per run against the emitter itself.
-- `hubnode-history`: hubnode with `--history-size 1000` (PROTOCOL.md section
-  10); the publisher appends through the history script (EVALSHA), as every
+- `hubnode-history`: hubnode with `--history-size 1000` (docs/protocol.md,
+  history and recovery); the publisher appends through the history script (EVALSHA), as every
   publisher of a stream with history must.
 - `hubnode-deflate`: hubnode with load clients that offer permessage-deflate,
-  as browsers do (PROTOCOL.md section 14: the node compresses each message of
+  as browsers do (docs/protocol.md: the node compresses each message of
   at least `--compress-min-bytes`, 512, once for all its sockets).
 - `hubnode-msgpack`: hubnode with load clients on the `hubnode.msgpack`
   subprotocol (binary frames, one msgpack map each, both ways).
@@ -77,7 +77,7 @@ def hub_cluster_available() -> bool:
 
 
 def hub_history_available() -> bool:
-    """True once hubnode and the publisher have stream history (PROTOCOL.md section 10)."""
+    """True once hubnode and the publisher have stream history (docs/protocol.md)."""
     try:
         from publisher import history
     except ImportError:

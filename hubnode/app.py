@@ -53,7 +53,7 @@ def mount(app: web.Application, node: Node, path: str = "/ws") -> None:
 
 
 def create_app(config: Config | None = None, node: Node | None = None) -> web.Application:
-    """A complete hub application: /ws, the HTTP API of PROTOCOL.md section 6, pages."""
+    """A complete hub application: /ws, the HTTP API of docs/http-api.md, pages."""
     config = config or (node.config if node is not None else Config())
     app = web.Application(client_max_size=max(config.max_message_bytes, 1024 * 1024))
     node = node or build_node(config)

@@ -1,4 +1,4 @@
-"""Who a connection is, and what it may do (PROTOCOL.md sections 1 and 3).
+"""Who a connection is, and what it may do (docs/protocol.md).
 
 Two built-in identity modes: `none` (the `?user_id=` of the seed, for
 loopback and trusted networks) and `jwt` (PyJWT; the accepted algorithms come

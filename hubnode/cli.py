@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_redis(config: Config) -> None:
-    """Refuse a Redis topology that is wrong rather than down, before anything starts (PROTOCOL.md section 11).
+    """Refuse a Redis topology that is wrong rather than down, before anything starts (docs/redis.md).
 
     A single Redis that is down is waited for (the node serves, not ready);
     seeds of a cluster or Sentinels of which none answers, a wrong master

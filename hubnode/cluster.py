@@ -1,5 +1,5 @@
 """The Redis parts of a cluster-mode node: broker and membership store on one Redis, a Sentinel-managed
-primary or a Redis Cluster (PROTOCOL.md section 11).
+primary or a Redis Cluster (docs/redis.md).
 
 `Node(config)` calls `redis_parts` itself whenever `config.redis_url` is set,
 so a node configured for Redis always runs on Redis, whether it was built by
@@ -69,7 +69,7 @@ def redis_client(config: Config, target: Target, retry: bool = True, role: str =
     from before a Redis restart) is sent once more: right for the membership
     scripts, which are idempotent. The broker's client has no retry at all: a
     PUBLISH whose connection broke may have gone through, and resending it
-    could deliver twice (PROTOCOL.md section 5 promises at most once per id).
+    could deliver twice (docs/protocol.md promises at most once per id).
     Each connection is named after the node in CLIENT LIST.
     """
     return async_client(target, timeout=config.redis_timeout, max_connections=32,

@@ -62,7 +62,7 @@ def _default_node_id() -> str:
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a node, with the defaults of PROTOCOL.md."""
+    """Every setting of a node, with the defaults of docs/protocol.md."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -154,7 +154,7 @@ class Config:
         return is_loopback(self.host)
 
     def check_exposure(self) -> None:
-        """Refuse an anonymous node on a non-loopback address (PROTOCOL.md 1 and 6)."""
+        """Refuse an anonymous node on a non-loopback address (docs/protocol.md 1 and 6)."""
         if self.on_loopback or self.allow_anonymous:
             return
         if self.auth == "none":

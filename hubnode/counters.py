@@ -43,7 +43,7 @@ class NodeCounters:
 
     def __init__(self) -> None:
         self.frames: Counter[str] = Counter()
-        self.control: Counter[str] = Counter()  # control commands taken, by op (PROTOCOL.md section 13)
+        self.control: Counter[str] = Counter()  # control commands taken, by op (docs/protocol.md)
         self.errors: Counter[str] = Counter()
         self.duplicates = 0  # envelopes whose id was delivered already (a publisher's retry)
         self.reserved = 0  # envelopes of a node-only type (ack, error, ...) from Redis: dropped

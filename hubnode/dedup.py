@@ -1,4 +1,4 @@
-"""Which envelope ids this node delivered recently (PROTOCOL.md section 5).
+"""Which envelope ids this node delivered recently (docs/protocol.md).
 
 Pure: no I/O, the clock is passed in. A publisher that timed out cannot know
 whether its PUBLISH reached Redis; if it sends the same envelope again, this

@@ -1,4 +1,4 @@
-"""Error codes sent to clients and WebSocket close codes (PROTOCOL.md section 4).
+"""Error codes sent to clients and WebSocket close codes (docs/protocol.md).
 
 Protocol errors are values sent to the client, not exceptions escaping the
 reader loop; each member says whether a client should reconnect after it.

@@ -3,7 +3,7 @@
 Pure: no I/O. A `Frame` holds the JSON payload of one server message; the
 complete WebSocket frame for each form (JSON text or msgpack binary, plain or
 permessage-deflate) is built the first time a socket of that form asks for it
-and then shared by every socket of the node (PROTOCOL.md section 14). The
+and then shared by every socket of the node (docs/protocol.md). The
 deflate forms are compressible once for all because the node always
 negotiates `server_no_context_takeover`: no socket's compressor carries state
 from one message to the next.

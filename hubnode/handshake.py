@@ -2,7 +2,7 @@
 
 Pure: no I/O. `negotiate` reads the upgrade request's headers and returns the
 exact `101` response bytes and the connection's wire form, or the reason for
-a `400` (PROTOCOL.md sections 1 and 14). The node writes the response itself
+a `400` (docs/protocol.md). The node writes the response itself
 and takes the socket over from aiohttp (see hubnode.ws).
 """
 

@@ -1,4 +1,4 @@
-"""The node's side of stream history (PROTOCOL.md section 10): publish, recover, replay, read.
+"""The node's side of stream history (docs/protocol.md): publish, recover, replay, read.
 
 The bookkeeping is pure (`hubnode.streams`); this module does the I/O around
 it: it publishes rooms and users through the broker's stream step, reads a

@@ -1,4 +1,4 @@
-"""The per-node HTTP API of PROTOCOL.md section 6.
+"""The per-node HTTP API of docs/http-api.md.
 
 Any node answers for the whole cluster: reads go to the membership store
 (Redis in cluster mode), publishes go through the broker like every message.
@@ -124,7 +124,7 @@ async def get_room(request: web.Request) -> web.Response:
 
 
 async def get_room_presence(request: web.Request) -> web.Response:
-    """`{"room", "users": {user: connections}, "anonymous"}`, cluster-wide (PROTOCOL.md section 12)."""
+    """`{"room", "users": {user: connections}, "anonymous"}`, cluster-wide (docs/protocol.md)."""
     room = request.match_info["name"]
     problem = check_name(room)
     if problem:
@@ -136,7 +136,7 @@ async def get_room_presence(request: web.Request) -> web.Response:
     return _json(found.to_json())
 
 
-# -- server-side control (PROTOCOL.md section 13) ------------------------------------
+# -- server-side control (docs/protocol.md) ------------------------------------
 
 async def post_user_disconnect(request: web.Request) -> web.Response:
     return await _disconnect(request, user=request.match_info["user"])
@@ -207,7 +207,7 @@ async def get_user_history(request: web.Request) -> web.Response:
 
 
 async def _history(request: web.Request, kind: str) -> web.Response:
-    """`?since=O&limit=L`: the stream's messages above O, oldest first (PROTOCOL.md section 10).
+    """`?since=O&limit=L`: the stream's messages above O, oldest first (docs/protocol.md).
 
     `epoch` is null for a stream without history. Reading never creates one.
     """

@@ -51,7 +51,7 @@ PING_FRAME = b"\x89\x00"  # an empty WebSocket ping, the same bytes for every so
 
 
 def reconnect_frame() -> Frame:
-    """PROTOCOL.md section 8's notice before close 1001: a Message like any other, so it has its timestamp."""
+    """docs/protocol.md's notice before close 1001: a Message like any other, so it has its timestamp."""
     return encode_message(Message(ServerType.SYSTEM_MESSAGE, {"event": SystemEvent.RECONNECT}).stamped())
 
 ConnRef = Connection | str
@@ -155,7 +155,7 @@ class Node:
         return None
 
     async def drain(self, timeout: float | None = None) -> None:
-        """PROTOCOL.md section 8: tell clients to reconnect, close 1001, remove our entries."""
+        """docs/protocol.md: tell clients to reconnect, close 1001, remove our entries."""
         if self.draining:
             await self._stopped.wait()
             return
@@ -400,7 +400,7 @@ class Node:
         In a room with history the stream is read after the subscription is
         confirmed: what the connection missed since `since` is sent, then
         `ack(data)` is called with the position, then live messages follow
-        (PROTOCOL.md section 10). `ack` is called only on success. Raises
+        (docs/protocol.md). `ack` is called only on success. Raises
         ValueError for a connection this node does not have.
         """
         if conn_id not in self.table:
@@ -508,7 +508,7 @@ class Node:
             return
         if env.offset is not None and env.epoch is not None and self.history.streams.tracked(channel):
             if not self.history.on_live(channel, env.offset, env.epoch, env):
-                return  # delivered already, or held until the stream is read (PROTOCOL.md section 10)
+                return  # delivered already, or held until the stream is read (docs/protocol.md)
         if self._recent.seen(env.id, time.monotonic()):
             self.counters.duplicates += 1  # a publisher's retry of an envelope already delivered
             return
@@ -575,7 +575,7 @@ class Node:
         node itself; only connections with a stream that has none (or could
         not be recovered), or that is in a room announcing presence (its
         events are never stored, so missed ones cannot be replayed), are
-        told to `resync` (PROTOCOL.md sections 10 and 12).
+        told to `resync` (docs/protocol.md).
         Without history on this node, every connection is told. The node's
         membership entries are rewritten at the next heartbeat too: the loss
         may have been a failover that dropped writes not yet replicated.
@@ -604,7 +604,7 @@ class Node:
             if conn is not None and conn.send(frame):
                 self.counters.resyncs += 1
 
-    # -- presence and server-side control (PROTOCOL.md sections 12 and 13) --------
+    # -- presence and server-side control (docs/protocol.md) --------
     async def _announce(self, room: str, event: str, user_id: str) -> None:
         """The embedded store's presence events (the Redis store's scripts publish their own)."""
         if not self.config.announces(room):

@@ -56,7 +56,7 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...] | None, local_default: bool) -> bool:
-    """PROTOCOL.md section 4: no Origin (not a browser) passes; `*` allows all.
+    """docs/protocol.md: no Origin (not a browser) passes; `*` allows all.
 
     `allowed` None means "not configured": then only localhost origins pass,
     and only when `local_default` (auth none on loopback) holds.

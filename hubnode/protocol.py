@@ -1,4 +1,4 @@
-"""Client frames: parsing, validation and encoding (PROTOCOL.md sections 2-4).
+"""Client frames: parsing, validation and encoding (docs/protocol.md).
 
 Pure: no I/O. `parse_frame` (JSON text) and `parse_packed` (msgpack binary)
 turn one WebSocket frame into a typed frame or a `ProtocolError` value; the
@@ -36,7 +36,7 @@ FrameId = int | str | None
 
 @dataclass(frozen=True, slots=True)
 class Since:
-    """Where a client says it was in a stream (PROTOCOL.md section 10)."""
+    """Where a client says it was in a stream (docs/protocol.md)."""
 
     offset: int
     epoch: str
@@ -83,7 +83,7 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class PresenceQuery:
-    """`{"type": "presence", "data": R}`: who is in room R (PROTOCOL.md section 12)."""
+    """`{"type": "presence", "data": R}`: who is in room R (docs/protocol.md)."""
 
     room: str
     id: FrameId = None
@@ -113,7 +113,7 @@ def parse_frame(text: str | bytes) -> ClientFrame | ProtocolError:
 
 
 def parse_packed(data: bytes) -> ClientFrame | ProtocolError:
-    """Parse one binary frame of the `hubnode.msgpack` subprotocol (PROTOCOL.md section 14); never raises.
+    """Parse one binary frame of the `hubnode.msgpack` subprotocol (docs/protocol.md); never raises.
 
     The same map as the JSON protocol; values JSON cannot carry (bytes,
     non-string keys) are refused, because the message travels on as JSON.

@@ -1,6 +1,6 @@
 """Where each stream with history stands on this node, and per connection: merge by offset, never by timing.
 
-Pure: no I/O. PROTOCOL.md section 10 asks for no gap and no duplicate
+Pure: no I/O. docs/protocol.md asks for no gap and no duplicate
 between replayed and live messages, through joins, reconnects and subscriber
 losses. Three facts make that work, and this module is their bookkeeping:
 

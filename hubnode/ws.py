@@ -1,7 +1,7 @@
 """The WebSocket endpoint: handshake checks, taking the socket over from aiohttp, dispatch.
 
 Handshake refusals are HTTP errors before the upgrade, never a silent close
-(PROTOCOL.md section 1). After the upgrade, bad input is answered with an
+(docs/protocol.md). After the upgrade, bad input is answered with an
 `error` frame and the connection stays open, until too many errors in a row.
 """
 

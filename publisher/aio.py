@@ -99,7 +99,7 @@ class AsyncPublisher:
         return (await self._run(core.publish_query([outgoing], self.keys, self.history_policy,
                                            sharded=await self._is_sharded())))[0]
 
-    # -- server-side control: as Publisher's (PROTOCOL.md section 13; publisher.control) --
+    # -- server-side control: as Publisher's (docs/protocol.md; publisher.control) --
     async def disconnect_user(self, user_id: str, *, reason: str = "", reconnect: bool = False) -> int:
         """Close every open connection of `user_id`, cluster-wide; returns how many nodes took it (0: none holds one).
 
@@ -127,7 +127,7 @@ class AsyncPublisher:
         sharded = await self._is_sharded()
         return await self._run(core.control_query(command, self.origin, self.keys, sharded))
 
-    # -- inspection: as Publisher's (PROTOCOL.md section 7; publisher.inspect) --
+    # -- inspection: as Publisher's (docs/redis.md; publisher.inspect) --
     async def rooms(self) -> dict[str, int]:
         return await self._run(inspect.rooms(self.keys))
 

@@ -1,4 +1,4 @@
-"""`hubctl`: publish to a hub and look inside it from a shell (PROTOCOL.md section 9).
+"""`hubctl`: publish to a hub and look inside it from a shell (docs/configuration.md).
 
     hubctl publish (--all | --room R | --user U) --type T [--data JSON] [--metadata JSON] [--history-size N ...]
     hubctl disconnect (USER | --conn CONN_ID) [--reason R] [--reconnect]

@@ -1,4 +1,4 @@
-"""Server-side control commands (PROTOCOL.md section 13): what they are and how they travel.
+"""Server-side control commands (docs/protocol.md): what they are and how they travel.
 
 Pure: no I/O. A command acts on every open connection of a user, or on one
 connection, wherever it is. It travels as an envelope on the channel of what

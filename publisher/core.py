@@ -55,7 +55,7 @@ def redact_url(url: str) -> str:
 
 
 def default_url() -> str:
-    """HUB_REDIS_URL, as the node reads it (PROTOCOL.md section 9), else local Redis."""
+    """HUB_REDIS_URL, as the node reads it (docs/configuration.md), else local Redis."""
     return os.environ.get("HUB_REDIS_URL") or DEFAULT_URL
 
 
@@ -180,7 +180,7 @@ def publish_query(batch: Sequence[Outgoing], keys: Keys, history: HistoryPolicy,
 
 
 def control_query(command: Command, origin: str, keys: Keys, sharded: bool = False) -> Query[int]:
-    """Send one control command (PROTOCOL.md section 13); answers how many nodes took it.
+    """Send one control command (docs/protocol.md); answers how many nodes took it.
 
     A plain PUBLISH (SPUBLISH when `sharded`) on `command.channel(keys)`,
     never the history script: a command is not a message and is never

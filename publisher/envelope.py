@@ -4,7 +4,7 @@
   "offset"?: int, "epoch"?: str}`
 
 `offset` and `epoch` are the message's position in its room's or user's
-stream (PROTOCOL.md section 10). Only the publish script adds them
+stream (docs/protocol.md). Only the publish script adds them
 (`publisher.history`), so `pack` never writes them; `unpack` reads them and
 ignores a malformed pair rather than dropping the message.
 
@@ -13,7 +13,7 @@ implementation adds so nodes can measure publish-to-deliver latency; other
 publishers may leave it out.
 
 `id` is what makes a retry safe: a node delivers an id once and drops a
-repeat seen within its window (PROTOCOL.md section 5), so a publisher that
+repeat seen within its window (docs/protocol.md), so a publisher that
 timed out may send the same bytes again. Ids are a random per-process prefix
 and a counter; the prefix is drawn anew in a forked child (Celery's prefork
 workers import the publisher before they fork), so no two processes share one.

@@ -1,4 +1,4 @@
-"""Stream history (PROTOCOL.md section 10): which streams keep it, how a publish appends, how it is read.
+"""Stream history (docs/protocol.md): which streams keep it, how a publish appends, how it is read.
 
 A room and a user each have a *stream*. With history, a publish appends the
 envelope to a Redis STREAM, gives it the next offset and publishes it, in one
@@ -192,7 +192,7 @@ def publish_call(keys: Keys, target: Target, channel: str, payload: bytes, envel
                  policy: HistoryPolicy, sharded: bool = False) -> ScriptCall:
     """The script call that publishes to a room or user, appending to its history when it has one.
 
-    `sharded`: the script publishes with SPUBLISH (a Redis Cluster, PROTOCOL.md section 11).
+    `sharded`: the script publishes with SPUBLISH (a Redis Cluster, docs/redis.md).
     """
     ref = stream_of(keys, target.kind, target.name)
     return ScriptCall(PUBLISH_SCRIPT, ref.keys,
@@ -230,7 +230,7 @@ class StreamRead:
         return cls(epoch or None, int(top), int(kept), tuple(payloads))
 
     def recovers(self, offset: int, epoch: str) -> bool:
-        """PROTOCOL.md section 10: the same epoch, and offset + 1 still in the window (or nothing missed)."""
+        """docs/protocol.md: the same epoch, and offset + 1 still in the window (or nothing missed)."""
         return (self.epoch is not None and epoch == self.epoch
                 and self.top - self.kept <= offset <= self.top)
 

@@ -1,6 +1,6 @@
 """Read-only questions about a running hub, answered from Redis keys alone.
 
-The layout read here is PROTOCOL.md section 7 (the README's Redis key
+The layout read here is docs/redis.md (the README's Redis key
 table); every answer is the one the nodes' HTTP API gives (section 6), so
 `hubctl stats` and `GET /api/stats` agree. Each call reads one key, so the
 queries run on a Redis Cluster as on one Redis. Each question is a query
@@ -80,7 +80,7 @@ class HubStats:
 
 @dataclass(frozen=True, slots=True)
 class Presence:
-    """Who is in a room (PROTOCOL.md section 12): users with their connection counts, and anonymous ones."""
+    """Who is in a room (docs/protocol.md): users with their connection counts, and anonymous ones."""
 
     room: str
     users: dict[str, int]

@@ -1,4 +1,4 @@
-"""Every Redis channel and key name of PROTOCOL.md section 7, built in one place.
+"""Every Redis channel and key name of docs/redis.md, built in one place.
 
 Room, user and node names are wrapped in `{}` (Redis Cluster hash tags): a
 room's channel and keys share one slot, as do a user's and a node's keys, so
@@ -74,7 +74,7 @@ class Keys:
             return ("node", name[1:-1])
         return None
 
-    # -- membership keys (PROTOCOL.md section 7) ---------------------------------
+    # -- membership keys (docs/redis.md) ---------------------------------
     # Every Lua script and MULTI touches keys of one Redis Cluster hash slot: a
     # node's keys share the slot of `{<node id>}`, a room's the slot of
     # `{<room>}`, a user's the slot of `{<user id>}`. The registry index
@@ -87,7 +87,7 @@ class Keys:
         """The room's users (HASH user_id -> their connections in the room), kept with its members hash.
 
         The step that writes a member also counts it here, so it knows a
-        user's first and last connection in the room (PROTOCOL.md section 12);
+        user's first and last connection in the room (docs/protocol.md);
         anonymous connections are the members hash's HLEN minus the sum.
         """
         return f"{self.prefix}presence:{{{room}}}"
@@ -117,7 +117,7 @@ class Keys:
         """The node's connection ids (SET): makes connect/disconnect updates idempotent."""
         return f"{self.prefix}node:{{{node_id}}}:conns"
 
-    # -- stream history (PROTOCOL.md section 10) -----------------------------
+    # -- stream history (docs/protocol.md) -----------------------------
     def stream(self, kind: str, name: str) -> str:
         """A room's or user's history (STREAM; entry id `<offset>-1`, field `p` = the envelope as published).
 

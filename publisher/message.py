@@ -1,4 +1,4 @@
-"""The `Message` of the wire contract (PROTOCOL.md section 2).
+"""The `Message` of the wire contract (docs/protocol.md).
 
 This module is the single definition of what a hub message looks like; the
 node, the publishers and the tests all build and read messages through it, so
@@ -19,7 +19,7 @@ __all__ = ["EVENT_TYPES", "RESERVED_TYPES", "Message", "MessageError", "check_pu
 _OPTIONAL = ("room", "user_id", "metadata", "id")
 
 RESERVED_TYPES = frozenset({"ack", "error", "pong", "connected"})
-"""Types only a node sends, as answers to a client's own frames (PROTOCOL.md section 5).
+"""Types only a node sends, as answers to a client's own frames (docs/protocol.md).
 
 A published message of one of these types could settle a client's pending
 request with a forged answer, so every publish path refuses them
@@ -27,7 +27,7 @@ request with a forged answer, so every publish path refuses them
 """
 
 EVENT_TYPES = frozenset({"presence"})
-"""Types only hubnode's own membership steps publish (PROTOCOL.md section 12).
+"""Types only hubnode's own membership steps publish (docs/protocol.md).
 
 A presence event comes from the Lua step that changed the membership, through
 Redis, so nodes deliver it; every publish path refuses the type, so no

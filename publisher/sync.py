@@ -116,7 +116,7 @@ class Publisher:
         return self._run(core.publish_query([outgoing], self.keys, self.history_policy,
                                            sharded=self._is_sharded()))[0]
 
-    # -- server-side control (PROTOCOL.md section 13; see publisher.control) ----
+    # -- server-side control (docs/protocol.md; see publisher.control) ----
     def disconnect_user(self, user_id: str, *, reason: str = "", reconnect: bool = False) -> int:
         """Close every open connection of `user_id`, cluster-wide; returns how many nodes took it (0: none holds one).
 
@@ -150,7 +150,7 @@ class Publisher:
         """Send a command validated by its constructor, to exactly the nodes that hold its user or connection."""
         return self._run(core.control_query(command, self.origin, self.keys, self._is_sharded()))
 
-    # -- inspection (PROTOCOL.md section 7 keys; see publisher.inspect) --------
+    # -- inspection (docs/redis.md keys; see publisher.inspect) --------
     def rooms(self) -> dict[str, int]:
         """Room -> member connections, cluster-wide (as GET /api/rooms)."""
         return self._run(inspect.rooms(self.keys))

@@ -46,7 +46,7 @@ class Target:
 
 
 def target_of(msg: Message) -> Target:
-    """PROTOCOL.md section 6: `room` set -> room; else `user_id` -> user; else all."""
+    """docs/http-api.md: `room` set -> room; else `user_id` -> user; else all."""
     if msg.room is not None:
         return Target("room", msg.room)
     if msg.user_id is not None:

@@ -1,4 +1,4 @@
-"""Which Redis a URL names (PROTOCOL.md section 11): `redis://`, `rediss://`, Sentinel, Cluster.
+"""Which Redis a URL names (docs/redis.md): `redis://`, `rediss://`, Sentinel, Cluster.
 
 One Redis, a Redis Cluster and a Sentinel-managed primary all hide behind
 one `--redis-url`, and the node, `Publisher`, `AsyncPublisher` and hubctl

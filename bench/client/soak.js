@@ -1,5 +1,5 @@
 // One client process of the soak run (bench/soak.py): long-lived hubnode clients that count
-// every message per stream and, with history on, reconnect and recover (PROTOCOL.md section 10).
+// every message per stream and, with history on, reconnect and recover (docs/protocol.md).
 //
 // Same start (one JSON argument) and JSON-lines conversation as load.js, so the controller
 // spawns it with bench/loadgen.py's ClientProc and drives it like bench/chaosclient.py:

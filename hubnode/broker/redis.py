@@ -5,7 +5,7 @@ Subscriptions live on dedicated connections (`resp.SubscriberConnection`):
 one on a single Redis or a Sentinel-managed primary (found through the
 Sentinels at every connection), and on a Redis Cluster one per shard that
 owns a slot of a channel the node needs, with sharded pub/sub (SSUBSCRIBE,
-SPUBLISH), so a room's messages travel only inside its shard (PROTOCOL.md
+SPUBLISH), so a room's messages travel only inside its shard (docs/protocol.md
 section 11). A supervisor task owns them all: it connects, subscribes every
 wanted channel where its slot lives now, and, after any loss, reconnects
 with capped, jittered backoff and tells the node to `resync` (recover from
@@ -93,7 +93,7 @@ class _Link:
 
 
 class RedisBroker:
-    """A Broker on one Redis, a Sentinel-managed primary, or a Redis Cluster (PROTOCOL.md sections 7 and 11)."""
+    """A Broker on one Redis, a Sentinel-managed primary, or a Redis Cluster (docs/redis.md)."""
 
     def __init__(self, target: Target | str, client: Any, keys: Keys, node_id: str, *,
                  timeout: float = 5.0, probe_interval: float = 2.0, max_pending: int = 100_000,
@@ -404,7 +404,7 @@ class RedisBroker:
                     self._releasing[channel] = due - 1
                 return
             # Redis dropped the node from a channel it did not release: the
-            # channel's slot moved to another shard (PROTOCOL.md section 11)
+            # channel's slot moved to another shard (docs/redis.md)
             self.topology_changes += 1
             self._lose(f"the slot of {channel.decode(errors='replace')!r} moved to another shard")
 

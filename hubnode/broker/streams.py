@@ -1,7 +1,7 @@
 """Stream history in memory: what lua/publish.lua and lua/read.lua do, for the embedded broker.
 
-A single node without Redis recovers its clients too (PROTOCOL.md section
-10): the same offsets, epochs, window and expiry, in a dict. Pure: the clock
+A single node without Redis recovers its clients too (docs/protocol.md,
+history and recovery): the same offsets, epochs, window and expiry, in a dict. Pure: the clock
 is passed in.
 """
 

@@ -105,7 +105,7 @@ class MembershipStore(Protocol):
     async def presence(self, room: str) -> Presence:
         """Who is in `room`: users with their connection counts, and anonymous connections, cluster-wide.
 
-        A store also announces presence (PROTOCOL.md section 12): the change
+        A store also announces presence (docs/protocol.md): the change
         that adds a user's first member of a room announced by the node's
         --presence-rooms, or removes the last, publishes the `join` or
         `leave` in the same step, so each transition is announced exactly

@@ -1,4 +1,4 @@
-"""Membership in Redis, readable with redis-cli (PROTOCOL.md section 7, the README's key table).
+"""Membership in Redis, readable with redis-cli (docs/redis.md, its key table).
 
 One layout serves a single Redis and a Redis Cluster: every Lua script (and
 every pipelined command) touches keys of ONE hash slot, and every key a script
@@ -9,7 +9,7 @@ the registry index `hub:nodes` is written only by commands and scripts of its
 own. A room's members hash is written only by the member scripts
 (member_add, member_remove, purge_members), which keep its presence hash
 (user -> connections in the room) in step and publish the room's presence
-events from inside the same script (PROTOCOL.md section 12): whichever node
+events from inside the same script (docs/protocol.md): whichever node
 joins, leaves, disconnects, drains, re-registers or sweeps a dead node, a
 user's first arrival and last departure are each announced exactly once.
 

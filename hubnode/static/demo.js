@@ -46,7 +46,7 @@
       const wait = stopped ? ": apply the settings to connect again" : `, retrying in ${(e.delay / 1000).toFixed(1)} s`;
       note(`disconnected (code ${e.code}${e.reason ? ": " + e.reason : ""})${wait}`, stopped ? "warn" : undefined);
     });
-    // Server-side control (PROTOCOL.md section 13): an operator disconnected us,
+    // Server-side control (docs/protocol.md): an operator disconnected us,
     // or joined us to a room / removed us from one.
     hub.on("disconnect", (m) => note("the server disconnected you" + (m.data.reason ? ": " + m.data.reason : ""), "warn"));
     hub.on("joined", (m) => note(`the server added you to #${m.data.room}`));
@@ -124,7 +124,7 @@
       .catch((err) => note(`private message to ${to} not sent: ${err.code}`));
   });
 
-  // PROTOCOL.md section 3: 1-128 characters, no whitespace, control characters or braces.
+  // docs/protocol.md: 1-128 characters, no whitespace, control characters or braces.
   const validName = (s) => /^[^\s{}\x00-\x1f\x7f]{1,128}$/.test(s);
 
   $("settings").addEventListener("submit", (e) => {
@@ -181,7 +181,7 @@
     select.value = others.includes(current) ? current : "";
   }
 
-  // -- kick: the operator's HTTP API (PROTOCOL.md section 13) -------------------------
+  // -- kick: the operator's HTTP API (docs/protocol.md) -------------------------
   function apiHeaders() {
     const headers = { "Content-Type": "application/json" };
     const key = sessionStorage.getItem("hubnode.apiKey"); // set by the dashboard, same origin

@@ -1,4 +1,4 @@
-// hub.js: a dependency-free browser client for hubnode (PROTOCOL.md sections 1-4, 10, 12, 13).
+// hub.js: a dependency-free browser client for hubnode (docs/protocol.md).
 //
 //   <script src="/hub.js"></script>            -> window.HubClient
 //   import { HubClient } from "/hub.mjs";      -> the same class as an ES module
@@ -27,7 +27,7 @@
 //   been stable for a while; on close 1001 (node draining) it reconnects at
 //   once, to the next URL when several are given; all joined rooms are
 //   re-joined on every new connection;
-// - recovery (streams with history, PROTOCOL.md section 10): it keeps the
+// - recovery (streams with history, docs/protocol.md): it keeps the
 //   position (offset, epoch) of each joined room and of the user's own stream,
 //   re-joins with `since` and reconnects with `?since=`, so the node replays
 //   what was missed; it drops a message whose offset it has already delivered
@@ -70,7 +70,7 @@
   const RESENDABLE = new Set(["join_room", "leave_room"]);
   // Frame types that answer a request (they carry its id).
   const ANSWERS = new Set(["ack", "error", "pong", "presence"]);
-  // Close codes of a server-side disconnect (PROTOCOL.md section 13).
+  // Close codes of a server-side disconnect (docs/protocol.md).
   const CLOSE_STOP = 4000; // do not reconnect
   const CLOSE_RECONNECT = 4001; // reconnect as usual
 
@@ -352,7 +352,7 @@
       this._presence.delete(room);
     }
 
-    // -- member lists (option `presence`, PROTOCOL.md section 12) -------------------
+    // -- member lists (option `presence`, docs/protocol.md) -------------------
     // Ask who is in `room` now; events that arrive meanwhile are kept and applied
     // on top of the answer, in order: the answer may predate some of them, and
     // applying a join or leave twice changes nothing. The last query wins.
@@ -407,7 +407,7 @@
       return { users: Object.fromEntries(p.users), anonymous: p.anonymous };
     }
 
-    // -- recovery (PROTOCOL.md section 10) ----------------------------------------
+    // -- recovery (docs/protocol.md) ----------------------------------------
     // The user stream on a new `connected` frame: take its position, and say
     // whether the missed messages (which follow the frame) are coming.
     _userConnected(info, previous) {

@@ -1,4 +1,4 @@
--- Who is in a room (PROTOCOL.md section 12), read in one step so the numbers agree.
+-- Who is in a room (docs/protocol.md), read in one step so the numbers agree.
 -- KEYS[1] the room's presence hash (user id -> connections in the room),
 -- KEYS[2] its members hash (conn id -> user id, '' for anonymous): one slot.
 -- Returns {flat HGETALL of the presence hash, HLEN of the members hash};

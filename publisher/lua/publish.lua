@@ -1,5 +1,5 @@
 -- Publish one envelope to a room's or user's channel, appending it to the
--- stream's history when the stream has history (PROTOCOL.md section 10).
+-- stream's history when the stream has history (docs/protocol.md).
 --
 -- KEYS[1] stream (STREAM), KEYS[2] meta (HASH), KEYS[3] ids (ZSET: envelope id -> offset of
 --         the messages kept): built by publisher.keys.Keys, sharing the room's or user's hash

@@ -1,4 +1,4 @@
--- Read a room's or user's stream (PROTOCOL.md section 10): its position and
+-- Read a room's or user's stream (docs/protocol.md): its position and
 -- the entries above an offset, in one atomic step.
 --
 -- KEYS[1] stream (STREAM), KEYS[2] meta (HASH), KEYS[3] ids (ZSET), as for publish.lua.

@@ -116,7 +116,7 @@ async def test_redis_broker_close_is_bounded_while_probing(redis_server: RedisSe
         assert not b.connected
 
 
-# -- stream history (PROTOCOL.md section 10): the same offsets, epochs and window on both brokers --------
+# -- stream history (docs/protocol.md): the same offsets, epochs and window on both brokers --------
 
 def _envelope(n: int, mid: str = "") -> tuple[bytes, str]:
     from publisher.envelope import Envelope, pack

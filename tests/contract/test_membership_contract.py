@@ -78,7 +78,7 @@ async def test_leaving_a_room_not_joined_is_harmless(store: MembershipStore) -> 
     assert await store.rooms() == {"r": 1}
 
 
-# -- presence (PROTOCOL.md section 12) ----------------------------------------------
+# -- presence (docs/protocol.md) ----------------------------------------------
 
 class Events:
     """The presence events a store announces for room "p", as (event, user), in order."""

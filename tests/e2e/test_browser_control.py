@@ -1,4 +1,4 @@
-"""Presence and server-side control (PROTOCOL.md sections 12 and 13) in a real Chromium.
+"""Presence and server-side control (docs/protocol.md) in a real Chromium.
 
 Two real node processes (a and b) share the session's redis-server, with
 presence events in every room, history on and at most two rooms per

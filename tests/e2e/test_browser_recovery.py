@@ -1,4 +1,4 @@
-"""Stream recovery (PROTOCOL.md section 10) in a real Chromium: hub.js and the demo chat across a node kill.
+"""Stream recovery (docs/protocol.md) in a real Chromium: hub.js and the demo chat across a node kill.
 
 Three real node processes (a, b, c) with history on share the session's
 redis-server. The page connects to a with the URL list [a, b]; bob, an aiohttp

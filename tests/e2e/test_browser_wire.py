@@ -1,4 +1,4 @@
-"""permessage-deflate as a browser negotiates it (PROTOCOL.md section 14), in a real Chromium.
+"""permessage-deflate as a browser negotiates it (docs/protocol.md), in a real Chromium.
 
 Chromium offers permessage-deflate on every WebSocket; the node accepts it, so
 every browser test already runs compressed. This one checks the negotiation

@@ -45,7 +45,7 @@ def boot() -> Cluster:
 
 def shutdown(cluster: Cluster, killed: tuple[str, ...] = ()) -> None:
     """Stop the cluster; fail if a process the test did not kill died, a node logged a
-    traceback, or a node did not exit 0 on SIGTERM within its drain timeout (PROTOCOL.md 8)."""
+    traceback, or a node did not exit 0 on SIGTERM within its drain timeout (docs/protocol.md 8)."""
     dead = [p.name for p in cluster.dead() if p.name not in killed]
     started = time.monotonic()
     cluster.stop_processes(node_grace=Config.drain_timeout + 2.0)

@@ -1,4 +1,4 @@
-"""Several real nodes sharing one Redis behave as one hub (PROTOCOL.md section 7)."""
+"""Several real nodes sharing one Redis behave as one hub (docs/redis.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Server-side control (PROTOCOL.md section 13) across real nodes sharing one Redis: disconnect, join and
+"""Server-side control (docs/protocol.md) across real nodes sharing one Redis: disconnect, join and
 leave a user's connections (or one connection) from the HTTP API, the publisher and hubctl.
 
 Absence is proven without waiting: after a probe published to a room, a marker published to the user

@@ -1,5 +1,5 @@
 """Faults, tested rather than hoped for: node crash and pause, Redis restart, killed,
-black-holed and overflowing subscriber connections (PROTOCOL.md section 7)."""
+black-holed and overflowing subscriber connections (docs/redis.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stream history and recovery against real nodes and a real Redis (PROTOCOL.md section 10).
+"""Stream history and recovery against real nodes and a real Redis (docs/protocol.md).
 
 Most tests share one module cluster: three nodes on the session's Redis with
 `--history-size 60 --history-rooms h-*`, so rooms named `h-…` keep their last

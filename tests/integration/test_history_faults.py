@@ -1,4 +1,4 @@
-"""Stream history through faults (PROTOCOL.md section 10): a node killed with -9 under load, a node's
+"""Stream history through faults (docs/protocol.md): a node killed with -9 under load, a node's
 Redis subscriber killed under load (with and without history), Redis restarted with its data lost.
 
 Every test runs its own nodes; those that kill Redis connections by name, or

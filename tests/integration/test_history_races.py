@@ -1,4 +1,4 @@
-"""Stream history through the races a review found (PROTOCOL.md section 10), kept as regression tests.
+"""Stream history through the races a review found (docs/protocol.md), kept as regression tests.
 
 Most scenarios are interleavings, played on an in-process Node whose broker
 is a MemoryBroker that can misbehave on cue (`FaultyBroker`): hold a stream

@@ -1,4 +1,4 @@
-"""The HTTP API of PROTOCOL.md section 6 on a single node."""
+"""The HTTP API of docs/http-api.md on a single node."""
 
 from __future__ import annotations
 

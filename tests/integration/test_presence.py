@@ -1,4 +1,4 @@
-"""Presence (PROTOCOL.md section 12) across real nodes sharing one Redis: who is in a room, and the
+"""Presence (docs/protocol.md) across real nodes sharing one Redis: who is in a room, and the
 join/leave events of --presence-rooms, exactly once per transition whatever ends a connection.
 
 Absence is proven without waiting: a marker published on the room's channel after the actions (and

@@ -347,7 +347,7 @@ def test_hubctl_times_out_on_a_silent_server() -> None:
     assert result.stderr.strip() == f"hubctl: error: Redis at {url} did not answer within 0.3s"
 
 
-# -- history (PROTOCOL.md section 10) ------------------------------------------------------
+# -- history (docs/protocol.md) ------------------------------------------------------
 
 def test_history_script_adds_exactly_the_bytes_the_embedded_broker_adds(
         redis_server: RedisServer, prefix: str, keys: Keys, listeners: list[Listener]) -> None:
@@ -390,7 +390,7 @@ def test_publisher_with_history_creates_the_stream_and_a_publisher_without_appen
             without.history("h", user="u")
 
 
-# -- control and presence (PROTOCOL.md sections 12 and 13) ----------------------------------
+# -- control and presence (docs/protocol.md) ----------------------------------
 
 CONTROL_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], Command]] = [
     ("disconnect_user", ("alice",), {"reason": "bye", "reconnect": True},

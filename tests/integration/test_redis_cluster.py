@@ -1,4 +1,4 @@
-"""hubnode on a Redis Cluster (PROTOCOL.md section 11), with real node processes.
+"""hubnode on a Redis Cluster (docs/redis.md), with real node processes.
 
 Most tests share three nodes on the session's cluster (3 primaries, a
 replica each, `redis_cluster.url`), with rooms and users placed so that one

@@ -1,4 +1,4 @@
-"""A busy room through Redis topology changes (PROTOCOL.md sections 10 and 11): a Redis Cluster primary
+"""A busy room through Redis topology changes (docs/protocol.md): a Redis Cluster primary
 killed and replaced by its replica, the room's slot migrated to another primary during traffic, and a
 Sentinel-managed primary killed and replaced.
 

@@ -1,4 +1,4 @@
-"""hubnode, Publisher, AsyncPublisher and hubctl on a Redis that speaks TLS only (PROTOCOL.md section 11:
+"""hubnode, Publisher, AsyncPublisher and hubctl on a Redis that speaks TLS only (docs/redis.md:
 `rediss://` with `--redis-ca`, `--redis-cert`, `--redis-key`).
 
 The session's `redis_tls` listens on TLS alone, so anything that works

@@ -1,4 +1,4 @@
-"""A Redis topology that is wrong rather than down is refused in one line (PROTOCOL.md section 11).
+"""A Redis topology that is wrong rather than down is refused in one line (docs/redis.md).
 
 The real console scripts run as subprocesses, with a timeout (a node that
 wrongly starts serving fails the test by it): `hubnode` exits 2 with one

@@ -1,4 +1,4 @@
-"""Security: JWT identity, room authorization, origins, limits and hooks (PROTOCOL.md 1, 3, 4)."""
+"""Security: JWT identity, room authorization, origins, limits and hooks (docs/protocol.md 1, 3, 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md section 14 on real sockets: the hubnode.msgpack subprotocol, permessage-deflate
+"""docs/protocol.md on real sockets: the hubnode.msgpack subprotocol, permessage-deflate
 compressed once per node, and the lean socket (no task per connection, one write per batch)."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_error_streak() -> None:
     ("null", None, True, False),
 ])
 def test_origin_rules(origin: str | None, allowed: tuple[str, ...] | None, local: bool, ok: bool) -> None:
-    """PROTOCOL.md section 4: no Origin passes, lists are exact, localhost only by default."""
+    """docs/protocol.md: no Origin passes, lists are exact, localhost only by default."""
     assert origin_allowed(origin, allowed, local) is ok
 
 
@@ -58,7 +58,7 @@ def test_flags_and_environment() -> None:
 
 
 def test_defaults_match_protocol() -> None:
-    """Defaults of PROTOCOL.md sections 3, 4 and 7."""
+    """Defaults of docs/protocol.md."""
     cfg = Config()
     assert (cfg.max_message_bytes, cfg.max_outbound_bytes, cfg.max_rooms_per_conn) == (65536, 4 << 20, 100)
     assert (cfg.rate, cfg.burst, cfg.heartbeat, cfg.drain_timeout) == (50, 100, 2.0, 10.0)
@@ -74,7 +74,7 @@ def test_non_loopback_anonymous_refused() -> None:
 
 
 def test_cluster_and_sentinel_urls_name_their_topology() -> None:
-    """redis+cluster:// and redis+sentinel:// are accepted and read as PROTOCOL.md section 11 says."""
+    """redis+cluster:// and redis+sentinel:// are accepted and read as docs/redis.md says."""
     cluster = Config(redis_url="redis+cluster://h1:7001,h2:7002").redis_target()
     assert (cluster.kind, cluster.hosts, cluster.sharded) == ("cluster", (("h1", 7001), ("h2", 7002)), True)
     sentinel = Config(redis_url="redis+sentinel://:pw@s1:26379,s2:26380/hubmaster/2").redis_target()

@@ -39,7 +39,7 @@ def _p(obj: object) -> object:
     ({"type": "ping"}, Ping(None)),
 ])
 def test_valid_frames_parse_to_typed_frames(frame: dict[str, object], expected: object) -> None:
-    """Each client type of PROTOCOL.md section 3 parses to its dataclass."""
+    """Each client type of docs/protocol.md parses to its dataclass."""
     assert _p(frame) == expected
 
 
@@ -64,7 +64,7 @@ def test_valid_frames_parse_to_typed_frames(frame: dict[str, object], expected: 
     (b'{"type": "private_message", "data": {"user_id": "a b", "message": 1}}', ErrorCode.BAD_MESSAGE),
 ])
 def test_invalid_frames_give_their_error_code(text: bytes, code: ErrorCode) -> None:
-    """Every rejection is a ProtocolError value with the code of PROTOCOL.md section 4."""
+    """Every rejection is a ProtocolError value with the code of docs/protocol.md."""
     result = parse_frame(text)
     assert isinstance(result, ProtocolError)
     assert result.code is code
@@ -118,5 +118,5 @@ def test_encoders_produce_protocol_shapes() -> None:
 
 
 def test_close_codes_match_protocol() -> None:
-    """Close codes are the numbers of PROTOCOL.md section 4."""
+    """Close codes are the numbers of docs/protocol.md."""
     assert [c.value for c in CloseCode] == [1000, 1001, 1003, 1008, 1009, 1013, 4000, 4001]  # 4000/4001: section 13

@@ -291,7 +291,7 @@ def test_cli_table_and_redaction() -> None:
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
 
 
-# -- server-side control and presence (PROTOCOL.md sections 12 and 13) -------------------
+# -- server-side control and presence (docs/protocol.md) -------------------
 
 BAD_CONTROL_CALLS = [
     ("disconnect_user", ("a b",), {}),

@@ -1,4 +1,4 @@
--- Helpers prepended to every membership script (PROTOCOL.md section 7).
+-- Helpers prepended to every membership script (docs/redis.md).
 -- Every key a script touches arrives in KEYS, built by publisher/keys.py, and
 -- all of them hash to one Redis Cluster slot: a node's keys share the slot of
 -- {<node id>}, a room's of {<room>}, a user's of {<user id>}; the registry
@@ -49,7 +49,7 @@ local function may_purge(node_key, mode, stamp)
   return true
 end
 
--- Presence (PROTOCOL.md section 12). A room's presence hash counts each
+-- Presence (docs/protocol.md). A room's presence hash counts each
 -- user's connections in the room, and only the scripts that write its members
 -- hash change it, in the same step: so the step that adds a user's first
 -- member (or removes the last) knows it, and announces it there and then,
