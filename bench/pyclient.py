@@ -23,6 +23,7 @@ import aiohttp
 import msgpack
 
 from hubnode.wire import MSGPACK_PROTOCOL
+
 LOG_BASE = math.log(1.01)
 
 
