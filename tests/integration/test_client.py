@@ -24,7 +24,7 @@ from hubnode.client import (
     RequestTimeout,
 )
 from publisher import Publisher
-from tests.helpers import SCALE, Cluster, NodeProcess, RedisServer, wait_until
+from tests.helpers import SCALE, Cluster, NodeProcess, RedisServer, start_all, wait_until
 
 Frame = dict[str, Any]
 
@@ -311,3 +311,25 @@ async def test_requests_made_while_disconnected_wait_for_the_connection(
         assert (await joining)["type"] == "ack" and client.rooms == {"early"}
     finally:
         proc.stop()
+
+
+async def test_a_draining_node_sends_the_client_to_the_next_url_at_once(clients: list[HubClient]) -> None:
+    """SIGTERM: the `reconnect` notice and close 1001, then a reconnect without backoff, to the other node."""
+    a, b = NodeProcess("--rate", "0", "--node-id", "a"), NodeProcess("--rate", "0", "--node-id", "b")
+    start_all([a, b])
+    try:
+        lena = make(clients, [a.ws_url, b.ws_url], user_id="lena", min_delay=5.0)
+        await lena.connect()
+        await lena.join("stay")
+        assert lena.node == "a"
+        a.signal(signal.SIGTERM)
+        assert (await next_of(lena, "system_message"))["data"] == {"event": "reconnect"}
+        gone = await next_of(lena, "disconnected")
+        assert gone["code"] == 1001 and gone["delay"] < 0.1  # not min_delay's 2.5-5 s
+        assert (await next_of(lena, "connected"))["data"]["node"] == "b"
+        streams = {(e["stream"], e["room"]): e["recovered"] for e in [await next_of(lena, "recovered") for _ in "12"]}
+        assert streams == {("user", None): False, ("room", "stay"): False}  # re-joined; no history to recover
+        assert lena.rooms == {"stay"}
+    finally:
+        a.stop()
+        b.stop()
