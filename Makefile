@@ -22,8 +22,9 @@ run: $(BIN)/python
 test: sysdeps venv
 	HUB_TEST_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
 
-## system packages the tests start for real (idempotent): redis-server, nginx, chromium, and Node.js
-## with npm (the README's Node.js example and the benchmark's load clients)
+## system packages the tests start for real (idempotent): redis-server, nginx, chromium, Node.js
+## with npm (docs/redis.md's Node.js example and the benchmark's load clients), and Ruby with its
+## redis and msgpack gems (docs/redis.md's Ruby example)
 sysdeps: sysdeps-cluster
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -31,6 +32,9 @@ sysdeps: sysdeps-cluster
 	@{ command -v node && command -v npm; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
+	@ruby -e 'require "redis"; require "msgpack"' >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ruby ruby-redis ruby-msgpack; }
 
 ## what `make cluster` runs besides the nodes: redis-server and nginx (idempotent)
 sysdeps-cluster:

@@ -58,8 +58,8 @@ def load_script(name: str) -> LuaScript:
 
 
 PUBLISH_SCRIPT = load_script("publish")
-"""KEYS: stream, meta, ids. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch.
-Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
+"""KEYS: stream, meta, ids. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch, and "1" to publish
+with SPUBLISH (a Redis Cluster: sharded pub/sub). Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
 
 READ_SCRIPT = load_script("read")
 """KEYS: stream, meta, ids. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.

@@ -3,7 +3,7 @@
 Room, user and node names are wrapped in `{}` (Redis Cluster hash tags): a
 room's channel and keys share one slot, as do a user's and a node's keys, so
 every script touches one slot, on a single Redis and on a Redis Cluster alike.
-The node channel keeps its 0.1 name (`hub:node:<id>`, no tag).
+The node channel is tagged too (`hub:node:{<id>}`), like the node's keys.
 """
 
 from __future__ import annotations
