@@ -59,7 +59,8 @@ def load_script(name: str) -> LuaScript:
 
 PUBLISH_SCRIPT = load_script("publish")
 """KEYS: stream, meta, ids. ARGV: channel, envelope, envelope id, size, ttl, fresh epoch, and "1" to publish
-with SPUBLISH (a Redis Cluster: sharded pub/sub). Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
+with SPUBLISH (a Redis Cluster: sharded pub/sub).
+Answers {receivers, offset, epoch} (offset 0: the stream has no history, a plain PUBLISH)."""
 
 READ_SCRIPT = load_script("read")
 """KEYS: stream, meta, ids. ARGV: since (-1: position only), limit (0: all), create (1/0), fresh epoch, size, ttl.
