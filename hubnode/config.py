@@ -24,7 +24,7 @@ from publisher.topology import Target, TopologyError
 from publisher.topology import parse as parse_target
 from publisher.usage import OneLineParser
 
-__all__ = ["Config", "ConfigError", "parse_args"]
+__all__ = ["Config", "ConfigError", "build_parser", "parse_args"]
 
 _BOOLS = {"allow_anonymous", "client_broadcast", "client_private", "history_users", "compression"}
 _METAVARS = {"host": "ADDRESS", "port": "PORT", "redis_url": "URL", "node_id": "ID", "key_prefix": "PREFIX",
@@ -225,15 +225,9 @@ _HELP = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build a Config from command-line flags and HUB_* environment variables.
-
-    Every value is converted and checked here, each against its own rule
-    (hubnode.validate), so a bad one exits 2 with one line naming the flag or
-    the variable it came from, before anything starts. An empty variable
-    counts as unset, as it does for the publishers.
-    """
-    env = os.environ if env is None else env
+def build_parser() -> OneLineParser:
+    """The `hubnode` command line: one flag per Config field (`--some-flag`, dest `some_flag`), every
+    default None so that `parse_args` can tell a flag given from one left to `HUB_SOME_FLAG` or the default."""
     parser = OneLineParser(prog="hubnode", description="Run a hubnode WebSocket hub node. Every flag also "
                      "reads HUB_<FLAG> from the environment; a flag on the command line wins.")
     for f in fields(Config):
@@ -246,6 +240,19 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                         help="never negotiate permessage-deflate")
     parser.add_argument("--no-history-users", dest="history_users", action="store_const", const="off",
                         help="user streams keep no history")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from command-line flags and HUB_* environment variables.
+
+    Every value is converted and checked here, each against its own rule
+    (hubnode.validate), so a bad one exits 2 with one line naming the flag or
+    the variable it came from, before anything starts. An empty variable
+    counts as unset, as it does for the publishers.
+    """
+    env = os.environ if env is None else env
+    parser = build_parser()
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Config):
