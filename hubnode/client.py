@@ -45,9 +45,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+try:
+    import aiohttp
+    from yarl import URL
+except ImportError as missing:  # `pip install hubnode` alone: the publisher, not the client
+    raise ImportError("hubnode.client needs aiohttp: pip install 'hubnode[client]'") from missing
 import msgpack
-from yarl import URL
 
 from hubnode.clientstate import MemberLists, Position, Streams
 from hubnode.errors import CloseCode, ErrorCode

@@ -92,6 +92,51 @@ def test_publisher_install_carries_nothing_of_the_node(worker_venv: Path) -> Non
     assert "pip install 'hubnode[server]'" in node.stderr and "Traceback" not in node.stderr
 
 
+def test_the_client_without_its_extra_says_which_to_install(worker_venv: Path) -> None:
+    ran = subprocess.run([str(worker_venv / "bin" / "python"), "-c", "import hubnode.client"],
+                         capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 1 and "pip install 'hubnode[client]'" in ran.stderr.splitlines()[-1], ran.stderr
+
+
+@pytest.fixture(scope="module")
+def client_venv(wheel: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only `pip install 'hubnode[client]'`."""
+    home = tmp_path_factory.mktemp("client-venv")
+    venv.create(home, with_pip=True)
+    done = subprocess.run([str(home / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           f"hubnode[client] @ {wheel[0].as_uri()}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return home
+
+
+async def test_the_client_extra_runs_a_client_without_the_node(client_venv: Path, tmp_path: Path) -> None:
+    """aiohttp and nothing else of the node; hubnode.client connects, joins and gets its own message back."""
+    listed = subprocess.run([str(client_venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout
+    installed = {line.split("==")[0].lower() for line in listed.splitlines()}
+    assert "aiohttp" in installed and not installed & (SERVER_ONLY - {"aiohttp"}), installed & SERVER_ONLY
+    node = NodeProcess("--rate", "0").start()
+    script = tmp_path / "echo.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from hubnode.client import HubClient\n"
+        "async def main():\n"
+        "    async with HubClient(sys.argv[1], user_id='py') as hub:\n"
+        "        await hub.join('echo')\n"
+        "        await hub.send_to_room('echo', 'hello')\n"
+        "        async for msg in hub:\n"
+        "            if msg['type'] == 'room_message':\n"
+        "                print(msg['user_id'], msg['data']['message'])\n"
+        "                return\n"
+        "asyncio.run(main())\n")
+    try:
+        ran = subprocess.run([str(client_venv / "bin" / "python"), str(script), node.ws_url],
+                             capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0 and ran.stdout == "py hello\n", ran.stderr
+    finally:
+        node.stop()
+
+
 async def test_example_worker_runs_as_written_from_the_fresh_venv(worker_venv: Path, tmp_path: Path,
                                                                    session: aiohttp.ClientSession) -> None:
     """`python examples/worker.py 42 alice` with HUB_REDIS_URL set reaches alice and the ops room on a real node."""
