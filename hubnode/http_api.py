@@ -58,7 +58,10 @@ def with_api_key(handler: Handler) -> Handler:
             matched = [hmac.compare_digest(token, k.encode()) for k in keys]
             if not any(matched):
                 return _error(401, "unauthorized", "missing or wrong API key")
-        return await handler(request)
+        try:
+            return await handler(request)
+        except BrokerUnavailable as exc:  # a read of the cluster's state while Redis cannot answer
+            return _error(503, "unavailable", str(exc))
 
     return guarded
 

@@ -337,14 +337,18 @@ class RedisMembershipStore:
         """One atomic read (presence.lua); BrokerUnavailable when Redis cannot answer now."""
         try:
             return await self._query(inspect.presence(self.keys, room))
-        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"presence cannot be read now: {type(exc).__name__}") from None
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"presence cannot be read now: {exc}") from None
 
     async def nodes(self) -> list[NodeInfo]:
         return await self._query(inspect.live_nodes(self.keys))
 
     async def _query(self, query: Query[T]) -> T:
-        return await drive_async(query, lambda step: self._deadline(run_step(self.redis, step)))
+        """A read of the cluster's state; BrokerUnavailable when Redis cannot answer now."""
+        try:
+            return await drive_async(query, lambda step: self._deadline(run_step(self.redis, step)))
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis cannot answer now: {type(exc).__name__}") from None
 
     # -- metrics snapshots (the cluster dashboard) ---------------------------------
     async def put_metrics(self, payload: bytes) -> None:
@@ -367,7 +371,10 @@ class RedisMembershipStore:
         pipe = self.redis.pipeline(transaction=False)
         for node in node_ids:
             pipe.get(self.keys.node_metrics(node))
-        found = await self._deadline(pipe.execute())
+        try:
+            found = await self._deadline(pipe.execute())
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis cannot answer now: {type(exc).__name__}") from None
         return {node: raw if isinstance(raw, bytes) else text(raw).encode()
                 for node, raw in zip(node_ids, found, strict=True) if raw is not None}
 

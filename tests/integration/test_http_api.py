@@ -7,7 +7,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import node_config, start_server
-from tests.helpers import Client
+from tests.helpers import Client, NodeProcess, RedisServer
 
 JSON = {"Content-Type": "application/json"}
 
@@ -141,3 +141,26 @@ async def test_demo_page_and_client_served(hub: TestServer, session: aiohttp.Cli
     assert page.status == 200 and "hub.js" in await page.text()
     js = await session.get(hub.make_url("/hub.js"))
     assert js.status == 200 and "class HubClient" in await js.text()
+
+
+async def test_reads_answer_503_with_the_error_body_while_redis_is_down(session: aiohttp.ClientSession) -> None:
+    """Issue 17 (found writing docs/http-api.md): the reads failed with a plain-text 500 and a traceback."""
+    redis_server = RedisServer()
+    redis_server.start()
+    node = NodeProcess("--redis-url", redis_server.url, "--redis-timeout", "1").start()
+    try:
+        async with session.get(node.url + "/api/stats") as resp:
+            assert resp.status == 200
+        redis_server.stop()
+        for path in ("/api/stats", "/api/rooms", "/api/rooms/lobby", "/api/rooms/lobby/presence", "/api/nodes",
+                     "/api/cluster/metrics"):
+            async with session.get(node.url + path) as resp:
+                body = await resp.json()
+                assert resp.status == 503 and body["ok"] is False, (path, body)
+                assert body["error"]["code"] == "unavailable" and "cannot" in body["error"]["message"], (path, body)
+        async with session.get(node.url + "/api/metrics") as resp:  # this node's own counters: no Redis needed
+            assert resp.status == 200
+        assert "Traceback" not in node.output()
+    finally:
+        node.stop()
+        redis_server.stop()
