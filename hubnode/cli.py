@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.check_exposure()
         if config.auth == "jwt":
             JwtVerifier(config)  # reads --jwt-public-key now: a bad file is a usage error, not a failed start
+        check_files(config)
         if config.redis_url is not None:
             check_redis(config)
     except ConfigError as exc:
@@ -45,6 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         return asyncio.run(serve(config))
     return uvloop.run(serve(config))
+
+
+def check_files(config: Config) -> None:
+    """Redis TLS files are read on every connection attempt: one that cannot be read would keep the
+    node waiting for Redis forever, never ready. Say so now, as for --jwt-public-key."""
+    for flag, path in (("--redis-ca", config.redis_ca), ("--redis-cert", config.redis_cert),
+                       ("--redis-key", config.redis_key)):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def check_redis(config: Config) -> None:
