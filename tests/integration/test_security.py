@@ -252,6 +252,14 @@ async def test_custom_hooks_replace_builtins(session: aiohttp.ClientSession) -> 
         await boss.join("vip")
         assert (await intern.request("join_room", "vip", 1))["data"]["code"] == "forbidden"
         await intern.join("lobby")
+        # A hook's user id must keep the name rules (a brace would move the user's keys to another slot).
+        for bad in ("a{b}", "two words", "x" * 129):
+            async with session.get(url(server), headers={"X-Api-User": bad, "Connection": "Upgrade",
+                                                          "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                                                          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as resp:
+                assert resp.status == 500, bad
+                assert (await resp.json())["error"].startswith("the authenticate hook returned a user id that")
+        assert await boss.request("ping", "still here", 2)  # nobody else was disturbed
     finally:
         await server.close()
 
