@@ -237,8 +237,8 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
         return default
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) < low or (
             high is not None and int(raw) > high):
-        upper = f" to {high}" if high is not None else " or more"
-        raise ValueError(f"{name} {raw[:40]!r}: expected a whole number from {low}{upper}")
+        expected = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise ValueError(f"{name} {raw[:40]!r}: expected a whole number {expected}")
     return int(raw)
 
 

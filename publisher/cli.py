@@ -94,7 +94,7 @@ def _controlled(op: str, nodes: int, *, user: str | None = None, conn: str | Non
 
 def cmd_history(pub: Publisher, args: argparse.Namespace) -> Output:
     if (args.room is None) == (args.user is None):
-        raise UsageError("give a ROOM or --user U, not both")
+        raise UsageError("give a ROOM or --user U, not both" if args.room is not None else "give a ROOM or --user U")
     found = pub.history(args.room, user=args.user, since=args.since, limit=args.limit)
     what = f"room {args.room}" if args.room is not None else f"user {args.user}"
     if found.epoch is None:
