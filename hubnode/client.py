@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -58,6 +59,8 @@ from hubnode.wire import MSGPACK_PROTOCOL, ClientType, ServerType, SystemEvent
 
 __all__ = ["BadServerFrame", "ClientClosed", "Disconnected", "HandshakeRefused", "HubClient", "HubError",
            "LeftRoom", "Position", "RequestFailed", "RequestTimeout"]
+
+log = logging.getLogger("hubnode.client")
 
 Frame = dict[str, Any]
 Token = str | Callable[[], str | Awaitable[str]] | None
@@ -83,11 +86,7 @@ class HubError(Exception):
 
 
 class RequestFailed(HubError):
-    """The node answered with an `error` frame: `code` is its ErrorCode value; `room` for a refused server join."""
-
-    def __init__(self, message: str, code: str, room: str | None = None) -> None:
-        super().__init__(message, code)
-        self.room = room
+    """The node answered the request with an `error` frame: `code` is its ErrorCode value."""
 
 
 class RequestTimeout(HubError, TimeoutError):
@@ -135,6 +134,7 @@ class _Request:
     future: asyncio.Future[Frame]
     timer: asyncio.TimerHandle | None = None
     sent: bool = False
+    payload: bytes | str | None = None  # the encoded frame; joins are encoded when sent (their `since` may change)
     since: Position | None = None  # a join's `since`, given by the application
     rejoin: bool = False  # set when a join is sent: the room was joined on an earlier connection
     sent_since: Position | None = None
@@ -163,8 +163,9 @@ class HubClient:
     one node) or a list of node URLs, tried in turn. token: a JWT, or a
     function returning one (or a coroutine function), asked on every connect.
     Delays and timeouts are in seconds. queue_size bounds the messages waiting
-    for `async for`: past it the client drops the connection and recovers,
-    like a slow consumer; 0 queues nothing (use `on()` handlers only).
+    for `async for`: past it the client reads no more from the node until the
+    application catches up (the node holds what follows, as for any slow
+    socket); 0 queues nothing (use `on()` handlers only).
     """
 
     def __init__(self, url: str | Sequence[str], *, user_id: str | None = None, token: Token = None,
@@ -189,6 +190,7 @@ class HubClient:
         self._next_id = 1
         self._queue: asyncio.Queue[Frame | _End] = asyncio.Queue()
         self._queue_size = queue_size
+        self._drained = asyncio.Event()  # set while the queue has room: the reader waits on it
         self._link: _Link | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None  # settles on the first `connected` (or a fatal error)
@@ -218,22 +220,30 @@ class HubClient:
         except TimeoutError:
             await self.close()
             raise RequestTimeout(f"no connection to {self.urls} within {timeout or self.timeout} s") from None
+        except BaseException:  # refused, a foreign server, or the caller cancelled: nothing stays open
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
         """Close for good: pending requests raise ClientClosed, iteration ends, no reconnect."""
         link = self._link
         self._shutdown(None)
-        if link is not None:
-            await link.ws.close(code=CloseCode.NORMAL)
-        task, self._run_task = self._run_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for t in list(self._tasks):
-            t.cancel()
-        if self._own_session and self._session is not None:
+        try:
+            if link is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.ws.close(code=CloseCode.NORMAL), 1.0)
+            me = asyncio.current_task()
+            task, self._run_task = self._run_task, None
+            stopping = [t for t in (task, *self._tasks) if t is not None and t is not me and not t.done()]
+            for t in stopping:
+                t.cancel()
+            await asyncio.gather(*stopping, return_exceptions=True)
+        finally:
+            await self._close_session()
+
+    async def _close_session(self) -> None:
+        if self._own_session and self._session is not None and not self._session.closed:
             await self._session.close()
 
     async def __aenter__(self) -> HubClient:
@@ -263,9 +273,9 @@ class HubClient:
     async def join(self, room: str, since: Position | Mapping[str, Any] | None = None,
                    timeout: float | None = None) -> Frame:
         """Join `room` (kept across reconnects); `since` a position the application already has."""
-        self._streams.rooms.add(room)
         if since is not None and not isinstance(since, Position):
             since = Position(int(since["offset"]), str(since["epoch"]))
+        self._streams.rooms.add(room)
         try:
             return await self._request(ClientType.JOIN_ROOM, room, timeout, since=since)
         except HubError as err:
@@ -333,6 +343,8 @@ class HubClient:
     async def __anext__(self) -> Frame:
         """The next message or event, in arrival order; the end when the client stops for good."""
         item = await self._queue.get()
+        if not self._queue_full():
+            self._drained.set()  # the reader may go on
         if isinstance(item, _End):
             self._queue.put_nowait(item)  # every later iteration ends too
             if item.error is not None:
@@ -343,16 +355,20 @@ class HubClient:
     # -- the connection loop -----------------------------------------------------------------
     async def _run(self) -> None:
         index = 0
-        while not self._closed:
-            url = self.urls[index % len(self.urls)]
-            index += 1
-            code, reason = await self._attempt(url)
-            if self._closed:
-                return
-            delay = self._closed_with(code, reason)
-            if delay is None:
-                return
-            await asyncio.sleep(delay)
+        try:
+            while not self._closed:
+                url = self.urls[index % len(self.urls)]
+                index += 1
+                code, reason = await self._attempt(url)
+                if self._closed:
+                    return
+                delay = self._closed_with(code, reason)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+        finally:
+            if self._closed:  # stopped for good (4000, a fault, no reconnect): nothing stays open
+                await self._close_session()
 
     async def _attempt(self, url: str) -> tuple[int, str]:
         """One connection, from handshake to close: the close code and reason (1006 when none came)."""
@@ -374,8 +390,9 @@ class HubClient:
         except Exception as err:  # a token function that raised: a failed attempt, like a refusal
             return 1006, f"cannot connect: {err!r}"
         if self.msgpack and ws.protocol != MSGPACK_PROTOCOL:
-            await ws.close()
             self._fail(BadServerFrame(f"{url} did not accept the {MSGPACK_PROTOCOL} subprotocol"))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 1.0)
             return 1006, "subprotocol refused"
         return await self._serve(_Link(ws))
 
@@ -410,12 +427,14 @@ class HubClient:
                 try:
                     frame = self._decode(msg)
                 except BadServerFrame as err:
-                    await link.ws.close(code=1002, message=b"not a hub frame")
-                    self._fail(err)
+                    self._fail(err)  # first: a peer that never answers the close must not hide the error
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(link.ws.close(code=1002, message=b"not a hub frame"), 1.0)
                     return 1002, str(err)
-                if not self._dispatch(link, frame):  # the application is not reading: drop and recover
-                    await link.ws.close(code=1008, message=b"client queue full")
-                    return 1008, "the application did not read its messages in time"
+                self._dispatch(link, frame)
+                if self._queue_full():  # the application is behind: read no more until it catches up
+                    self._drained.clear()
+                    await self._drained.wait()
         finally:
             writer.cancel()
             self._opened_at = link.opened_at
@@ -450,37 +469,37 @@ class HubClient:
         return frame
 
     # -- frames in -----------------------------------------------------------------------------
-    def _dispatch(self, link: _Link, frame: Frame) -> bool:
-        """Handle one frame; False when it could not be queued for the application."""
+    def _dispatch(self, link: _Link, frame: Frame) -> None:
         ftype, fid = frame["type"], frame.get("id")
         if fid is not None and ftype in _ANSWERS and fid in self._pending:
             self._answer(fid, frame)
-            return True
+            return
         if fid is not None and ftype == ServerType.PRESENCE:
-            return True  # a late answer (it timed out): not an event
+            return  # a late answer (it timed out): not an event
         if ftype == ServerType.CONNECTED:
             recovery = self._on_connected(link, _data(frame))
-            return self._emit(frame) and (recovery is None or self._emit(recovery))
-        if self._queue_full():
-            return False  # not tracked: the reconnect's recovery brings it again
+            self._emit(frame)
+            if recovery is not None:
+                self._emit(recovery)
+            return
         if not self._streams.track(frame):
-            return True  # delivered already (a replayed message's live copy)
+            return  # delivered already (a replayed message's live copy)
         data = frame.get("data")
         if ftype == ServerType.SYSTEM_MESSAGE and isinstance(data, dict) and isinstance(data.get("event"), str):
             self._system_message(data)
             self._emit(frame, data["event"])
+        self._emit(frame)
         if ftype == ServerType.PRESENCE and self._members is not None:
             members = self._members.event(frame.get("room", ""), data)
-            self._emit(frame)
-            return members is None or self._emit(members)
-        return self._emit(frame)
+            if members is not None:
+                self._emit(members)
 
     def _answer(self, fid: int, frame: Frame) -> None:
         req = self._pending[fid]
         if frame["type"] == ServerType.ERROR:
             data = _data(frame)
             code = str(data.get("code") or "error")
-            self._settle(fid, RequestFailed(str(data.get("message") or code), code, data.get("room")))
+            self._settle(fid, RequestFailed(str(data.get("message") or code), code))
             return
         if frame["type"] == ServerType.ACK and req.type == ClientType.JOIN_ROOM:
             recovered = self._streams.joined(req.data, frame.get("data"), req.rejoin, req.sent_since)
@@ -507,7 +526,7 @@ class HubClient:
             self._forget(room)
             # A join already on its way would put the connection back: a leave after it is read after it.
             if self._in_flight(ClientType.JOIN_ROOM, room):
-                self._background(self._request(ClientType.LEAVE_ROOM, room, None))
+                self._background(self._register(ClientType.LEAVE_ROOM, room, None))
         elif event == SystemEvent.RESYNC and self._members is not None:
             for r in self._streams.rooms:
                 self._ask_presence(r)
@@ -520,17 +539,17 @@ class HubClient:
         self._going_away = False
         waiting = [(fid, req) for fid, req in self._pending.items() if not req.sent]
         joining = {req.data for _, req in waiting if req.type == ClientType.JOIN_ROOM}
-        for room in sorted(self._streams.rooms - joining):
-            self._background(self._rejoin(room))
+        for room in sorted(self._streams.rooms - joining):  # sent first: what waited may need the rooms
+            self._background(self._rejoined(room, self._register(ClientType.JOIN_ROOM, room, None)))
         for fid, req in waiting:
             self._transmit(fid, req)
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
         return recovery
 
-    async def _rejoin(self, room: str) -> None:
+    async def _rejoined(self, room: str, answer: asyncio.Future[Frame]) -> None:
         try:
-            await self._request(ClientType.JOIN_ROOM, room, None)
+            await answer
         except HubError as err:
             if err.code in _TRANSIENT:
                 return
@@ -550,7 +569,7 @@ class HubClient:
             if event is not None:
                 self._emit(event)
             # Not a drop or a leave (those re-ask on the next join ack): try again in a while.
-            if err.code not in {*_TRANSIENT, ErrorCode.NOT_IN_ROOM} and self.connected:
+            if err.code not in {"disconnected", "closed", "left", ErrorCode.NOT_IN_ROOM} and self.connected:
                 await asyncio.sleep(self.min_delay)
                 if members.current(room, 0) and not self._closed:  # no newer query started meanwhile
                     self._ask_presence(room)
@@ -562,31 +581,56 @@ class HubClient:
     # -- frames out --------------------------------------------------------------------------------
     async def _request(self, ftype: ClientType, data: Any, timeout: float | None,
                        since: Position | None = None) -> Frame:
+        future = self._register(ftype, data, timeout, since)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up: a request not sent yet never will be
+            self._withdraw(future)
+            raise
+
+    def _register(self, ftype: ClientType, data: Any, timeout: float | None,
+                  since: Position | None = None) -> asyncio.Future[Frame]:
+        """Queue a request (sent now when connected, else on the next connection): its answer's future.
+
+        Raises at once for a client closed for good, and for data the wire form cannot carry.
+        """
         if self._closed:
             raise ClientClosed("the client was closed")
         fid, self._next_id = self._next_id, self._next_id + 1
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        req = _Request(ftype, data, future, since=since)
+        # Encoded now, so a value JSON (or msgpack) cannot carry fails here, in the caller. Joins are
+        # encoded when sent: their `since` is the position at that moment.
+        payload = None if ftype == ClientType.JOIN_ROOM else self._encode({"type": ftype.value, "data": data,
+                                                                          "id": fid})
+        loop = asyncio.get_running_loop()
+        req = _Request(ftype, data, loop.create_future(), payload=payload, since=since)
         wait = self.timeout if timeout is None else timeout
-        req.timer = asyncio.get_running_loop().call_later(
-            wait, self._settle, fid, RequestTimeout(f"{ftype.value} got no answer within {wait} s"))
+        req.timer = loop.call_later(wait, self._settle, fid, RequestTimeout(f"{ftype.value} got no answer within "
+                                                                             f"{wait} s"))
         self._pending[fid] = req
         if self.connected:
             self._transmit(fid, req)
-        try:
-            return await future
-        finally:
-            if not future.done():  # the caller was cancelled
-                self._settle(fid, ClientClosed("cancelled"))
+        return req.future
+
+    def _withdraw(self, future: asyncio.Future[Frame]) -> None:
+        for fid, req in list(self._pending.items()):
+            if req.future is future:
+                del self._pending[fid]
+                if req.timer is not None:
+                    req.timer.cancel()
+
+    def _encode(self, frame: Frame) -> bytes | str:
+        if self.msgpack:
+            return bytes(msgpack.packb(frame))
+        return json.dumps(frame, separators=(",", ":"), allow_nan=False)
 
     def _transmit(self, fid: int, req: _Request) -> None:
         assert self._link is not None
-        req.sent = True
-        data = req.data
-        if req.type == ClientType.JOIN_ROOM:
+        payload = req.payload
+        if payload is None:  # a join
             data, req.rejoin, req.sent_since = self._streams.join_data(req.data, req.since)
-        frame = {"type": req.type.value, "data": data, "id": fid}
-        self._link.outbox.put_nowait(msgpack.packb(frame) if self.msgpack else json.dumps(frame))
+            payload = self._encode({"type": req.type.value, "data": data, "id": fid})
+        req.sent = True
+        self._link.outbox.put_nowait(payload)
 
     def _settle(self, fid: int, error: BaseException | None, frame: Frame | None = None) -> None:
         req = self._pending.pop(fid, None)
@@ -623,15 +667,18 @@ class HubClient:
         self._going_away = False  # only the close that follows the announcement is special
         self._emit({"type": "disconnected", "code": code, "reason": reason, "delay": delay})
         if delay is None:
-            self._shutdown(self._error)
+            error = self._error
+            if error is None and not stop and self._first is not None and not self._first.done():
+                error = Disconnected(f"could not connect to {self.url}: {reason} (code {code})")  # reconnect=False
+            self._shutdown(error)
         return delay
 
     def _next_delay(self, code: int) -> float:
         """Draining node: go now, with jitter so its clients do not all arrive at once. Else backoff."""
-        if code == CloseCode.GOING_AWAY or self._going_away:
-            return random.random() * 0.1
         if self._opened_at and time.monotonic() - self._opened_at >= self.stable_after:
             self.attempts = 0  # the connection was stable: the backoff starts over
+        if code == CloseCode.GOING_AWAY or self._going_away:
+            return random.random() * 0.1
         delay = min(self.max_delay, self.min_delay * 2 ** self.attempts)
         self.attempts += 1
         return float(delay * (0.5 + random.random() / 2))
@@ -664,20 +711,20 @@ class HubClient:
     def _queue_full(self) -> bool:
         return 0 < self._queue_size <= self._queue.qsize()
 
-    def _emit(self, frame: Frame, event: str | None = None) -> bool:
-        """Hand `frame` to its handlers and to iteration (once: `event` only names extra handlers)."""
+    def _emit(self, frame: Frame, event: str | None = None) -> None:
+        """Hand `frame` to its handlers and to iteration (`event`: only to the handlers of that name)."""
         names = (event,) if event is not None else (frame["type"], "*")
         for name in names:
             for handler in list(self._handlers.get(name, ())):
-                result = handler(frame)
+                try:
+                    result = handler(frame)
+                except Exception:  # the application's bug must not stop the client (hub.js logs it too)
+                    log.exception("a %r handler of hubnode.client raised", name)
+                    continue
                 if inspect.isawaitable(result):
                     self._background(result)
-        if event is not None or self._queue_size == 0:
-            return True
-        if self._queue_full():
-            return False
-        self._queue.put_nowait(frame)
-        return True
+        if event is None and self._queue_size != 0:
+            self._queue.put_nowait(frame)
 
     def _background(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -686,8 +733,11 @@ class HubClient:
 
     def _done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a request's HubError is handled where it was awaited
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here: a background request's HubError needs no one
+        if error is not None and not isinstance(error, HubError):
+            log.error("a task of hubnode.client raised", exc_info=error)
 
 
 def _data(frame: Frame) -> dict[str, Any]:

@@ -374,7 +374,9 @@
         // Disconnected or left: the next join ack asks again. Anything else (unavailable, a timeout
         // while connected) would leave the list unknown until a resync: ask again in a while.
         if (this._open && this.rooms.has(room) && !["disconnected", "closed", "left", "not_in_room"].includes(err.code)) {
-          setTimeout(() => { if (current()) this._askPresence(room); }, this.options.minDelay);
+          // Settled above (asking 0): ask again unless a newer query or a leave came meanwhile.
+          setTimeout(() => { if (this._presence.get(room) === p && !p.asking) this._askPresence(room); },
+                     this.options.minDelay);
         }
       });
     }

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from hubnode.client import (
     BadServerFrame,
     ClientClosed,
+    Disconnected,
     HandshakeRefused,
     HubClient,
     RequestFailed,
@@ -333,3 +334,109 @@ async def test_a_draining_node_sends_the_client_to_the_next_url_at_once(clients:
     finally:
         a.stop()
         b.stop()
+
+
+# -- what an application does wrong, and what the client must survive (review of issue 17) -------------
+async def test_a_handler_that_raises_is_logged_and_the_client_goes_on(
+        node: tuple[NodeProcess, Publisher], clients: list[HubClient], caplog: pytest.LogCaptureFixture) -> None:
+    proc, publisher = node
+    mona = await make(clients, proc.ws_url, user_id="mona").connect()
+
+    def broken(frame: Frame) -> None:
+        raise ValueError("a bug in the application")
+
+    async def broken_too(frame: Frame) -> None:
+        raise KeyError("an async bug")
+
+    mona.on("note", broken).on("note", broken_too)
+    await mona.join("bugs")
+    publisher.broadcast_to_room("bugs", {"type": "note", "data": 1})
+    assert (await next_of(mona, "note"))["data"] == 1  # iteration still gets it
+    await wait_until(lambda: len([r for r in caplog.records if r.name == "hubnode.client"]) == 2,
+                     what="both handler errors to be logged")
+    assert (await mona.ping("alive"))["data"] == "alive" and mona.connected and not mona.closed
+    await mona.close()  # and closing raises nothing
+
+
+async def test_requests_made_during_a_reconnect_go_after_the_rejoins(
+        node: tuple[NodeProcess, Publisher], clients: list[HubClient]) -> None:
+    """A message to a joined room sent while disconnected waits, and is not refused with not_in_room."""
+    proc, publisher = node
+    nina = await make(clients, proc.ws_url, user_id="nina", min_delay=0.3, max_delay=0.3).connect()
+    await nina.join("waiting-room")
+    assert publisher.disconnect_user("nina", reconnect=True) == 1
+    await next_of(nina, "disconnected")
+    sent = asyncio.ensure_future(nina.send_to_room("waiting-room", "sent while away"))
+    presence = asyncio.ensure_future(nina.presence("waiting-room"))
+    assert (await sent)["type"] == "ack" and (await presence)["users"] == {"nina": 1}
+    got = await next_of(nina, "room_message")
+    assert got["data"]["message"] == "sent while away"
+
+
+async def test_a_cancelled_request_is_never_sent(node: tuple[NodeProcess, Publisher],
+                                                clients: list[HubClient]) -> None:
+    proc, publisher = node
+    olga = await make(clients, proc.ws_url, user_id="olga", min_delay=0.5, max_delay=0.5).connect()
+    pete = await make(clients, proc.ws_url, user_id="pete").connect()
+    assert publisher.disconnect_user("olga", reconnect=True) == 1
+    await next_of(olga, "disconnected")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(olga.send_private("pete", "given up on"), 0.05)
+    await next_of(olga, "connected")
+    await olga.send_private("pete", "the next one")  # acked: the cancelled one would have gone before it
+    assert (await next_of(pete, "private_message"))["data"]["message"] == "the next one"
+
+
+async def test_a_full_queue_stops_reading_and_loses_nothing(node: tuple[NodeProcess, Publisher],
+                                                            clients: list[HubClient]) -> None:
+    """An application that does not read: the client stops reading its node until it does, so the
+    messages and the server's decisions behind the bound wait in order; nothing is dropped."""
+    proc, publisher = node
+    quinn = await make(clients, proc.ws_url, user_id="quinn", queue_size=4).connect()
+    await quinn.join("slow")  # the queue holds `connected` and her own presence event
+    for n in (1, 2):
+        publisher.broadcast_to_room("slow", {"type": "tick", "data": n})
+    await wait_until(lambda: quinn.position("slow") is not None and quinn.position("slow").offset == 2,
+                     what="both ticks to be queued")
+    assert publisher.join_user("quinn", "granted") == 1
+    for n in (3, 4, 5):
+        publisher.broadcast_to_room("slow", {"type": "tick", "data": n})
+    pete = await make(clients, proc.ws_url, user_id="pete2").connect()
+    await pete.join("slow")
+    await pete.send_to_room("slow", "after all that")  # acked: the node has sent quinn everything before it
+    assert quinn.position("slow").offset == 2 and quinn.rooms == {"slow"}  # not read yet
+    seen: list[Any] = []
+    while not {"joined", "after all that"} <= set(seen):
+        frame = await next_of(quinn, "tick", "system_message", "room_message")
+        seen.append(frame["data"]["message"] if frame["type"] == "room_message" else
+                    frame["data"] if frame["type"] == "tick" else frame["data"]["event"])
+    # the room's messages in order; the server's join (another channel) somewhere among them
+    assert [x for x in seen if x != "joined"] == [1, 2, 3, 4, 5, "after all that"] and seen.count("joined") == 1
+    assert quinn.rooms == {"slow", "granted"} and quinn.connected
+
+
+async def test_a_refused_client_leaves_nothing_open(node: tuple[NodeProcess, Publisher]) -> None:
+    proc, _ = node
+    client = HubClient(proc.ws_url, user_id="not valid")  # no fixture closes it
+    with pytest.raises(HandshakeRefused):
+        async with client:
+            pass
+    assert client._session is not None and client._session.closed
+
+
+async def test_values_the_wire_cannot_carry_fail_in_the_caller(node: tuple[NodeProcess, Publisher],
+                                                              clients: list[HubClient]) -> None:
+    proc, _ = node
+    rita = await make(clients, proc.ws_url, user_id="rita").connect()
+    with pytest.raises(TypeError):
+        await rita.broadcast({1, 2})
+    with pytest.raises(ValueError):
+        await rita.broadcast(float("nan"))
+    assert (await rita.ping("fine"))["data"] == "fine" and not rita._pending
+
+
+async def test_without_reconnect_a_node_that_is_down_fails_connect_at_once(clients: list[HubClient]) -> None:
+    port = NodeProcess().port  # nothing listens there
+    client = make(clients, f"ws://127.0.0.1:{port}/ws", reconnect=False)
+    with pytest.raises(Disconnected, match="could not connect"):
+        await client.connect(timeout=30)

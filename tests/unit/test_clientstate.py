@@ -109,3 +109,17 @@ def test_a_later_query_wins_and_bad_events_are_ignored() -> None:
     assert lists.event("other", {"event": "join", "user_id": "x"}) is None
     lists.forget("r")
     assert lists.members("r") is None
+
+
+def test_an_ack_behind_the_replayed_messages_keeps_the_position() -> None:
+    """Replayed messages (before the ack) moved the position past the ack's offset: it stays there."""
+    streams = Streams()
+    connected_in(streams, "r")
+    streams.track(msg("r", 2))
+    streams.connecting()
+    streams.connected({"user_id": "u"}, True, "u")
+    data, rejoin, sent = streams.join_data("r", None)
+    assert streams.track(msg("r", 3)) and streams.track(msg("r", 4))  # replayed
+    event = streams.joined("r", {"offset": 3, "epoch": "e1", "recovered": True}, rejoin, sent)
+    assert event is not None and event["offset"] == 4 and streams.position("r") == Position(4, "e1")
+    assert not streams.track(msg("r", 4)) and streams.track(msg("r", 5))
