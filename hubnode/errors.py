@@ -34,7 +34,7 @@ class CloseCode(IntEnum):
     POLICY = 1008  # too many errors or token expired: fix, then reconnect
     TOO_BIG = 1009  # frame over --max-message-bytes: a client bug
     TRY_AGAIN_LATER = 1013  # slow consumer: reconnect with backoff
-    DISCONNECTED = 4000  # disconnected by the server (section 13): do not reconnect
+    DISCONNECTED = 4000  # disconnected by the server (docs/protocol.md, server-side control): do not reconnect
     DISCONNECTED_RECONNECT = 4001  # disconnected by the server, may reconnect (e.g. to another node)
 
 

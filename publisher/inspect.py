@@ -1,7 +1,7 @@
 """Read-only questions about a running hub, answered from Redis keys alone.
 
-The layout read here is docs/redis.md (the README's Redis key
-table); every answer is the one the nodes' HTTP API gives (section 6), so
+The layout read here is docs/redis.md's key table; every answer is the one
+the nodes' HTTP API gives (docs/http-api.md), so
 `hubctl stats` and `GET /api/stats` agree. Each call reads one key, so the
 queries run on a Redis Cluster as on one Redis. Each question is a query
 (see `publisher.query`): written once, run by `Publisher` and

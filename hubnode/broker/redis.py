@@ -5,8 +5,8 @@ Subscriptions live on dedicated connections (`resp.SubscriberConnection`):
 one on a single Redis or a Sentinel-managed primary (found through the
 Sentinels at every connection), and on a Redis Cluster one per shard that
 owns a slot of a channel the node needs, with sharded pub/sub (SSUBSCRIBE,
-SPUBLISH), so a room's messages travel only inside its shard (docs/protocol.md
-section 11). A supervisor task owns them all: it connects, subscribes every
+SPUBLISH), so a room's messages travel only inside its shard (docs/redis.md,
+hash slots). A supervisor task owns them all: it connects, subscribes every
 wanted channel where its slot lives now, and, after any loss, reconnects
 with capped, jittered backoff and tells the node to `resync` (recover from
 history, else tell clients).

@@ -35,13 +35,13 @@
 //   re-established on a new connection, whether nothing was lost;
 // - `resync` (the node lost Redis for a while: messages may be missing) and
 //   `reconnect` (the node is going away) system messages become events;
-// - presence (section 12): `presence(room)` asks who is in a room you are in;
+// - presence: `presence(room)` asks who is in a room you are in;
 //   `presence` frames without an id (join/leave events, sent in rooms the node's
 //   --presence-rooms covers) reach on("presence"). With the option
 //   `presence: true` hub.js keeps each joined room's member list itself: one
 //   query after every join ack (re-joins after a reconnect too) and after
 //   `resync`, the events applied on top, in order, and a `members` event per change;
-// - server-side control (section 13): a `disconnect` system message comes
+// - server-side control: a `disconnect` system message comes
 //   first, then close 4000 (stop for good: no reconnect, pending requests reject
 //   with "closed") or 4001 (reconnect as after any drop); a room the server
 //   joined the connection to (`joined`) is kept, with its position, and re-joined
@@ -100,7 +100,7 @@
       this._handlers = new Map();
       this._pending = new Map(); // id -> {type, data, resolve, reject, timer, sent}
       this._nextId = 1;
-      // Stream positions (section 10). Rooms: room -> {offset, epoch, conn, acked}, created
+      // Stream positions (history and recovery). Rooms: room -> {offset, epoch, conn, acked}, created
       // by the first ack or message of a wanted room; offset/epoch stay null when the
       // room has no history; conn: the connection (this._conn) it was last seen on,
       // acked: the one whose join ack it last had.
@@ -282,7 +282,7 @@
       else if (d.event === "resync") for (const room of this._presence.keys()) this._askPresence(room);
     }
 
-    // The server joined this connection to a room (section 13): from now on it
+    // The server joined this connection to a room (server-side control): from now on it
     // is one of the rooms re-joined after a reconnect, from the position the
     // `joined` message gives (when the room keeps history). A room the app
     // joined itself keeps its own position: its messages may already be here.

@@ -254,7 +254,7 @@ async def recovered_messages(session: aiohttp.ClientSession, url: str) -> str:
 
 async def test_subscriber_killed_without_history_sends_resync(
         own_redis: RedisServer, session: aiohttp.ClientSession) -> None:
-    """With history off, the same kill gives every client resync (section 7 unchanged)."""
+    """With history off, the same kill gives every client resync (as without history)."""
     cluster = Cluster(own_redis.url, "hub:", n=1, heartbeat=HB).start()
     r = sync_redis(own_redis.url)
     try:

@@ -1,7 +1,7 @@
 """Publisher, AsyncPublisher and hubctl against a real redis-server.
 
 Plain redis subscribers stand in for nodes: PUBLISH counts them exactly as
-it counts nodes. Inspection reads keys written by hand in the section 7
+it counts nodes. Inspection reads keys written by hand in the docs/redis.md
 layout, so these tests pin the layout, not whatever the node happens to do.
 """
 
@@ -213,7 +213,7 @@ LOBBY = [Member("eu:n2:2", "bob", "eu:n2"), Member("n1:1", "alice", "n1"), Membe
 
 def test_inspection_reads_the_documented_layout(redis_server: RedisServer, prefix: str, keys: Keys,
                                                 raw: redis.Redis) -> None:
-    """rooms, members, counts, nodes and online come straight from the section 7 keys."""
+    """rooms, members, counts, nodes and online come straight from the docs/redis.md keys."""
     write_layout(raw, keys)
     with Publisher(redis_server.url, key_prefix=prefix) as pub:
         assert pub.rooms() == {"lobby": 3, "ops": 1}

@@ -119,4 +119,4 @@ def test_encoders_produce_protocol_shapes() -> None:
 
 def test_close_codes_match_protocol() -> None:
     """Close codes are the numbers of docs/protocol.md."""
-    assert [c.value for c in CloseCode] == [1000, 1001, 1003, 1008, 1009, 1013, 4000, 4001]  # 4000/4001: section 13
+    assert [c.value for c in CloseCode] == [1000, 1001, 1003, 1008, 1009, 1013, 4000, 4001]  # 4000/4001: control

@@ -121,7 +121,7 @@ async def test_sync_and_async_send_identical_bytes(frozen: None) -> None:
 
 
 def test_envelope_shape_and_origin() -> None:
-    """The payload is the section 7 map: v=1, a string id, origin "pub:<id>", the message."""
+    """The payload is the envelope of docs/redis.md: v=1, a string id, origin "pub:<id>", the message."""
     cap = Capture()
     with Publisher(client=fakeredis.FakeRedis(server=cap.server), origin_id="billing") as pub:
         pub.broadcast_to_user("u1", Message("invoice", {"n": 1}))
