@@ -249,8 +249,11 @@ async def test_cluster_primary_killed_replica_takes_over_no_gap(
 
         def fail_over() -> float:
             assert cluster.primary_of_slot(slot) is killed
+            killed.kill()  # returns once the process is gone
+            # Taken after the kill, not before: a publish that began in between could still be taken by
+            # the primary and lost with it (replication is asynchronous), and "after the fault" must
+            # mean no message could have reached the dead primary.
             moment = time.monotonic()
-            killed.kill()
             assert cluster.wait_failover(slot) is replica
             return moment
 
@@ -317,8 +320,8 @@ async def test_sentinel_primary_killed_nodes_follow_the_promoted_replica(
         killed = sentinel.primary
 
         def fail_over() -> float:
-            moment = time.monotonic()
-            sentinel.kill_primary()
+            sentinel.kill_primary()  # returns once the process is gone
+            moment = time.monotonic()  # after the kill: see the cluster test
             sentinel.wait_failover()
             return moment
 
