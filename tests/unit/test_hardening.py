@@ -304,8 +304,8 @@ def test_only_the_supervisor_starts_long_lived_tasks() -> None:
     root = LUA.parents[1]
     allowed = {("connection.py", "create_task(self._work())"), ("node.py", "c.close(CloseCode.GOING_AWAY"),
                ("node.py", "create_task(coro)"), ("supervisor.py", "factory()"),
-               ("redis.py", "ensure_future(open_())"), ("client.py", "create_task(self._run()"),
-               ("client.py", "create_task(self._write(link))"), ("client.py", "ensure_future(work)")}
+               ("redis.py", "ensure_future(open_())"), ("hub.py", "create_task(self._run()"),
+               ("hub.py", "create_task(self._write(link))"), ("hub.py", "ensure_future(work)")}
     found = set()
     for path in root.rglob("*.py"):
         for line in path.read_text().splitlines():

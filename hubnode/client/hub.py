@@ -1,36 +1,9 @@
-"""hubnode.client: an asyncio client for the hub, for bots, services, tests and load scripts.
+"""HubClient: one connection to the hub that stays up (see hubnode.client for what it does).
 
-    from hubnode.client import HubClient
-
-    async with HubClient("ws://127.0.0.1:8080/ws", user_id="bot") as hub:
-        await hub.join("lobby")                      # returns the ack; raises HubError
-        await hub.send_to_room("lobby", "hello")
-        async for msg in hub:                        # every message, and the client's events
-            print(msg["type"], msg.get("data"))
-
-It behaves as hub.js does in a page (docs/browser.md), so both sides of an
-application see the same things:
-
-- every request carries an id and returns the matching `ack` (or `pong`,
-  `presence`) frame, or raises `RequestFailed` with the protocol's error code;
-  `RequestTimeout` after `timeout` seconds. Requests made while disconnected
-  wait for the next connection (within their timeout); one in flight when the
-  connection drops raises `Disconnected`, except joins and leaves, which are
-  sent again (they are idempotent);
-- it reconnects with jittered exponential backoff, to the next URL of its
-  list, at once (with a little jitter) when the node drains; it re-joins every
-  room on every new connection, and recovers streams with history from the
-  last position it delivered (`since` on joins and `?since=` on connect),
-  dropping a replayed message's live copy by offset: a `recovered` event per
-  stream says whether nothing was lost;
-- close 4000 (a server-side disconnect) stops it for good, 4001 reconnects;
-- with `presence=True` it keeps each joined room's member list (`members(room)`
-  and `members` events);
-- a frame that is not a hub frame (not JSON or msgpack, not a map with a
-  string `type`) is a broken or foreign server: it raises `BadServerFrame`
-  from `connect()` and from iteration, and the client stops.
-
-Only aiohttp and msgpack are needed: `pip install 'hubnode[client]'`.
+The I/O layer: a task per client runs the connection loop (connect, serve,
+back off, again), a task per connection writes its frames in order; every
+rule about positions and member lists is hubnode.client.state's, and every
+byte in or out goes through hubnode.client.codec.
 """
 
 from __future__ import annotations
@@ -38,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import random
 import time
@@ -51,18 +23,26 @@ try:
     from yarl import URL
 except ImportError as missing:  # `pip install hubnode` alone: the publisher, not the client
     raise ImportError("hubnode.client needs aiohttp: pip install 'hubnode[client]'") from missing
-import msgpack
 
-from hubnode.clientstate import MemberLists, Position, Streams
+from hubnode.client.codec import Frame, data_of, decode, encode
+from hubnode.client.errors import (
+    BadServerFrame,
+    ClientClosed,
+    Disconnected,
+    HandshakeRefused,
+    HubError,
+    LeftRoom,
+    RequestFailed,
+    RequestTimeout,
+)
+from hubnode.client.state import MemberLists, Position, Streams
 from hubnode.errors import CloseCode, ErrorCode
 from hubnode.wire import MSGPACK_PROTOCOL, ClientType, ServerType, SystemEvent
 
-__all__ = ["BadServerFrame", "ClientClosed", "Disconnected", "HandshakeRefused", "HubClient", "HubError",
-           "LeftRoom", "Position", "RequestFailed", "RequestTimeout"]
+__all__ = ["HubClient"]
 
 log = logging.getLogger("hubnode.client")
 
-Frame = dict[str, Any]
 Token = str | Callable[[], str | Awaitable[str]] | None
 Handler = Callable[[Frame], Any]
 
@@ -72,59 +52,6 @@ _RESENDABLE = {ClientType.JOIN_ROOM, ClientType.LEAVE_ROOM}
 _ANSWERS = {ServerType.ACK, ServerType.ERROR, ServerType.PONG, ServerType.PRESENCE}
 # What a failed join or re-join leaves alone: the room stays wanted.
 _TRANSIENT = {"timeout", "disconnected", "left", "closed"}
-
-
-class HubError(Exception):
-    """A request or the client failed; `code` says how (a protocol error code, or the client's own)."""
-
-    code: str = "error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class RequestFailed(HubError):
-    """The node answered the request with an `error` frame: `code` is its ErrorCode value."""
-
-
-class RequestTimeout(HubError, TimeoutError):
-    code = "timeout"
-
-
-class Disconnected(HubError):
-    """The connection dropped before the answer: the request may or may not have taken effect."""
-
-    code = "disconnected"
-
-
-class ClientClosed(HubError):
-    """The client was closed (by `close()`, or by the server with close 4000)."""
-
-    code = "closed"
-
-
-class LeftRoom(HubError):
-    """`leave(room)` was called while a join of that room waited for a connection."""
-
-    code = "left"
-
-
-class HandshakeRefused(HubError):
-    """The node refused the WebSocket handshake (bad token, origin, limits): `status` is its HTTP status."""
-
-    code = "refused"
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class BadServerFrame(HubError):
-    """The server sent something that is not a hub frame: a broken node, or not a hub at all."""
-
-    code = "bad_frame"
 
 
 @dataclass(slots=True)
@@ -308,7 +235,7 @@ class HubClient:
     async def presence(self, room: str, timeout: float | None = None) -> dict[str, Any]:
         """Who is in `room` (joined by this client), cluster-wide: {"users": {user: connections}, "anonymous": n}."""
         answer = await self._request(ClientType.PRESENCE, room, timeout)
-        data = _data(answer)
+        data = data_of(answer)
         return {"users": dict(data.get("users") or {}), "anonymous": data.get("anonymous") or 0}
 
     def members(self, room: str) -> dict[str, Any] | None:
@@ -451,22 +378,9 @@ class HubClient:
                     await link.ws.send_str(data)
 
     def _decode(self, msg: aiohttp.WSMessage) -> Frame:
-        if msg.type == aiohttp.WSMsgType.TEXT and not self.msgpack:
-            try:
-                frame = json.loads(msg.data)
-            except ValueError:
-                raise BadServerFrame(f"the server sent a text frame that is not JSON: {msg.data[:80]!r}") from None
-        elif msg.type == aiohttp.WSMsgType.BINARY and self.msgpack:
-            try:
-                frame = msgpack.unpackb(msg.data, raw=False)
-            except Exception:  # msgpack raises several types for malformed input
-                raise BadServerFrame(f"the server sent a binary frame that is not msgpack: {msg.data[:80]!r}") from None
-        else:
-            form = "msgpack (binary)" if self.msgpack else "JSON (text)"
-            raise BadServerFrame(f"the server sent a {msg.type.name.lower()} frame on a {form} connection")
-        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            raise BadServerFrame(f"the server sent a frame that is not a map with a string 'type': {frame!r:.80}")
-        return frame
+        if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            raise BadServerFrame(f"the server sent a {msg.type.name.lower()} frame")
+        return decode(msg.data, msg.type == aiohttp.WSMsgType.BINARY, self.msgpack)
 
     # -- frames in -----------------------------------------------------------------------------
     def _dispatch(self, link: _Link, frame: Frame) -> None:
@@ -477,7 +391,7 @@ class HubClient:
         if fid is not None and ftype == ServerType.PRESENCE:
             return  # a late answer (it timed out): not an event
         if ftype == ServerType.CONNECTED:
-            recovery = self._on_connected(link, _data(frame))
+            recovery = self._on_connected(link, data_of(frame))
             self._emit(frame)
             if recovery is not None:
                 self._emit(recovery)
@@ -497,7 +411,7 @@ class HubClient:
     def _answer(self, fid: int, frame: Frame) -> None:
         req = self._pending[fid]
         if frame["type"] == ServerType.ERROR:
-            data = _data(frame)
+            data = data_of(frame)
             code = str(data.get("code") or "error")
             self._settle(fid, RequestFailed(str(data.get("message") or code), code))
             return
@@ -619,9 +533,7 @@ class HubClient:
                     req.timer.cancel()
 
     def _encode(self, frame: Frame) -> bytes | str:
-        if self.msgpack:
-            return bytes(msgpack.packb(frame))
-        return json.dumps(frame, separators=(",", ":"), allow_nan=False)
+        return encode(frame, self.msgpack)
 
     def _transmit(self, fid: int, req: _Request) -> None:
         assert self._link is not None
@@ -739,8 +651,3 @@ class HubClient:
         if error is not None and not isinstance(error, HubError):
             log.error("a task of hubnode.client raised", exc_info=error)
 
-
-def _data(frame: Frame) -> dict[str, Any]:
-    """A frame's `data` when it is a map, else an empty one."""
-    data = frame.get("data")
-    return data if isinstance(data, dict) else {}

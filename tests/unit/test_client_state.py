@@ -1,8 +1,8 @@
-"""The client's memory across connections (hubnode.clientstate), with plain calls: no loop, no network."""
+"""The client's memory across connections (hubnode.client.state), with plain calls: no loop, no network."""
 
 from __future__ import annotations
 
-from hubnode.clientstate import MemberLists, Position, Streams
+from hubnode.client.state import MemberLists, Position, Streams
 
 
 def msg(room: str | None, offset: int, epoch: str = "e1") -> dict[str, object]:
