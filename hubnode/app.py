@@ -8,16 +8,14 @@ have, at any route.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from importlib import resources
 
 from aiohttp import web
 
 from hubnode.appkey import NODE
 from hubnode.config import Config
-from hubnode.dashboard_api import metrics_snapshot
 from hubnode.http_api import add_routes
-from hubnode.metrics import LATENCY, add_metrics
+from hubnode.metrics import add_metrics
 from hubnode.node import Node
 from hubnode.ws import websocket_handler
 
@@ -60,8 +58,6 @@ def create_app(config: Config | None = None, node: Node | None = None) -> web.Ap
     mount(app, node)
     add_routes(app)
     add_metrics(app, node)
-    # what a Redis-mode node stores every heartbeat, so any node can serve the cluster dashboard
-    node.metrics_source = partial(metrics_snapshot, node, app[LATENCY])
     _add_static(app)
     return app
 

@@ -9,12 +9,14 @@ several nodes in one process (tests, embedding) do not collide.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hubnode.dashboard_api import metrics_snapshot
 from hubnode.node import Node
 
 __all__ = ["LATENCY", "LATENCY_BUCKETS", "NodeCollector", "add_metrics"]
@@ -95,12 +97,14 @@ class NodeCollector(Collector):
 
 
 def add_metrics(app: web.Application, node: Node) -> None:
-    """Serve /metrics for `node` and start observing delivery latency."""
+    """Serve /metrics for `node`, start observing delivery latency, and give the node the snapshot it
+    stores every heartbeat in Redis mode, so any node can serve the cluster dashboard."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     latency = Histogram("hubnode_delivery_latency_seconds", "Publish to local delivery, from the envelope's ts",
                         buckets=LATENCY_BUCKETS, registry=registry)
     node.latency_observer = latency.observe
+    node.metrics_source = partial(metrics_snapshot, node, latency)
     app[LATENCY] = latency
 
     async def metrics(_request: web.Request) -> web.Response:

@@ -221,7 +221,8 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
     parser.add_argument("--redis-url", default=default(None),
                         help="Redis URL (env HUB_REDIS_URL, else redis://127.0.0.1:6379/0): redis://, "
-                             "rediss:// (TLS), redis+sentinel://H:P[,H:P…]/MASTER or redis+cluster://H:P[,H:P…]")
+                             "rediss:// (TLS), redis+sentinel://H:P[,H:P…]/MASTER, redis+cluster://H:P[,H:P…] or "
+                             "unix:///path/to/socket")
     for name, what in (("ca", "the CA that signed the Redis server certificates"),
                        ("cert", "a client certificate for Redis"), ("key", "the key of --redis-cert")):
         parser.add_argument(f"--redis-{name}", default=default(None), metavar="FILE",

@@ -248,7 +248,7 @@ class HubClient:
 
     # -- messages -------------------------------------------------------------------------
     def on(self, type: str, handler: Handler) -> HubClient:
-        """Call `handler(frame)` for frames of `type` ("*": all); a coroutine function runs as a task.
+        """Call `handler(frame)` for frames of `type` ("*": all of the node's); a coroutine function runs as a task.
 
         Types are the server's (room_message, connected, presence, any
         published type), a system message's event (reconnect, resync,
@@ -394,7 +394,7 @@ class HubClient:
             recovery = self._on_connected(link, data_of(frame))
             self._emit(frame)
             if recovery is not None:
-                self._emit(recovery)
+                self._emit(recovery, own=True)
             return
         if not self._streams.track(frame):
             return  # delivered already (a replayed message's live copy)
@@ -406,7 +406,7 @@ class HubClient:
         if ftype == ServerType.PRESENCE and self._members is not None:
             members = self._members.event(frame.get("room", ""), data)
             if members is not None:
-                self._emit(members)
+                self._emit(members, own=True)
 
     def _answer(self, fid: int, frame: Frame) -> None:
         req = self._pending[fid]
@@ -421,7 +421,7 @@ class HubClient:
                 self._ask_presence(req.data)
             self._settle(fid, None, frame)
             if recovered is not None:
-                self._emit(recovered)
+                self._emit(recovered, own=True)
             return
         self._settle(fid, None, frame)
 
@@ -468,7 +468,7 @@ class HubClient:
             if err.code in _TRANSIENT:
                 return
             self._forget(room)  # e.g. forbidden: the application learns it through an `error` event
-            self._emit({"type": "error", "room": room, "data": {"code": err.code, "message": str(err)}})
+            self._emit({"type": "error", "room": room, "data": {"code": err.code, "message": str(err)}}, own=True)
 
     # -- member lists ----------------------------------------------------------------------------
     def _ask_presence(self, room: str) -> None:
@@ -481,7 +481,7 @@ class HubClient:
         except HubError as err:
             event = members.failed(room, serial)
             if event is not None:
-                self._emit(event)
+                self._emit(event, own=True)
             # Not a drop or a leave (those re-ask on the next join ack): try again in a while.
             if err.code not in {"disconnected", "closed", "left", ErrorCode.NOT_IN_ROOM} and self.connected:
                 await asyncio.sleep(self.min_delay)
@@ -490,7 +490,7 @@ class HubClient:
             return
         event = members.answered(room, serial, answer["users"], answer["anonymous"])
         if event is not None:
-            self._emit(event)
+            self._emit(event, own=True)
 
     # -- frames out --------------------------------------------------------------------------------
     async def _request(self, ftype: ClientType, data: Any, timeout: float | None,
@@ -577,7 +577,7 @@ class HubClient:
             reason = farewell["reason"]  # the operator's words
         delay = None if stop or not self.reconnect or self._error is not None else self._next_delay(code)
         self._going_away = False  # only the close that follows the announcement is special
-        self._emit({"type": "disconnected", "code": code, "reason": reason, "delay": delay})
+        self._emit({"type": "disconnected", "code": code, "reason": reason, "delay": delay}, own=True)
         if delay is None:
             error = self._error
             if error is None and not stop and self._first is not None and not self._first.done():
@@ -623,9 +623,13 @@ class HubClient:
     def _queue_full(self) -> bool:
         return 0 < self._queue_size <= self._queue.qsize()
 
-    def _emit(self, frame: Frame, event: str | None = None) -> None:
-        """Hand `frame` to its handlers and to iteration (`event`: only to the handlers of that name)."""
-        names = (event,) if event is not None else (frame["type"], "*")
+    def _emit(self, frame: Frame, event: str | None = None, own: bool = False) -> None:
+        """Hand `frame` to its handlers and to iteration (`event`: only to the handlers of that name).
+
+        `own`: one of the client's events, not a frame of the node's: as in hub.js, "*" handlers do
+        not get it (iteration does).
+        """
+        names = (event,) if event is not None else (frame["type"],) if own else (frame["type"], "*")
         for name in names:
             for handler in list(self._handlers.get(name, ())):
                 try:

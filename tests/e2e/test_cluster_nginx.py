@@ -96,7 +96,8 @@ class NginxClient:
         self.retry_at: float | None = None  # when the first attempt after it began (after the backoff)
         self.up_at: float | None = None  # when the client was ready again after it
         self._rejoined: set[str] = set()
-        self.hub.on("*", self._frame)
+        for kind in ("*", "disconnected", "recovered"):  # "*": the node's frames; the others: the client's own
+            self.hub.on(kind, self._frame)
 
     @property
     def node(self) -> str:

@@ -182,10 +182,12 @@ async def test_bot_answers_in_its_room_and_comes_back_after_its_node_restarts(
         for _ in range(2):
             tester = await Client.open(session, node.ws_url + "?user_id=tester")
             await tester.join("lobby")
-            await tester.send({"type": "room_message", "data": {"room": "lobby", "message": "!ping"}})
-            assert await _reply_from_bot(tester) == "pong"
+            # as the demo chat sends it, and as plain text
+            await tester.send({"type": "room_message", "data": {"room": "lobby",
+                                                                 "message": {"text": "!ping", "node": "x"}}})
+            assert await _reply_from_bot(tester) == {"text": "pong"}
             await tester.send({"type": "room_message", "data": {"room": "lobby", "message": "!who"}})
-            assert await _reply_from_bot(tester) == "here: bot, tester"
+            assert await _reply_from_bot(tester) == {"text": "here: bot, tester"}
             await tester.close()
             node.stop()  # the bot reconnects with backoff and re-joins the lobby by itself
             node.start()

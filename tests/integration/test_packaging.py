@@ -65,6 +65,7 @@ def test_build_prints_no_deprecation(wheel: tuple[Path, str]) -> None:
     metadata = zipfile.ZipFile(wheel[0])
     text = metadata.read(next(n for n in metadata.namelist() if n.endswith("METADATA"))).decode()
     assert "License-Expression: MIT" in text
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in metadata.namelist())  # the text travels along
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ async def test_the_app_example_serves_the_hub_beside_its_route(
         session: aiohttp.ClientSession) -> None:
     port = free_port()
     source = doc_block("README.md", "# app.py")
-    assert source.count("8081") == 2  # the comment and run_app: only the port changes
+    assert source.count("8081") == 4  # the comment, Config and run_app: only the port changes
     proc, log = start(run, tmp_path, "app.py", source.replace("8081", str(port)), clean_env)
     wait_until_sync(lambda: _answers(port) or proc.poll() is not None, 20, "app.py to serve")
     assert proc.poll() is None, log.read_text()
@@ -96,7 +96,7 @@ async def test_the_bot_example_answers_ping(tmp_path: Path, run: list[subprocess
         await tester.send({"type": "room_message", "data": {"room": "lobby", "message": "!ping"}})
         while (got := await tester.recv_type("room_message"))["user_id"] != "bot":
             pass
-        assert got["data"]["message"] == "pong"
+        assert got["data"]["message"] == {"text": "pong"}
         await tester.close()
     finally:
         node.stop()
