@@ -211,11 +211,26 @@ class Connection(asyncio.Protocol):
                 return
 
     def _violated(self, code: int, reason: str) -> None:
-        """Fail the connection (RFC 6455 section 7.1.7): close frame, then the socket, reading nothing more."""
+        """Fail the connection (RFC 6455 section 7.1.7): the close frame, then our end of the socket; what
+        the peer still sends is read and dropped, never handled.
+
+        A socket closed with unread bytes in its receive buffer sends a TCP reset, and a reset can
+        destroy the close frame before the peer reads it: a client that sent a bad frame and then
+        more would see 1006 instead of the reason. So: FIN after the close frame, and the socket is
+        closed when the peer closes its end (or by the close timer, for one that never does).
+        """
         log.info("closing %s with %d: %s", self.id, code, reason)
         self._inbox = None
+        self._reader.failed = True
         self.close_soon(code, reason)
-        self._transport.close()  # after the queued bytes; the close timer still bounds a peer that reads nothing
+        transport = self._transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.resume_reading()
+            transport.write_eof()
+        else:
+            transport.close()
 
     def _peer_closed(self, payload: bytes) -> None:
         """The client's close frame: answered (unless it answers ours), then the socket is closed."""

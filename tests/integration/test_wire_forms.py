@@ -273,9 +273,16 @@ class _StuckTransport(_Transport):
         self.closed = False
         self.aborted = False
         self.paused = False
+        self.eof = False
 
     def close(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def abort(self) -> None:
         self.aborted = True
@@ -314,12 +321,15 @@ async def test_a_violation_fails_the_connection_and_reads_nothing_more() -> None
     transport = _StuckTransport()
     conn = _bare(transport)
     conn.data_received(_client_bytes(b"x", 0x83))  # reserved opcode
-    assert conn.closing and transport.closed
+    # the close frame, then FIN: the socket closes when the peer closes its end (or by the close
+    # timer), so no reset destroys the close frame on its way
+    assert conn.closing and transport.eof and not transport.paused
     close = transport.writes[-1][0]
     assert close[0] == 0x88 and close[2:4] == b"\x03\xea"  # close 1002
     before = list(transport.writes)
     conn.data_received(_client_bytes(b"", 0x89))  # a ping after the breach is not answered
-    assert transport.writes == before
+    conn.data_received(_client_bytes(b'{"type":"ping"}', 0x81))  # nor handled: a frame is read and dropped
+    assert transport.writes == before and conn._inbox is None
 
 
 async def test_a_trickled_partial_frame_is_no_sign_of_life() -> None:
@@ -331,3 +341,28 @@ async def test_a_trickled_partial_frame_is_no_sign_of_life() -> None:
     assert conn.last_seen == seen
     conn.data_received(frame[5:])
     assert conn.last_seen > seen
+
+
+async def test_a_client_that_goes_on_sending_after_a_violation_still_reads_the_close_code(
+        session: aiohttp.ClientSession) -> None:
+    """The node fails the connection with FIN and drops what comes after, instead of closing the socket
+    under the client: an aiohttp client still sending then found its transport closed and reported
+    1006, not the 1003 the node sent (seen in test_fuzz)."""
+    node = NodeProcess("--rate", "0").start()
+    try:
+        for _ in range(3):
+            ws = await session.ws_connect(node.ws_url)
+            await ws.receive()  # connected
+            await ws.send_bytes(b"\x00")  # a binary frame on a JSON connection: 1003
+            try:
+                for _ in range(2000):  # as a client that has not read the close yet would
+                    await ws.send_str('{"type":"ping"}')
+            except ConnectionResetError:
+                pass
+            while (msg := await ws.receive(timeout=10)).type not in (aiohttp.WSMsgType.CLOSE,
+                                                                      aiohttp.WSMsgType.CLOSED):
+                pass
+            assert ws.close_code == 1003, (ws.close_code, msg)
+            await ws.close()
+    finally:
+        node.stop()
