@@ -13,6 +13,7 @@ and call the built-ins from their own hooks to extend rather than replace them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from hubnode.config import Config, ConfigError
 from hubnode.policy import room_allowed
 from publisher.names import check_name
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ACTIONS", "AuthError", "Authenticate", "Authorize", "Identity", "JwtVerifier",
-           "builtin_authenticate", "builtin_authorize"]
+           "builtin_authenticate", "builtin_authorize", "checked_user_ids"]
 
 ACTIONS = ("join_room", "room_message", "broadcast", "private_message")
 """The actions `authorize` is asked about; the target is a room, a user id or None."""
@@ -131,6 +134,25 @@ def token_of(request: web.Request) -> str | None:
         return token
     header = request.headers.get("Authorization", "")
     return header[7:].strip() or None if header.startswith("Bearer ") else None
+
+
+def checked_user_ids(hook: Authenticate) -> Authenticate:
+    """An application's own `authenticate` hook, whose user ids are held to the name rules.
+
+    The built-in hooks check what they accept; a custom hook's id breaking the rules would break the
+    user's Redis keys and channel (a brace moves them to another hash slot). That is a bug in the
+    hook: the handshake is refused with 500 and the node logs it.
+    """
+
+    async def authenticate(request: web.Request) -> Identity:
+        identity = await hook(request)
+        problem = check_name(identity.user_id) if identity.user_id is not None else None
+        if problem:
+            log.error("authenticate hook returned a user id that %s: %r", problem, str(identity.user_id)[:140])
+            raise AuthError(f"the authenticate hook returned a user id that {problem}", status=500)
+        return identity
+
+    return authenticate
 
 
 def builtin_authenticate(config: Config) -> Authenticate:

@@ -132,10 +132,7 @@ async def get_room_presence(request: web.Request) -> web.Response:
     problem = check_name(room)
     if problem:
         return _error(400, "bad_room", f"room name {problem}")
-    try:
-        found = await _node(request).presence(room)
-    except BrokerUnavailable as exc:
-        return _error(503, "unavailable", str(exc))
+    found = await _node(request).presence(room)  # BrokerUnavailable: 503, from with_api_key
     return _json(found.to_json())
 
 

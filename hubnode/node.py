@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from hubnode import __version__
-from hubnode.auth import Authenticate, Authorize, Identity, builtin_authenticate, builtin_authorize
+from hubnode.auth import Authenticate, Authorize, Identity, builtin_authenticate, builtin_authorize, checked_user_ids
 from hubnode.broker.base import Broker, BrokerUnavailable
 from hubnode.broker.memory import MemoryBroker
 from hubnode.config import Config
@@ -82,7 +82,7 @@ class Node:
         from the config, unless given); without it, alone on the embedded ones.
         """
         self.config = config or Config()
-        self.authenticate = authenticate or builtin_authenticate(self.config)
+        self.authenticate = checked_user_ids(authenticate) if authenticate else builtin_authenticate(self.config)
         self.authorize = authorize or builtin_authorize(self.config)
         self.id = self.config.node_id
         self.keys = Keys(self.config.key_prefix)

@@ -46,7 +46,6 @@ from hubnode.protocol import (
 )
 from hubnode.wire import ServerType
 from publisher.message import Message
-from publisher.names import check_name
 from publisher.targets import Target
 
 __all__ = ["websocket_handler"]
@@ -75,17 +74,9 @@ async def _check_handshake(node: Node, request: web.Request) -> web.Response | I
     if not node.broker.connected:
         return _refuse(503, "broker unreachable")
     try:
-        identity = await node.authenticate(request)
+        return await node.authenticate(request)
     except AuthError as exc:
         return _refuse(exc.status, exc.reason)
-    # A custom authenticate hook's user id: one breaking the name rules would break the user's Redis
-    # keys and channel (a brace moves them to another hash slot), so it is refused like a claimed one.
-    user = identity.user_id
-    problem = check_name(user) if user is not None else None
-    if problem:
-        log.error("authenticate hook returned a user id that %s: %r", problem, str(user)[:140])
-        return _refuse(500, f"the authenticate hook returned a user id that {problem}")
-    return identity
 
 
 class _TakenOver(web.StreamResponse):

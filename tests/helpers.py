@@ -216,7 +216,21 @@ class RedisServer:
         self.start()
 
 
-class NodeProcess:
+class Loopback:
+    """The URLs of a hub served on 127.0.0.1:`port` (a node process, an example app)."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+class NodeProcess(Loopback):
     """A real `hubnode` process (python -m hubnode.cli) on a free port."""
 
     def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
@@ -227,14 +241,6 @@ class NodeProcess:
         fd, name = tempfile.mkstemp(prefix="hubnode-", suffix=".log")
         os.close(fd)  # no handle kept open here: the child gets its own in start()
         self.log_path = Path(name)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, wait: bool = True) -> NodeProcess:
         with self.log_path.open("ab") as log:  # closed here once the child holds its copy

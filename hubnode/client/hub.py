@@ -631,7 +631,8 @@ class HubClient:
         """
         names = (event,) if event is not None else (frame["type"],) if own else (frame["type"], "*")
         for name in names:
-            for handler in list(self._handlers.get(name, ())):
+            handlers = self._handlers.get(name)
+            for handler in tuple(handlers) if handlers else ():  # a copy: a handler may call off()
                 try:
                     result = handler(frame)
                 except Exception:  # the application's bug must not stop the client (hub.js logs it too)

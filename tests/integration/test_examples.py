@@ -21,23 +21,15 @@ import aiohttp
 import jwt
 import pytest
 
-from tests.helpers import ROOT, Client, NodeProcess, free_port, wait_until, wait_until_sync
+from tests.helpers import ROOT, Client, Loopback, NodeProcess, free_port, wait_until, wait_until_sync
 
 SECRET = "example-secret-of-at-least-32-bytes!"
 
 
 @dataclass
-class App:
+class App(Loopback):
     port: int
     log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
 
 def _serves(url: str, proc: subprocess.Popen[bytes]) -> bool:
